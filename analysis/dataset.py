@@ -1,0 +1,400 @@
+"""Read a labelled UTKFace-style sample from a folder or a zip.
+
+UTKFace file names carry the labels: ``AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg]`` with gender
+0 male / 1 female and race 0–4 (White, Black, Asian, Indian, Others). This module is the one
+place that knows that convention; everything else works on the Sample table it returns:
+
+    image_id  sha1 of the file bytes (content hash, unique after duplicate removal)
+    path      absolute path of the image on disk
+    file_name base name
+    age       int, years
+    gender    int, 0 male / 1 female
+    ethnicity int, 0..4
+    age_band  ordered Categorical (see constants.age_band_labels)
+
+Files that cannot be used go to a *skipped* table with a reason; nothing is fatal except a
+source that does not exist, is not a folder or zip, or holds no usable image at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import stat
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from analysis.constants import (
+    AGE_BAND_EDGES,
+    AGE_MAX,
+    AGE_MIN,
+    ETHNICITIES,
+    GENDERS,
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    MAX_ZIP_FILES,
+    MAX_ZIP_UNCOMPRESSED_BYTES,
+    assign_age_bands,
+)
+
+SAMPLE_COLUMNS = ["image_id", "path", "file_name", "age", "gender", "ethnicity", "age_band"]
+
+# AGE_GENDER_RACE_DATETIME then an image extension, optionally followed by ".chip.<ext>".
+_EXT = r"(?:jpe?g|png|bmp|webp)"
+_NAME_RE = re.compile(rf"^(\d+)_(\d+)_(\d+)(?:_(\d+))?\.{_EXT}(?:\.chip\.{_EXT})?$", re.IGNORECASE)
+_LOOSE_RE = re.compile(r"^(\d+)_(\d+)_(\d+)", re.IGNORECASE)
+
+
+class SampleError(ValueError):
+    """The sample source as a whole cannot be used (missing, not a zip, nothing usable)."""
+
+
+@dataclass
+class SampleResult:
+    """A readable sample plus everything that was left out of it, and why."""
+
+    sample: pd.DataFrame
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
+    duplicates: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["path", "duplicate_of", "same_labels"])
+    )
+    source: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the images and labels: equal fingerprints mean the same evaluation sample."""
+        return sample_fingerprint(self.sample)
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Number of skipped files per reason category (text before the first colon)."""
+        if self.skipped.empty:
+            return {}
+        return self.skipped["reason"].str.split(":").str[0].value_counts().to_dict()
+
+
+def sample_fingerprint(sample: pd.DataFrame) -> str:
+    rows = sample.sort_values("image_id")[["image_id", "age", "gender", "ethnicity"]]
+    digest = hashlib.sha1()
+    for row in rows.itertuples(index=False):
+        digest.update(f"{row.image_id}:{row.age}:{row.gender}:{row.ethnicity};".encode())
+    return digest.hexdigest()
+
+
+def parse_utkface_name(name: str) -> tuple[int, int, int]:
+    """Labels (age years, gender 0/1, ethnicity 0..4) from a UTKFace file name.
+
+    Raises ValueError saying what is wrong with the name.
+    """
+    base = os.path.basename(name)
+    match = _NAME_RE.match(base)
+    if match is None:
+        if " " in base:
+            raise ValueError("malformed name: contains a space")
+        loose = _LOOSE_RE.match(base)
+        if loose is None:
+            parts = base.split("_")
+            if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit() and len(parts[2]) > 4:
+                raise ValueError("malformed name: ethnicity missing (AGE_GENDER_DATETIME)")
+            raise ValueError("malformed name: expected AGE_GENDER_RACE_DATETIME.jpg")
+        if len(loose.group(3)) > 4:
+            raise ValueError("malformed name: ethnicity missing (AGE_GENDER_DATETIME)")
+        raise ValueError("malformed name: unexpected extension or punctuation after the labels")
+    age, gender, ethnicity = (int(match.group(i)) for i in (1, 2, 3))
+    if len(match.group(3)) > 1:
+        # A long third field is a timestamp: the race field is missing.
+        raise ValueError("malformed name: ethnicity missing (AGE_GENDER_DATETIME)")
+    if not AGE_MIN <= age <= AGE_MAX:
+        raise ValueError(f"label out of range: age {age} not in {AGE_MIN}..{AGE_MAX}")
+    if gender >= len(GENDERS):
+        raise ValueError(f"label out of range: gender {gender} (0 male, 1 female)")
+    if ethnicity >= len(ETHNICITIES):
+        raise ValueError(f"label out of range: ethnicity {ethnicity} (0..{len(ETHNICITIES) - 1})")
+    return age, gender, ethnicity
+
+
+def read_image_rgb(source) -> np.ndarray:
+    """Decode an image file (path or bytes) to uint8 RGB, shape (H, W, 3).
+
+    Grayscale, palette, CMYK, 16-bit and alpha images are converted; EXIF rotation is applied.
+    Raises ValueError with the reason when the file cannot be decoded or is implausibly large.
+    """
+    try:
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(
+                        f"image too large: {image.width}x{image.height} pixels "
+                        f"(limit {MAX_IMAGE_PIXELS:,}); resize it first"
+                    )
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb_array(image)
+    except ValueError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"not decodable: {exc}") from exc
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits by the image's own range (PIL would clip).
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max() if values.size else 1.0
+        gray = np.clip(values / max(top, 1.0) * 255.0, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite onto white so transparent borders do not become black blocks.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 RGB (H, W, 3) to `size` = (height, width) with antialiased bilinear filtering.
+
+    Training and evaluation both call this, so models see the same pixels in both.
+    """
+    height, width = int(size[0]), int(size[1])
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    resized = Image.fromarray(image).resize((width, height), Image.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def load_image(path, size: tuple[int, int]) -> np.ndarray:
+    """Decode and resize one image: uint8 RGB (height, width, 3)."""
+    return resize_image(read_image_rgb(path), size)
+
+
+def _check_image_header(data: bytes) -> str | None:
+    """Cheap structural check (no full decode). Returns a reason or None when it looks usable."""
+    if not data:
+        return "not decodable: empty file (0 bytes)"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return f"image too large: {image.width}x{image.height} pixels"
+            image.verify()
+    except Exception as exc:  # PIL raises many exception types for junk input
+        return f"not decodable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _is_ignored(relative: str) -> bool:
+    parts = PurePosixPath(relative.replace("\\", "/")).parts
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def load_sample(
+    source,
+    *,
+    age_band_edges: tuple[int, ...] = AGE_BAND_EDGES,
+    extract_to=None,
+    keep_duplicates: bool = False,
+) -> SampleResult:
+    """Read a labelled sample from a folder (searched recursively) or a ``.zip``.
+
+    A zip is extracted safely into `extract_to` (default: a per-archive folder in the cache
+    directory, reused on the next call). Byte-identical files are reported in ``duplicates``;
+    unless `keep_duplicates`, only the first copy (by path order) is kept and the others are
+    listed as skipped.
+    """
+    source_path = Path(source).expanduser()
+    if not source_path.exists():
+        raise SampleError(f"sample not found: {source_path} — give a folder of images or a .zip")
+    if source_path.is_file():
+        if not zipfile.is_zipfile(source_path):
+            raise SampleError(
+                f"{source_path.name} is not a zip archive — give a folder of images or a .zip file"
+            )
+        if extract_to is None:
+            extract_to = default_cache_dir() / "samples" / _file_sha1(source_path)
+        root, skipped = extract_zip_safely(source_path, extract_to)
+    elif source_path.is_dir():
+        root, skipped = source_path, []
+    else:
+        raise SampleError(f"{source_path} is neither a folder nor a zip file")
+
+    rows = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        if _is_ignored(relative):
+            continue
+        if not path.name.lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append((str(path), "not an image file: unsupported extension"))
+            continue
+        try:
+            age, gender, ethnicity = parse_utkface_name(path.name)
+        except ValueError as exc:
+            skipped.append((str(path), str(exc)))
+            continue
+        data = path.read_bytes()
+        problem = _check_image_header(data)
+        if problem:
+            skipped.append((str(path), problem))
+            continue
+        image_id = hashlib.sha1(data).hexdigest()
+        rows.append((image_id, str(path.resolve()), path.name, age, gender, ethnicity))
+
+    sample = pd.DataFrame(rows, columns=SAMPLE_COLUMNS[:-1])
+    sample, duplicates, duplicate_skips = _split_duplicates(sample, keep_duplicates)
+    skipped.extend(duplicate_skips)
+    if sample.empty:
+        detail = f" ({len(skipped)} files skipped, e.g. {skipped[0][1]})" if skipped else ""
+        raise SampleError(
+            f"no usable labelled images in {source_path}{detail}. Images must be named "
+            "AGE_GENDER_RACE_DATETIME.jpg as in UTKFace."
+        )
+    sample["age_band"] = assign_age_bands(sample["age"], age_band_edges)
+    for column in ("age", "gender", "ethnicity"):
+        sample[column] = sample[column].astype(int)
+    return SampleResult(
+        sample=sample.reset_index(drop=True),
+        skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
+        duplicates=duplicates,
+        source=str(source_path),
+    )
+
+
+def _split_duplicates(sample: pd.DataFrame, keep_duplicates: bool):
+    first_path = sample.groupby("image_id")["path"].transform("first")
+    is_copy = sample["path"] != first_path
+    first = sample.drop_duplicates("image_id").set_index("image_id")
+    copies = sample[is_copy]
+    labels = ["age", "gender", "ethnicity"]
+    same = (copies[labels].values == first.loc[copies["image_id"], labels].values).all(axis=1)
+    duplicates = pd.DataFrame(
+        {"path": copies["path"].values, "duplicate_of": first_path[is_copy].values, "same_labels": same}
+    )
+    skips = []
+    if not keep_duplicates:
+        for row in duplicates.itertuples(index=False):
+            note = "same labels" if row.same_labels else "labels differ: label noise"
+            skips.append((row.path, f"duplicate: byte-identical to {Path(row.duplicate_of).name} ({note})"))
+        sample = sample[~is_copy]
+    return sample, duplicates, skips
+
+
+def extract_zip_safely(
+    zip_path,
+    target_dir,
+    *,
+    max_files: int = MAX_ZIP_FILES,
+    max_bytes: int = MAX_ZIP_UNCOMPRESSED_BYTES,
+) -> tuple[Path, list[tuple[str, str]]]:
+    """Extract the image entries of a zip into `target_dir`; returns (target_dir, skipped entries).
+
+    Never writes outside `target_dir`: absolute paths, ``..`` components, drive letters and
+    symlinks are refused per entry. The number of entries and the total *actual* decompressed
+    size are bounded (a lying header cannot get past the byte count). Raises SampleError for a
+    corrupt archive or one over the bounds.
+    """
+    target = Path(target_dir).resolve()
+    done_marker = target / ".facecheck-extracted"
+    skipped: list[tuple[str, str]] = []
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SampleError(f"{Path(zip_path).name} is not a readable zip archive: {exc}") from exc
+    with archive:
+        entries = [e for e in archive.infolist() if not e.is_dir()]
+        if len(entries) > max_files:
+            raise SampleError(f"zip has {len(entries):,} files; the limit is {max_files:,}")
+        declared = sum(e.file_size for e in entries)
+        if declared > max_bytes:
+            raise SampleError(
+                f"zip would unpack to {declared / 1e9:.1f} GB; the limit is {max_bytes / 1e9:.1f} GB"
+            )
+        if done_marker.exists():
+            return target, _zip_skips(entries, target)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        written = 0
+        try:
+            for entry in entries:
+                relative = _safe_member_path(entry)
+                if relative is None:
+                    skipped.append((entry.filename, "unsafe zip entry: path leaves the target folder or is a link"))
+                    continue
+                if _is_ignored(relative) or not relative.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                if entry.flag_bits & 0x1:
+                    skipped.append((entry.filename, "not decodable: encrypted zip entry"))
+                    continue
+                destination = partial / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                written += _copy_bounded(archive, entry, destination, max_bytes - written)
+        except zipfile.BadZipFile as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise SampleError(f"{Path(zip_path).name} is corrupt: {exc}") from exc
+        except Exception:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        done_marker.touch()
+    return target, skipped
+
+
+def _zip_skips(entries, target: Path) -> list[tuple[str, str]]:
+    return [
+        (e.filename, "unsafe zip entry: path leaves the target folder or is a link")
+        for e in entries
+        if _safe_member_path(e) is None
+    ]
+
+
+def _safe_member_path(entry: zipfile.ZipInfo) -> str | None:
+    """The entry's relative POSIX path if it stays inside the target folder, else None."""
+    mode = entry.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return None
+    name = entry.filename.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return None
+    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def _copy_bounded(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, destination: Path, budget: int) -> int:
+    copied = 0
+    with archive.open(entry) as source, open(destination, "wb") as sink:
+        while chunk := source.read(1 << 20):
+            copied += len(chunk)
+            if copied > budget:
+                raise SampleError(
+                    "zip unpacks to more than the allowed size (possible zip bomb); "
+                    "unzip it yourself and give the folder instead"
+                )
+            sink.write(chunk)
+    return copied
+
+
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Where extracted samples and prediction caches live (``$FACECHECK_CACHE_DIR`` overrides)."""
+    configured = os.environ.get("FACECHECK_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "facecheck"

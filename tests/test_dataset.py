@@ -1,0 +1,289 @@
+"""Reading UTKFace-style samples: names, bad files, duplicates, zips (including hostile ones)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis.constants import AGE_BAND_EDGES, age_band_labels, assign_age_bands
+from analysis.dataset import (
+    SampleError,
+    extract_zip_safely,
+    load_sample,
+    parse_utkface_name,
+    read_image_rgb,
+    resize_image,
+)
+
+
+def _jpeg_bytes(color=(120, 80, 60), size=(40, 40), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- names
+
+@pytest.mark.parametrize(
+    "name, labels",
+    [
+        ("26_1_2_20170116174525125.jpg.chip.jpg", (26, 1, 2)),
+        ("26_1_2_20170116174525125.jpg", (26, 1, 2)),
+        ("26_0_4_20170116174525125.JPG", (26, 0, 4)),
+        ("3_0_1_20170116174525125.png", (3, 0, 1)),
+        ("116_1_0.jpeg", (116, 1, 0)),
+        ("sub/dir/40_0_3_2017.jpg.chip.jpg", (40, 0, 3)),
+    ],
+)
+def test_parse_accepts_the_usual_variants(name, labels):
+    assert parse_utkface_name(name) == labels
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("39_1_20170116174525125.jpg.chip.jpg", "ethnicity missing"),
+        ("61_1_20170109150557335.jpg.chip.jpg", "ethnicity missing"),
+        ("61_1_3_20170109150557335 .jpg.chip.jpg", "space"),
+        ("53__0_20170116184028385.jpg.chip.jpg", "malformed"),
+        ("24_0_1_20170116220224657jpg.chip.jpg", "malformed"),
+        ("face.jpg", "malformed"),
+        ("130_0_1_2017.jpg", "age 130"),
+        ("30_2_1_2017.jpg", "gender 2"),
+        ("30_1_5_2017.jpg", "ethnicity 5"),
+    ],
+)
+def test_parse_rejects_malformed_names_with_reason(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_utkface_name(name)
+
+
+def test_age_bands_match_pandas_cut():
+    ages = np.array([0, 1, 2, 3, 9, 10, 19, 20, 29, 45, 69, 70, 116])
+    ours = assign_age_bands(ages)
+    bins = list(AGE_BAND_EDGES) + [np.inf]
+    expected = pd.cut(ages, bins=bins, right=False, labels=age_band_labels())
+    assert list(ours) == list(expected)
+    assert list(ours.categories) == ["0–2", "3–9", "10–19", "20–29", "30–39", "40–49", "50–59", "60–69", "70+"]
+    assert ours.ordered
+
+
+def test_custom_age_bands():
+    ours = assign_age_bands([5, 15, 25, 65], edges=(0, 18, 60))
+    assert list(ours) == ["0–17", "0–17", "18–59", "60+"]
+    with pytest.raises(ValueError, match="increasing"):
+        assign_age_bands([5], edges=(0, 20, 10))
+
+
+# ---------------------------------------------------------------- decoding
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16", "LA"])
+def test_read_image_rgb_converts_every_mode(tmp_path, mode):
+    path = tmp_path / f"img_{mode.replace(';', '')}.png"
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    if mode == "I;16":
+        Image.fromarray(np.full((10, 12), 40000, dtype=np.uint16)).save(path, format="PNG")
+    else:
+        Image.new(mode, (12, 10)).save(path, format=fmt)
+    pixels = read_image_rgb(path)
+    assert pixels.shape == (10, 12, 3) and pixels.dtype == np.uint8
+
+
+def test_read_image_rgb_composites_alpha_on_white(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(path)
+    assert (read_image_rgb(path) == 255).all()
+
+
+def test_read_image_rgb_rejects_junk_and_truncation(tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"this is not an image" * 10)
+    with pytest.raises(ValueError, match="not decodable"):
+        read_image_rgb(junk)
+    full = _jpeg_bytes(size=(64, 64))
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(full[: len(full) // 2])
+    with pytest.raises(ValueError, match="not decodable"):
+        read_image_rgb(truncated)
+
+
+def test_resize_image_shape_and_identity():
+    image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    assert resize_image(image, (20, 30)) is image
+    assert resize_image(image, (8, 5)).shape == (8, 5, 3)
+
+
+# ---------------------------------------------------------------- folders
+
+def _messy_folder(root: Path) -> dict[str, str]:
+    """A folder of good and bad files; returns {file name: expected skip reason fragment}."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "25_0_0_20170101000000001.jpg.chip.jpg").write_bytes(_jpeg_bytes((200, 150, 120)))
+    (root / "nested").mkdir()
+    (root / "nested" / "70_1_1_20170101000000002.JPG").write_bytes(_jpeg_bytes((90, 60, 40)))
+    buffer = io.BytesIO()
+    Image.new("CMYK", (30, 30), (10, 60, 90, 0)).save(buffer, format="JPEG")
+    (root / "33_1_2_20170101000000003.jpg").write_bytes(buffer.getvalue())
+    Image.new("RGBA", (30, 30), (10, 200, 90, 128)).save(root / "8_0_3_20170101000000004.png")
+    (root / "50_1_4_20170101000000005.jpg").write_bytes(_jpeg_bytes(128, mode="L"))
+    # the same bytes as the first file, with other labels: label noise
+    (root / "31_1_0_20170101000000006.jpg.chip.jpg").write_bytes(_jpeg_bytes((200, 150, 120)))
+    bad = {
+        "39_1_20170116174525125.jpg.chip.jpg": "ethnicity missing",
+        "40_0_1_20170116174525125 .jpg.chip.jpg": "space",
+        "41_0_1_20170116174525125jpg.chip.jpg": "malformed",
+        "42_0_1_20170101000000007.jpg": "empty file",
+        "43_0_1_20170101000000008.jpg": "not decodable",
+        "44_0_9_20170101000000009.jpg": "ethnicity 9",
+        "notes.txt": "not an image",
+        "45_0_1_20170101000000010.png": "too large",
+    }
+    for name in list(bad)[:3]:
+        (root / name).write_bytes(_jpeg_bytes())
+    (root / "42_0_1_20170101000000007.jpg").write_bytes(b"")
+    (root / "43_0_1_20170101000000008.jpg").write_bytes(b"\x89PNG garbage" * 20)
+    (root / "44_0_9_20170101000000009.jpg").write_bytes(_jpeg_bytes())
+    (root / "notes.txt").write_text("hello")
+    Image.new("1", (8000, 6000)).save(root / "45_0_1_20170101000000010.png")  # 48 Mpx, tiny file
+    (root / ".DS_Store").write_bytes(b"\0\0")
+    return bad
+
+
+def test_load_sample_reports_bad_files_and_keeps_the_rest(tmp_path):
+    bad = _messy_folder(tmp_path / "messy")
+    result = load_sample(tmp_path / "messy")
+    sample = result.sample
+    assert sorted(sample["file_name"]) == sorted(
+        [
+            "25_0_0_20170101000000001.jpg.chip.jpg",
+            "70_1_1_20170101000000002.JPG",
+            "33_1_2_20170101000000003.jpg",
+            "8_0_3_20170101000000004.png",
+            "50_1_4_20170101000000005.jpg",
+        ]
+    )
+    row = sample.set_index("file_name").loc["70_1_1_20170101000000002.JPG"]
+    assert (row["age"], row["gender"], row["ethnicity"], row["age_band"]) == (70, 1, 1, "70+")
+    reasons = dict(zip(result.skipped["path"].map(lambda p: Path(p).name), result.skipped["reason"]))
+    for name, fragment in bad.items():
+        assert fragment in reasons[name], (name, reasons.get(name))
+    assert "labels differ" in reasons["31_1_0_20170101000000006.jpg.chip.jpg"]
+    assert ".DS_Store" not in reasons
+    assert len(result.duplicates) == 1 and not result.duplicates["same_labels"].iloc[0]
+    assert sample["image_id"].is_unique
+    assert set(sample.columns) >= {"image_id", "path", "file_name", "age", "gender", "ethnicity", "age_band"}
+    assert result.skipped_counts()["malformed name"] == 3
+
+
+def test_keep_duplicates_keeps_both_copies(tmp_path):
+    _messy_folder(tmp_path / "m")
+    assert len(load_sample(tmp_path / "m", keep_duplicates=True).sample) == 6
+
+
+def test_unusable_sources_raise_clear_errors(tmp_path):
+    with pytest.raises(SampleError, match="not found"):
+        load_sample(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SampleError, match="no usable labelled images"):
+        load_sample(tmp_path / "empty")
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    (unlabeled / "holiday.jpg").write_bytes(_jpeg_bytes())
+    with pytest.raises(SampleError, match="AGE_GENDER_RACE"):
+        load_sample(unlabeled)
+    fake_zip = tmp_path / "sample.zip"
+    fake_zip.write_text("not a zip at all")
+    with pytest.raises(SampleError, match="not a zip"):
+        load_sample(fake_zip)
+
+
+def test_synthetic_sample_reads_back_with_its_labels(synthetic_dir):
+    result = load_sample(synthetic_dir)
+    assert len(result.sample) == 120 and result.skipped.empty
+    for row in result.sample.head(10).itertuples():
+        assert parse_utkface_name(row.file_name) == (row.age, row.gender, row.ethnicity)
+
+
+def test_utkface_test_sample(utkface_test_dir):
+    result = load_sample(utkface_test_dir)
+    n_files = len(list(utkface_test_dir.iterdir()))
+    assert len(result.sample) + len(result.skipped) == n_files
+    assert len(result.sample) >= 0.99 * n_files
+    assert result.sample["gender"].isin([0, 1]).all()
+    assert result.sample["age_band"].notna().all()
+
+
+# ---------------------------------------------------------------- zips
+
+def _zip_folder(folder: Path, zip_path: Path) -> Path:
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, "sample/" + path.relative_to(folder).as_posix())
+    return zip_path
+
+
+def test_zip_gives_the_same_sample_as_the_folder(tmp_path, synthetic_dir):
+    archive = _zip_folder(synthetic_dir, tmp_path / "synthetic.zip")
+    from_zip = load_sample(archive, extract_to=tmp_path / "out")
+    from_folder = load_sample(synthetic_dir)
+    assert from_zip.fingerprint == from_folder.fingerprint
+    assert all(Path(p).is_relative_to(tmp_path / "out") for p in from_zip.sample["path"])
+    again = load_sample(archive, extract_to=tmp_path / "out")  # reuses the extraction
+    assert again.fingerprint == from_folder.fingerprint
+
+
+def test_hostile_zip_entries_never_leave_the_target(tmp_path):
+    archive_path = tmp_path / "hostile.zip"
+    good = _jpeg_bytes()
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("20_0_0_20170101000000001.jpg", good)
+        archive.writestr("../21_0_0_20170101000000002.jpg", good)
+        archive.writestr("/tmp/22_0_0_20170101000000003.jpg", good)
+        archive.writestr("a/../../23_0_0_20170101000000004.jpg", good)
+        archive.writestr("C:/24_0_0_20170101000000005.jpg", good)
+        link = zipfile.ZipInfo("25_0_0_20170101000000006.jpg")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(link, "/etc/passwd")
+        archive.writestr("__MACOSX/._20_0_0_20170101000000001.jpg", b"junk")
+    target = tmp_path / "inside" / "target"
+    before = set(tmp_path.rglob("*"))
+    result = load_sample(archive_path, extract_to=target)
+    written = set(tmp_path.rglob("*")) - before
+    assert all(p == target.parent or p.is_relative_to(target) for p in written)
+    assert not (tmp_path / "inside" / "21_0_0_20170101000000002.jpg").exists()
+    assert list(result.sample["file_name"]) == ["20_0_0_20170101000000001.jpg"]
+    unsafe = result.skipped[result.skipped["reason"].str.contains("unsafe")]
+    assert len(unsafe) == 5
+
+
+def test_zip_bombs_and_corrupt_zips_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("20_0_0_20170101000000001.jpg", b"\0" * 5_000_000)
+    assert bomb.stat().st_size < 50_000
+    with pytest.raises(SampleError, match="zip"):
+        extract_zip_safely(bomb, tmp_path / "t1", max_bytes=1_000_000)
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "t1.partial").exists()
+
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as archive:
+        for i in range(12):
+            archive.writestr(f"{20 + i}_0_0_2017.jpg", b"x")
+    with pytest.raises(SampleError, match="limit is 10"):
+        extract_zip_safely(many, tmp_path / "t2", max_files=10)
+
+    corrupt = tmp_path / "corrupt.zip"
+    shutil.copy(many, corrupt)
+    data = bytearray(corrupt.read_bytes())
+    corrupt.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(SampleError):
+        load_sample(corrupt, extract_to=tmp_path / "t3")
