@@ -1,0 +1,138 @@
+"""Streaming prediction and its cache, with stand-in models whose outputs are known functions of the pixels."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.dataset import load_image, load_sample
+from analysis.predict import calibration_batch, predict_sample
+
+
+class PixelModel:
+    """Duck-typed LoadedModel: age = mean red value / 2, P(female) = mean green / 255."""
+
+    def __init__(self, size=(32, 32), name="pixel", salt=""):
+        self.input_size = size
+        self.name = name
+        self.preprocessing = "rgb_0_255"
+        self.salt = salt
+        self.calls = 0
+        self.batch_shapes = set()
+
+    def cache_key(self) -> str:
+        return f"pixel-{self.input_size[0]}x{self.input_size[1]}-{self.salt}"
+
+    def predict_batch(self, images):
+        self.calls += 1
+        self.batch_shapes.add(images.shape)
+        pixels = images.astype(np.float64)
+        return pixels[..., 0].mean(axis=(1, 2)) / 2, pixels[..., 1].mean(axis=(1, 2)) / 255
+
+
+def expected(paths, size):
+    images = np.stack([load_image(p, size).astype(np.float64) for p in paths])
+    return images[..., 0].mean(axis=(1, 2)) / 2, images[..., 1].mean(axis=(1, 2)) / 255
+
+
+@pytest.fixture()
+def sample(synthetic_dir):
+    return load_sample(synthetic_dir).sample
+
+
+def test_two_models_each_see_their_own_input_size(sample, tmp_path):
+    small, large = PixelModel((24, 24), "small"), PixelModel((40, 30), "large")
+    steps = []
+    run = predict_sample(sample, {"A": small, "B": large}, batch_size=16, cache_dir=tmp_path,
+                         progress=lambda done, total: steps.append((done, total)))
+    preds = run.predictions
+    assert list(preds["image_id"]) == list(sample["image_id"])
+    for key, model in (("A", small), ("B", large)):
+        age, p = expected(preds["path"], model.input_size)
+        np.testing.assert_allclose(preds[f"age_pred_{key}"], age, rtol=1e-9)
+        np.testing.assert_allclose(preds[f"p_female_{key}"], p, rtol=1e-9)
+        # every call is padded to one batch shape so a compiled model never retraces
+        assert model.batch_shapes == {(16, *model.input_size, 3)}
+    assert steps[-1] == (len(sample), len(sample))
+    assert [d for d, _ in steps] == sorted(d for d, _ in steps)
+    assert run.skipped.empty
+
+
+def test_undecodable_images_are_skipped_and_the_rest_predicted(sample, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(Path(sample["path"].iloc[0]).parent, folder)
+    victim = sorted(folder.iterdir())[5]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])  # truncated: passes the header check, fails to decode
+    broken = load_sample(folder).sample
+    run = predict_sample(broken, {"A": PixelModel()}, batch_size=32, cache_dir=tmp_path / "cache")
+    assert len(run.predictions) == len(broken) - 1
+    assert list(run.skipped["path"]) == [str(victim.resolve())]
+    assert "not decodable" in run.skipped["reason"].iloc[0]
+    # The failure is remembered by the cache too, not retried forever.
+    model = PixelModel()
+    again = predict_sample(broken, {"A": model}, batch_size=32, cache_dir=tmp_path / "cache")
+    assert len(again.skipped) == 1 and again.cached["A"] == len(broken) - 1 and model.calls == 0
+
+
+def test_cache_hit_runs_no_model_and_gives_identical_numbers(sample, tmp_path):
+    first_model = PixelModel()
+    first = predict_sample(sample, {"A": first_model}, cache_dir=tmp_path)
+    second_model = PixelModel()
+    second = predict_sample(sample, {"A": second_model}, cache_dir=tmp_path)
+    assert second_model.calls == 0 and second.cached == {"A": len(sample)}
+    assert first.predictions.equals(second.predictions)
+    # New settings (a different cache key) must not reuse the old numbers.
+    other = PixelModel(salt="bgr")
+    predict_sample(sample, {"A": other}, cache_dir=tmp_path)
+    assert other.calls > 0
+
+
+def test_only_new_images_are_computed_for_an_overlapping_sample(sample, tmp_path):
+    predict_sample(sample.iloc[:50], {"A": PixelModel()}, batch_size=10, cache_dir=tmp_path)
+    model = PixelModel()
+    run = predict_sample(sample, {"A": model}, batch_size=10, cache_dir=tmp_path)
+    assert run.cached["A"] == 50
+    assert model.calls == int(np.ceil((len(sample) - 50) / 10))
+    age, _ = expected(run.predictions["path"], model.input_size)
+    np.testing.assert_allclose(run.predictions["age_pred_A"], age, rtol=1e-9)
+
+
+def test_a_corrupt_cache_file_is_recomputed(sample, tmp_path):
+    predict_sample(sample, {"A": PixelModel()}, cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("*.npz")
+    cache_file.write_bytes(b"garbage")
+    model = PixelModel()
+    run = predict_sample(sample, {"A": model}, cache_dir=tmp_path)
+    assert model.calls > 0 and run.cached["A"] == 0
+    age, _ = expected(run.predictions["path"], model.input_size)
+    np.testing.assert_allclose(run.predictions["age_pred_A"], age, rtol=1e-9)
+
+
+def test_nan_outputs_give_a_clear_error(sample, tmp_path):
+    class NaNModel(PixelModel):
+        def predict_batch(self, images):
+            return np.full(len(images), np.nan), np.zeros(len(images))
+
+    with pytest.raises(ValueError, match="NaN"):
+        predict_sample(sample, {"A": NaNModel()}, cache_dir=tmp_path)
+
+
+def test_bad_arguments(sample):
+    with pytest.raises(ValueError, match="at least one model"):
+        predict_sample(sample, {})
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_sample(sample, {"A": PixelModel()}, batch_size=0)
+
+
+def test_calibration_batch_is_labelled_and_seeded(sample):
+    images, ages, genders = calibration_batch(sample, (20, 20), n=8, seed=1)
+    again, _, _ = calibration_batch(sample, (20, 20), n=8, seed=1)
+    assert images.shape == (8, 20, 20, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, again)
+    by_age = dict(zip(sample["age"], sample["path"]))
+    assert set(ages) <= set(sample["age"]) and set(genders) <= {0, 1}
+    assert len(by_age) > 0
