@@ -1,0 +1,742 @@
+"""Metric tables computed from a Predictions table (wide: one row per image).
+
+Input columns: the Sample columns (`age` years, `gender` 0 male / 1 female, `ethnicity` 0..4,
+`age_band` ordered Categorical) plus, per model key m, `age_pred_<m>` (years) and `p_female_<m>`
+(probability in [0, 1]). Derived per image: `gender_pred = p_female >= 0.5`,
+`age_err = age_pred - age` (signed, years), `abs_age_err = |age_err|`.
+
+Everything else is derived from one tidy table, in the spirit of fairlearn's MetricFrame:
+
+    slice_table     overall + per slice (single attributes and pairwise intersections), long by
+                    model: n, gender_acc, age_mae, age_bias, each with a bootstrap CI
+    compare_table   paired A vs B per slice: deltas, exact McNemar, paired bootstrap CI, Wilcoxon
+    gaps_table      largest minus smallest across the groups of each slicing, FROM slice_table
+    worst_slices    the k worst groups of one metric, FROM slice_table
+    calibration_table / expected_calibration_error   P(female) against the observed female fraction
+    age_error_by_true_age, worst_errors, summary
+
+Metric directions: gender_acc higher is better, age_mae lower is better, age_bias closer to 0 is
+better (positive = the model guesses too old).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Iterable
+from itertools import product
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.constants import DEFAULT_SEED, ETHNICITIES, GENDERS, MODEL_KEYS, SMALL_SLICE_N
+
+SLICE_ATTRIBUTES: tuple[str, ...] = ("age_band", "gender", "ethnicity")
+INTERSECTION = "×"  # joins attribute names in `slice_by` ("age_band×gender")
+LABEL_JOIN = " × "  # joins group labels in `slice` ("20–29 × female")
+DEFAULT_SLICES: tuple[str, ...] = (
+    "overall",
+    "age_band",
+    "gender",
+    "ethnicity",
+    "age_band×gender",
+    "age_band×ethnicity",
+    "gender×ethnicity",
+)
+GAP_METRICS: tuple[str, ...] = ("gender_acc", "age_mae", "age_bias")
+WORST_ERROR_KINDS: tuple[str, ...] = ("age", "gender", "disagreement", "disagreement_gender", "disagreement_age")
+
+SLICE_ID_COLUMNS = ["slice_by", "slice", "slice_1", "slice_2"]
+SLICE_TABLE_COLUMNS = SLICE_ID_COLUMNS + [
+    "model", "n",
+    "gender_acc", "gender_acc_lo", "gender_acc_hi",
+    "age_mae", "age_mae_lo", "age_mae_hi",
+    "age_bias", "age_bias_lo", "age_bias_hi",
+    "small",
+]  # fmt: skip
+GAPS_TABLE_COLUMNS = [
+    "model", "slice_by", "metric", "gap", "best_slice", "best_value", "worst_slice", "worst_value",
+    "n_groups", "n_excluded", "min_n",
+]  # fmt: skip
+CALIBRATION_COLUMNS = ["bin", "lo", "hi", "n", "mean_p_female", "frac_female"]
+AGE_ERROR_COLUMNS = ["model", "age_lo", "age_hi", "n", "age_mae", "age_bias"]
+
+# Indices in one (resamples x rows) block of the bootstrap; bounds memory (~8 MB of int32 each).
+_BOOTSTRAP_BLOCK = 2_000_000
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def detect_models(preds: pd.DataFrame) -> tuple[str, ...]:
+    """Model keys with both `age_pred_<m>` and `p_female_<m>` columns; "A", "B" first."""
+    ages = [str(c)[len("age_pred_"):] for c in preds.columns if str(c).startswith("age_pred_")]
+    genders = [str(c)[len("p_female_"):] for c in preds.columns if str(c).startswith("p_female_")]
+    half = [f"age_pred_{k}" for k in genders if k not in ages] + [f"p_female_{k}" for k in ages if k not in genders]
+    if half:
+        raise ValueError(
+            f"missing column(s) {half}: a model needs both age_pred_<model> and p_female_<model> "
+            "(drop the other column to leave that model out)"
+        )
+    keys = ages
+    ordered = [k for k in MODEL_KEYS if k in keys] + [k for k in keys if k not in MODEL_KEYS]
+    if not ordered:
+        raise ValueError(
+            "no model predictions found: expected columns age_pred_<model> and p_female_<model> "
+            f"(e.g. age_pred_A, p_female_A); columns present: {list(preds.columns)}"
+        )
+    return tuple(ordered)
+
+
+def check_predictions(
+    preds, models=None, *, needs: Iterable[str] = ("age", "gender"), allow_empty: bool = False
+) -> tuple[str, ...]:
+    """Validate a Predictions table and return the model keys to use.
+
+    `models`: None (all models present), one key, or a sequence of keys. `needs`: the Sample
+    columns the caller uses. `allow_empty`: accept a table without rows (for row-wise helpers;
+    a metric of no images is an error). Raises ValueError saying what is wrong and what to do.
+    """
+    if not isinstance(preds, pd.DataFrame):
+        raise TypeError(f"predictions must be a pandas DataFrame, got {type(preds).__name__}")
+    if len(preds) == 0 and not allow_empty:
+        raise ValueError("the predictions table is empty: no image was predicted, so there is nothing to measure")
+    models = detect_models(preds) if models is None else ((models,) if isinstance(models, str) else tuple(models))
+    if not models or len(set(models)) != len(models):
+        raise ValueError(f"give one or more distinct model keys, got {models}")
+    needed = list(dict.fromkeys(needs))
+    missing = [c for c in needed if c not in preds.columns]
+    for m in models:
+        missing += [c for c in (f"age_pred_{m}", f"p_female_{m}") if c not in preds.columns]
+    if missing:
+        raise ValueError(
+            f"the predictions table lacks column(s) {missing}; it needs the Sample columns plus "
+            f"age_pred_<model> and p_female_<model> per model (columns present: {list(preds.columns)})"
+        )
+    for column in needed:
+        _check_labels(preds, column)
+    for m in models:
+        for column in (f"age_pred_{m}", f"p_female_{m}"):
+            values = _numeric(preds, column)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                raise ValueError(
+                    f"{column} has {int(bad.sum())} missing or infinite value(s) (first at {_where(preds, bad)}); "
+                    "drop those images or re-run the prediction"
+                )
+        p = _numeric(preds, f"p_female_{m}")
+        outside = (p < 0) | (p > 1)
+        if outside.any():
+            raise ValueError(
+                f"p_female_{m} must be a probability in [0, 1]; {int(outside.sum())} value(s) are outside "
+                f"(e.g. {p[outside][0]:g} at {_where(preds, outside)}); check the model's gender head mapping"
+            )
+    return models
+
+
+def _numeric(preds: pd.DataFrame, column: str) -> np.ndarray:
+    try:
+        return pd.to_numeric(preds[column], errors="raise").to_numpy(dtype=float)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"column {column} must be numeric: {exc}") from exc
+
+
+def _where(preds: pd.DataFrame, bad: np.ndarray) -> str:
+    first = int(np.flatnonzero(bad)[0])
+    if "image_id" in preds.columns:
+        return f"row {first}, image_id {preds['image_id'].iloc[first]}"
+    return f"row {first}"
+
+
+def _check_labels(preds: pd.DataFrame, column: str) -> None:
+    if column == "age_band":
+        if preds[column].isna().any():
+            raise ValueError(
+                f"age_band is missing for {int(preds[column].isna().sum())} row(s) (first at "
+                f"{_where(preds, preds[column].isna().to_numpy())}); assign bands with "
+                "analysis.constants.assign_age_bands and edges that start at or below the youngest age"
+            )
+        return
+    if column not in ("age", "gender", "ethnicity"):
+        return
+    values = _numeric(preds, column)
+    if column == "age":
+        bad = ~np.isfinite(values) | (values < 0)
+        what = "true ages must be finite and non-negative (years)"
+    else:
+        n_codes = len(GENDERS) if column == "gender" else len(ETHNICITIES)
+        bad = ~np.isin(values, np.arange(n_codes))
+        what = f"{column} codes must be integers 0..{n_codes - 1}" + (
+            " (0 male, 1 female)" if column == "gender" else f" ({', '.join(ETHNICITIES)})"
+        )
+    if bad.any():
+        raise ValueError(f"{what}; {int(bad.sum())} value(s) are not (first at {_where(preds, bad)})")
+
+
+def _check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+    return int(value)
+
+
+def _check_bootstrap_args(n_boot, seed, confidence) -> None:
+    _check_positive_int("n_boot", n_boot, allow_zero=True)
+    _check_positive_int("seed", seed, allow_zero=True)
+    if not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence!r}")
+
+
+# ---------------------------------------------------------------- per-image quantities
+
+
+def add_error_columns(preds: pd.DataFrame, models=None) -> pd.DataFrame:
+    """Copy of `preds` with, per model m: `gender_pred_<m>` (int, 1 = female when p_female >= 0.5),
+    `gender_correct_<m>` (bool), `age_err_<m>` (predicted - true, years), `abs_age_err_<m>`.
+    An empty table gives an empty table with these columns."""
+    models = check_predictions(preds, models, allow_empty=True)
+    out = preds.copy()
+    age = _numeric(preds, "age")
+    gender = _numeric(preds, "gender").astype(int)
+    for m in models:
+        gender_pred = (_numeric(preds, f"p_female_{m}") >= 0.5).astype(int)
+        age_err = _numeric(preds, f"age_pred_{m}") - age
+        out[f"gender_pred_{m}"] = gender_pred
+        out[f"gender_correct_{m}"] = gender_pred == gender
+        out[f"age_err_{m}"] = age_err
+        out[f"abs_age_err_{m}"] = np.abs(age_err)
+    return out
+
+
+def _per_image(preds: pd.DataFrame, m: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gender correct as 0/1 float, absolute age error, signed age error), each shape (n,)."""
+    gender = _numeric(preds, "gender")
+    correct = ((_numeric(preds, f"p_female_{m}") >= 0.5) == (gender == 1)).astype(float)
+    age_err = _numeric(preds, f"age_pred_{m}") - _numeric(preds, "age")
+    return correct, np.abs(age_err), age_err
+
+
+# ---------------------------------------------------------------- slices
+
+
+def _parse_slices(slices) -> list[tuple[str, tuple[str, ...]]]:
+    """[(slice_by, attributes)] from names like "overall", "gender", "age_band×gender" (or tuples)."""
+    if isinstance(slices, str):
+        slices = (slices,)
+    parsed = []
+    for spec in slices:
+        attrs = tuple(spec) if isinstance(spec, (tuple, list)) else tuple(str(spec).split(INTERSECTION))
+        attrs = tuple(a.strip() for a in attrs)
+        if attrs == ("overall",):
+            parsed.append(("overall", ()))
+            continue
+        if not 1 <= len(attrs) <= 2 or len(set(attrs)) != len(attrs) or not set(attrs) <= set(SLICE_ATTRIBUTES):
+            raise ValueError(
+                f"unknown slicing {spec!r}: use 'overall', one of {SLICE_ATTRIBUTES}, or two of them "
+                f"joined by '{INTERSECTION}' (e.g. 'age_band{INTERSECTION}gender')"
+            )
+        parsed.append((INTERSECTION.join(attrs), attrs))
+    if not parsed:
+        raise ValueError(f"give at least one slicing, e.g. {DEFAULT_SLICES}")
+    return parsed
+
+
+def _attribute_codes(preds: pd.DataFrame, attr: str) -> tuple[np.ndarray, list[str]]:
+    """Group code per row (shape (n,), 0..len(labels)-1) and the ordered group labels."""
+    if attr == "gender":
+        return _numeric(preds, "gender").astype(int), list(GENDERS)
+    if attr == "ethnicity":
+        return _numeric(preds, "ethnicity").astype(int), list(ETHNICITIES)
+    column = preds["age_band"]
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.codes.to_numpy().astype(int), [str(c) for c in column.cat.categories]
+    # A table read back from CSV has lost the band order: restore it from the youngest age per band.
+    labels = column.astype(str)
+    order = pd.Series(_numeric(preds, "age")).groupby(labels.to_numpy()).min().sort_values(kind="stable").index
+    return pd.Categorical(labels, categories=list(order)).codes.astype(int), [str(x) for x in order]
+
+
+def _slice_groups(preds: pd.DataFrame, slices) -> list[tuple[dict, np.ndarray]]:
+    """[(slice id columns, row positions)] in display order; empty groups are left out.
+
+    Intersections are ordered by the first attribute, then the second (age band order first).
+    """
+    groups = []
+    for slice_by, attrs in _parse_slices(slices):
+        if not attrs:
+            ids = {"slice_by": "overall", "slice": "all", "slice_1": "all", "slice_2": ""}
+            groups.append((ids, np.arange(len(preds))))
+            continue
+        coded = [_attribute_codes(preds, a) for a in attrs]
+        sizes = tuple(len(labels) for _, labels in coded)
+        combined = np.ravel_multi_index(tuple(codes for codes, _ in coded), sizes)
+        counts = np.bincount(combined, minlength=int(np.prod(sizes)))
+        rows_sorted = np.argsort(combined, kind="stable")
+        ends = np.cumsum(counts)
+        for code, names in enumerate(product(*(labels for _, labels in coded))):
+            if counts[code] == 0:
+                continue
+            ids = {
+                "slice_by": slice_by,
+                "slice": LABEL_JOIN.join(names),
+                "slice_1": names[0],
+                "slice_2": names[1] if len(names) > 1 else "",
+            }
+            groups.append((ids, rows_sorted[ends[code] - counts[code]: ends[code]]))
+    return groups
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def _group_rng(seed: int, ids: dict) -> np.random.Generator:
+    """A generator per slice, keyed by the seed and the slice's name.
+
+    A slice's CI therefore does not depend on which other slices or models are in the table, and
+    compare_table resamples exactly the images that slice_table resamples for the same slice.
+    """
+    key = zlib.crc32(f"{ids['slice_by']}|{ids['slice']}".encode())
+    return np.random.default_rng([seed, key])
+
+
+def _bootstrap_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Column means of `n_boot` resamples (rows drawn with replacement) of values (n, k) -> (n_boot, k).
+
+    Written by hand because scipy.stats.bootstrap resamples one statistic of one slice per call:
+    ~90 slices x 3 metrics x 2 models would mean 540 calls, each drawing its own resamples, and
+    take several seconds. Here one block of row indices per slice serves every metric and model
+    (which also makes the models' CIs paired); np.take on each column then a row sum is the
+    fastest gather we measured (faster than bincount + matrix product or 2-D fancy indexing).
+    Blocks of resamples bound the memory (_BOOTSTRAP_BLOCK indices at a time).
+    """
+    n, k = values.shape
+    columns = [np.ascontiguousarray(values[:, j]) for j in range(k)]
+    means = np.empty((n_boot, k))
+    block = max(1, _BOOTSTRAP_BLOCK // n)
+    for start in range(0, n_boot, block):
+        b = min(block, n_boot - start)
+        rows = rng.integers(0, n, size=(b, n), dtype=np.int32)  # int32: half the bytes, twice as fast
+        for j, column in enumerate(columns):
+            means[start:start + b, j] = np.take(column, rows).sum(axis=1) / n
+    return means
+
+
+def _percentile_interval(means: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile CI per column of bootstrap means (n_boot, k); NaN when there are no resamples."""
+    if len(means) == 0:
+        nan = np.full(means.shape[1], np.nan)
+        return nan, nan.copy()
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail], axis=0)
+    return lo, hi
+
+
+# ---------------------------------------------------------------- slice and comparison tables
+
+
+def slice_table(
+    preds: pd.DataFrame,
+    models=None,
+    *,
+    n_boot: int = 1000,
+    seed: int = DEFAULT_SEED,
+    confidence: float = 0.95,
+    slices=DEFAULT_SLICES,
+) -> pd.DataFrame:
+    """Gender accuracy, age MAE and age bias (years) overall and per slice, long by model.
+
+    One row per (slice, model) with the columns of SLICE_TABLE_COLUMNS; `*_lo`/`*_hi` are
+    percentile bootstrap CIs at `confidence` from `n_boot` resamples of the slice's images
+    (n_boot=0: no CIs, NaN). Slices without images are left out; `small` is n < SMALL_SLICE_N.
+    """
+    _check_bootstrap_args(n_boot, seed, confidence)
+    attrs = {a for _, names in _parse_slices(slices) for a in names}
+    models = check_predictions(preds, models, needs=["age", "gender", *sorted(attrs)])
+    # values: (n, 3 * n_models), per model the columns (correct, abs_age_err, age_err).
+    values = np.column_stack([col for m in models for col in _per_image(preds, m)])
+    rows = []
+    for ids, group in _slice_groups(preds, slices):
+        group_values = values[group]
+        estimate = group_values.mean(axis=0)
+        lo, hi = _percentile_interval(_bootstrap_means(group_values, n_boot, _group_rng(seed, ids)), confidence)
+        for i, m in enumerate(models):
+            row = {**ids, "model": m, "n": len(group)}
+            for j, metric in enumerate(GAP_METRICS):
+                c = 3 * i + j
+                row.update({metric: estimate[c], f"{metric}_lo": lo[c], f"{metric}_hi": hi[c]})
+            row["small"] = len(group) < SMALL_SLICE_N
+            rows.append(row)
+    return pd.DataFrame(rows, columns=SLICE_TABLE_COLUMNS)
+
+
+def mcnemar_exact_p(only_a_correct: int, only_b_correct: int) -> float:
+    """Two-sided exact McNemar p-value: binomial test of the discordant pairs against 1/2.
+
+    1.0 when there are no discordant pairs (no evidence of a difference).
+    """
+    discordant = int(only_a_correct) + int(only_b_correct)
+    if discordant == 0:
+        return 1.0
+    return float(stats.binomtest(int(only_b_correct), discordant, 0.5).pvalue)
+
+
+def wilcoxon_p(differences) -> float:
+    """Two-sided Wilcoxon signed-rank p-value for paired differences, shape (n,).
+
+    Zero differences are dropped (scipy's default "wilcox"); 1.0 when all differences are zero.
+    """
+    differences = np.asarray(differences, dtype=float)
+    if differences.size == 0 or np.all(differences == 0):
+        return 1.0
+    with warnings.catch_warnings():
+        # scipy warns when it falls back from the exact to the normal distribution (ties, zeros).
+        warnings.simplefilter("ignore", UserWarning)
+        return float(stats.wilcoxon(differences).pvalue)
+
+
+def compare_table(
+    preds: pd.DataFrame,
+    a: str = "A",
+    b: str = "B",
+    *,
+    n_boot: int = 1000,
+    seed: int = DEFAULT_SEED,
+    confidence: float = 0.95,
+    slices=DEFAULT_SLICES,
+) -> pd.DataFrame:
+    """Paired comparison of models `a` and `b` on the same images, one row per slice.
+
+    Deltas are b - a (age_mae_delta < 0: b is better). Gender correctness: counts of images only one
+    model gets right and the exact McNemar p. Absolute age error: paired bootstrap CI of the MAE
+    delta (the same resampled images for both models) and the Wilcoxon signed-rank p.
+    Columns: slice_by, slice, slice_1, slice_2, n, gender_acc_<a>, gender_acc_<b>, gender_acc_delta,
+    only_<a>_correct, only_<b>_correct, mcnemar_p, age_mae_<a>, age_mae_<b>, age_mae_delta,
+    age_mae_delta_lo, age_mae_delta_hi, wilcoxon_p, small.
+    """
+    _check_bootstrap_args(n_boot, seed, confidence)
+    if a == b:
+        raise ValueError(f"compare two different models, got a = b = {a!r}")
+    attrs = {x for _, names in _parse_slices(slices) for x in names}
+    check_predictions(preds, (a, b), needs=["age", "gender", *sorted(attrs)])
+    correct_a, abs_a, _ = _per_image(preds, a)
+    correct_b, abs_b, _ = _per_image(preds, b)
+    abs_diff = abs_b - abs_a  # (n,) years; negative where b is closer
+    rows = []
+    for ids, group in _slice_groups(preds, slices):
+        ca, cb, d = correct_a[group] == 1, correct_b[group] == 1, abs_diff[group]
+        only_a, only_b = int(np.sum(ca & ~cb)), int(np.sum(cb & ~ca))
+        boot = _bootstrap_means(d[:, None], n_boot, _group_rng(seed, ids))
+        lo, hi = _percentile_interval(boot, confidence)
+        rows.append(
+            {
+                **ids,
+                "n": len(group),
+                f"gender_acc_{a}": ca.mean(),
+                f"gender_acc_{b}": cb.mean(),
+                "gender_acc_delta": cb.mean() - ca.mean(),
+                f"only_{a}_correct": only_a,
+                f"only_{b}_correct": only_b,
+                "mcnemar_p": mcnemar_exact_p(only_a, only_b),
+                f"age_mae_{a}": abs_a[group].mean(),
+                f"age_mae_{b}": abs_b[group].mean(),
+                "age_mae_delta": d.mean(),
+                "age_mae_delta_lo": lo[0],
+                "age_mae_delta_hi": hi[0],
+                "wilcoxon_p": wilcoxon_p(d),
+                "small": len(group) < SMALL_SLICE_N,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- gaps and worst slices (from slice_table)
+
+
+def _badness(metric: str, values: pd.Series) -> pd.Series:
+    """Larger = worse: low accuracy, high MAE, bias far from zero."""
+    if metric == "gender_acc":
+        return -values
+    if metric == "age_mae":
+        return values
+    if metric == "age_bias":
+        return values.abs()
+    raise ValueError(f"unknown metric {metric!r}; use one of {GAP_METRICS}")
+
+
+def _check_slice_table(table, extra: Iterable[str] = ()) -> None:
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"expected the DataFrame returned by slice_table, got {type(table).__name__}")
+    missing = [c for c in ["slice_by", "slice", "model", "n", *extra] if c not in table.columns]
+    if missing:
+        raise ValueError(f"not a slice table (from slice_table): missing column(s) {missing}")
+
+
+def gaps_table(slices: pd.DataFrame, *, min_n: int = SMALL_SLICE_N, metrics=GAP_METRICS) -> pd.DataFrame:
+    """Fairness gaps per model x slicing x metric, computed from a slice_table.
+
+    gap = largest minus smallest value across the groups of the slicing (for age_bias: the spread
+    of the bias). best/worst follow the metric's direction (bias: closest to / farthest from 0).
+    Groups with n < min_n are excluded (their estimates are too noisy to rank; `n_excluded` says
+    how many, `min_n` which limit); min_n=0 keeps all. Slicings with fewer than two groups left
+    have no gap and no row. Columns: GAPS_TABLE_COLUMNS.
+    """
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    _check_slice_table(slices, metrics)
+    min_n = _check_positive_int("min_n", min_n, allow_zero=True)
+    rows = []
+    table = slices[slices["slice_by"] != "overall"]
+    for model in table["model"].unique():
+        for slice_by in table["slice_by"].unique():
+            groups = table[(table["model"] == model) & (table["slice_by"] == slice_by)]
+            kept = groups[groups["n"] >= min_n]
+            if len(kept) < 2:
+                continue
+            for metric in metrics:
+                badness = _badness(metric, kept[metric])
+                worst, best = kept.loc[badness.idxmax()], kept.loc[badness.idxmin()]
+                rows.append(
+                    {
+                        "model": model,
+                        "slice_by": slice_by,
+                        "metric": metric,
+                        "gap": kept[metric].max() - kept[metric].min(),
+                        "best_slice": best["slice"],
+                        "best_value": best[metric],
+                        "worst_slice": worst["slice"],
+                        "worst_value": worst[metric],
+                        "n_groups": len(kept),
+                        "n_excluded": len(groups) - len(kept),
+                        "min_n": min_n,
+                    }
+                )
+    return pd.DataFrame(rows, columns=GAPS_TABLE_COLUMNS)
+
+
+def worst_slices(
+    slices: pd.DataFrame, metric: str, k: int = 5, min_n: int = SMALL_SLICE_N, *, slice_by=None
+) -> pd.DataFrame:
+    """The k worst groups per model for `metric`, worst first, from a slice_table.
+
+    Leaves out "overall" and groups with n < min_n; `slice_by` (a name or names) restricts the
+    slicings. Returns slice_table rows.
+    """
+    _check_slice_table(slices, [metric])
+    k = _check_positive_int("k", k)
+    min_n = _check_positive_int("min_n", min_n, allow_zero=True)
+    table = slices[(slices["slice_by"] != "overall") & (slices["n"] >= min_n)]
+    if slice_by is not None:
+        table = table[table["slice_by"].isin([slice_by] if isinstance(slice_by, str) else list(slice_by))]
+    order = _badness(metric, table[metric]).sort_values(ascending=False, kind="stable").index
+    ranked = table.loc[order]
+    return ranked.groupby("model", sort=False).head(k).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def _reliability_bins(y_true: np.ndarray, p: np.ndarray, n_bins: int):
+    """Equal-width bins over [0, 1]: edges (n_bins+1,), counts, mean p and observed frequency per bin.
+
+    Same binning as sklearn.calibration.calibration_curve (bins (lo, hi], 0 in the first), so the
+    two agree; calibration_curve alone is not enough because it drops empty bins and the counts
+    that ECE weights by.
+    """
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.searchsorted(edges[1:-1], p)
+    n = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(bins, weights=p, minlength=n_bins) / n
+        frac = np.bincount(bins, weights=y_true, minlength=n_bins) / n
+    return edges, n, mean_p, frac
+
+
+def calibration_table(preds: pd.DataFrame, model: str = "A", n_bins: int = 10) -> pd.DataFrame:
+    """Reliability bins for P(female) of one model: bin, lo, hi, n, mean_p_female, frac_female.
+
+    One row per bin (lo, hi], empty bins included with n = 0 and NaN means so the layout is fixed.
+    A calibrated model has frac_female ≈ mean_p_female in every bin.
+    """
+    n_bins = _check_positive_int("n_bins", n_bins)
+    check_predictions(preds, model, needs=["gender"])
+    edges, n, mean_p, frac = _reliability_bins(_numeric(preds, "gender"), _numeric(preds, f"p_female_{model}"), n_bins)
+    return pd.DataFrame(
+        {
+            "bin": np.arange(n_bins),
+            "lo": edges[:-1],
+            "hi": edges[1:],
+            "n": n,
+            "mean_p_female": mean_p,
+            "frac_female": frac,
+        },
+        columns=CALIBRATION_COLUMNS,
+    )
+
+
+def expected_calibration_error(y_true, p, n_bins: int = 10) -> float:
+    """Expected calibration error of P(female): sum over equal-width bins of
+    (bin count / total) * |observed female fraction - mean p|.
+
+    y_true: 0/1 (1 = female), shape (n,); p: probabilities in [0, 1], shape (n,). No library
+    (sklearn, scipy) ships ECE, hence the few lines here.
+    """
+    n_bins = _check_positive_int("n_bins", n_bins)
+    y_true, p = np.asarray(y_true, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    if y_true.shape != p.shape:
+        raise ValueError(f"y_true and p must have the same length, got {y_true.size} and {p.size}")
+    if y_true.size == 0:
+        raise ValueError("expected_calibration_error needs at least one prediction")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError("y_true must be 0/1 labels (1 = female)")
+    if not (np.isfinite(p) & (p >= 0) & (p <= 1)).all():
+        raise ValueError("p must be probabilities in [0, 1] without NaN")
+    _, n, mean_p, frac = _reliability_bins(y_true, p, n_bins)
+    filled = n > 0
+    return float(np.sum(n[filled] / y_true.size * np.abs(frac[filled] - mean_p[filled])))
+
+
+# ---------------------------------------------------------------- age error by true age
+
+
+def age_error_by_true_age(preds: pd.DataFrame, models=None, bin_width: int = 5) -> pd.DataFrame:
+    """Age MAE and bias (years) per bin of true age, long by model.
+
+    Bins are age_lo <= age < age_hi = age_lo + bin_width, starting at a multiple of bin_width;
+    empty bins are left out. Columns: model, age_lo, age_hi, n, age_mae, age_bias.
+    """
+    if isinstance(bin_width, bool) or not isinstance(bin_width, (int, float, np.number)) or not bin_width > 0:
+        raise ValueError(f"bin_width must be a positive number of years, got {bin_width!r}")
+    models = check_predictions(preds, models)
+    age = _numeric(preds, "age")
+    bins = np.floor(age / bin_width).astype(int)
+    present, bin_index = np.unique(bins, return_inverse=True)
+    counts = np.bincount(bin_index, minlength=len(present))
+    rows = []
+    for m in models:
+        _, abs_err, err = _per_image(preds, m)
+        mae = np.bincount(bin_index, weights=abs_err) / counts
+        bias = np.bincount(bin_index, weights=err) / counts
+        for i, b in enumerate(present):
+            lo = b * bin_width
+            row = {"model": m, "age_lo": lo, "age_hi": lo + bin_width, "n": int(counts[i])}
+            rows.append({**row, "age_mae": mae[i], "age_bias": bias[i]})
+    return pd.DataFrame(rows, columns=AGE_ERROR_COLUMNS)
+
+
+# ---------------------------------------------------------------- worst errors
+
+
+def worst_errors(
+    preds: pd.DataFrame, kind: str, model: str = "A", k: int | None = 20, *, other: str | None = None
+) -> pd.DataFrame:
+    """The k worst images of one kind, worst first: rows of `preds` plus the add_error_columns
+    of every model and a `score` (the ranking key, larger = worse).
+
+    kind:
+      "age"                  all images by abs_age_err_<model> (years).
+      "gender"               wrongly gendered images by the confidence in the wrong answer,
+                             max(p, 1 - p) (same order as |p - 0.5|).
+      "disagreement_gender"  images where `model` and `other` predict different genders, by |Δp_female|.
+      "disagreement_age"     all images by |age_pred_<model> - age_pred_<other>| (years).
+      "disagreement"         gender disagreements first (by |Δp_female|), then the other images by
+                             |Δage|; column `disagreement` says which ("gender" or "age").
+    `other` defaults to the other model of a two-model table. Ties keep the table order. k=None: all.
+    An empty table (e.g. an empty slice) gives an empty result.
+    """
+    if kind not in WORST_ERROR_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {WORST_ERROR_KINDS}")
+    if k is not None:
+        k = _check_positive_int("k", k)
+    present = check_predictions(preds, allow_empty=True)
+    if model not in present:
+        raise ValueError(f"model {model!r} has no predictions; models present: {present}")
+    table = add_error_columns(preds, present).reset_index(drop=True)
+    order = None
+    if kind == "age":
+        score = table[f"abs_age_err_{model}"].to_numpy()
+        keep = np.ones(len(table), dtype=bool)
+    elif kind == "gender":
+        p = table[f"p_female_{model}"].to_numpy()
+        score = np.maximum(p, 1 - p)
+        keep = ~table[f"gender_correct_{model}"].to_numpy()
+    else:
+        if other is None:
+            others = [m for m in present if m != model]
+            if len(others) != 1:
+                raise ValueError(
+                    f"kind {kind!r} compares two models; say which with other= (models present: {present})"
+                )
+            other = others[0]
+        if other not in present or other == model:
+            raise ValueError(f"other must be a second model present in the table {present}, got {other!r}")
+        gender_differs = table[f"gender_pred_{model}"].to_numpy() != table[f"gender_pred_{other}"].to_numpy()
+        p_diff = np.abs(table[f"p_female_{model}"].to_numpy() - table[f"p_female_{other}"].to_numpy())
+        age_diff = np.abs(table[f"age_pred_{model}"].to_numpy() - table[f"age_pred_{other}"].to_numpy())
+        if kind == "disagreement_gender":
+            score, keep = p_diff, gender_differs
+        elif kind == "disagreement_age":
+            score, keep = age_diff, np.ones(len(table), dtype=bool)
+        else:
+            score = np.where(gender_differs, p_diff, age_diff)
+            table["disagreement"] = np.where(gender_differs, "gender", "age")
+            # Stable sort on two keys, the last one primary: gender disagreements first, then by score.
+            order = np.lexsort((-score, ~gender_differs))
+    if order is None:
+        rows = np.flatnonzero(keep)
+        order = rows[np.argsort(-score[rows], kind="stable")]
+    table["score"] = score
+    return table.iloc[order[:k]].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _plain(value):
+    """JSON-friendly scalar: Python float/int/bool, NaN -> None."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def summary(
+    preds: pd.DataFrame,
+    models=None,
+    *,
+    n_boot: int = 1000,
+    seed: int = DEFAULT_SEED,
+    confidence: float = 0.95,
+) -> dict:
+    """Headline numbers for summary.json: per model overall gender_acc, age_mae, age_bias with
+    [lo, hi] CIs and the gender ECE; with two models also the overall paired comparison (b - a).
+
+    Values are plain Python floats/ints (NaN -> None); the CIs equal the overall rows of
+    slice_table / compare_table with the same seed.
+    """
+    models = check_predictions(preds, models)
+    overall = slice_table(preds, models, n_boot=n_boot, seed=seed, confidence=confidence, slices=("overall",))
+    out = {
+        "n_images": int(len(preds)),
+        "confidence": float(confidence),
+        "bootstrap_resamples": int(n_boot),
+        "seed": int(seed),
+        "models": {},
+    }
+    gender = _numeric(preds, "gender")
+    for row in overall.to_dict(orient="records"):
+        m = row["model"]
+        entry = {}
+        for metric in GAP_METRICS:
+            entry[metric] = _plain(row[metric])
+            entry[f"{metric}_ci"] = [_plain(row[f"{metric}_lo"]), _plain(row[f"{metric}_hi"])]
+        entry["gender_ece"] = expected_calibration_error(gender, _numeric(preds, f"p_female_{m}"))
+        out["models"][m] = entry
+    if len(models) == 2:
+        a, b = models
+        row = compare_table(preds, a, b, n_boot=n_boot, seed=seed, confidence=confidence, slices=("overall",)).iloc[0]
+        out["comparison"] = {"a": a, "b": b} | {
+            key: _plain(value) for key, value in row.items() if key not in SLICE_ID_COLUMNS
+        }
+    return out

@@ -1,0 +1,554 @@
+"""Metric tables: every number is recomputed independently (masks, sklearn.metrics, scipy.stats)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import accuracy_score, mean_absolute_error
+
+from analysis import metrics
+from analysis.constants import ETHNICITIES, GENDERS, SMALL_SLICE_N, age_band_labels, assign_age_bands
+
+
+def make_predictions(n=600, seed=0, models=("A", "B"), drop_female_others=True) -> pd.DataFrame:
+    """A Predictions table with realistic errors. No child under 3 (the 0–2 band is empty) and,
+    by default, no woman of ethnicity Others (those intersections are empty too)."""
+    rng = np.random.default_rng(seed)
+    age = rng.integers(3, 90, n)
+    gender = rng.integers(0, 2, n)
+    ethnicity = rng.integers(0, len(ETHNICITIES), n)
+    table = pd.DataFrame(
+        {
+            "image_id": [f"{seed:04d}{i:036x}" for i in range(n)],
+            "path": [f"/data/{i}.jpg" for i in range(n)],
+            "file_name": [f"{i}.jpg" for i in range(n)],
+            "age": age,
+            "gender": gender,
+            "ethnicity": ethnicity,
+        }
+    )
+    for i, m in enumerate(models):
+        table[f"age_pred_{m}"] = np.clip(age + rng.normal(0.5 * i, 6 - i, n), 0, None)
+        logit = (2 * gender - 1) * (2.0 + i) + rng.normal(0, 1.5, n)
+        table[f"p_female_{m}"] = 1 / (1 + np.exp(-logit))
+    if drop_female_others:
+        table = table[~((table["gender"] == 1) & (table["ethnicity"] == 4))].reset_index(drop=True)
+    table["age_band"] = assign_age_bands(table["age"])
+    return table
+
+
+@pytest.fixture(scope="module")
+def preds() -> pd.DataFrame:
+    return make_predictions()
+
+
+@pytest.fixture(scope="module")
+def slices(preds) -> pd.DataFrame:
+    return metrics.slice_table(preds, n_boot=200, seed=1)
+
+
+def group_mask(preds: pd.DataFrame, slice_by: str, slice_1: str, slice_2: str) -> np.ndarray:
+    if slice_by == "overall":
+        return np.ones(len(preds), dtype=bool)
+    mask = np.ones(len(preds), dtype=bool)
+    for attr, label in zip(slice_by.split("×"), (slice_1, slice_2)):
+        if attr == "gender":
+            mask &= preds["gender"].to_numpy() == GENDERS.index(label)
+        elif attr == "ethnicity":
+            mask &= preds["ethnicity"].to_numpy() == ETHNICITIES.index(label)
+        else:
+            mask &= preds["age_band"].astype(str).to_numpy() == label
+    return mask
+
+
+# ---------------------------------------------------------------- per-image columns
+
+
+def test_add_error_columns_threshold_and_signs():
+    table = make_predictions(n=4, models=("A",), drop_female_others=False)
+    table["age"] = [10, 20, 30, 40]
+    table["gender"] = [0, 1, 1, 0]
+    table["age_pred_A"] = [12.0, 15.0, 30.0, 41.5]
+    table["p_female_A"] = [0.2, 0.5, 0.49, 0.9]
+    out = metrics.add_error_columns(table, ["A"])
+    assert out["gender_pred_A"].tolist() == [0, 1, 0, 1]  # p = 0.5 counts as female
+    assert out["gender_correct_A"].tolist() == [True, True, False, False]
+    assert out["age_err_A"].tolist() == [2.0, -5.0, 0.0, 1.5]
+    assert out["abs_age_err_A"].tolist() == [2.0, 5.0, 0.0, 1.5]
+    assert "gender_pred_A" not in table.columns  # the input is not modified
+
+
+def test_detect_models_orders_a_then_b():
+    table = make_predictions(n=10, models=("B", "A"))
+    assert metrics.detect_models(table) == ("A", "B")
+    assert metrics.detect_models(table.drop(columns=["age_pred_B", "p_female_B"])) == ("A",)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['p_female_B'\]"):
+        metrics.detect_models(table.drop(columns="p_female_B"))
+
+
+# ---------------------------------------------------------------- slice table
+
+
+def test_slice_table_columns_and_rows(preds, slices):
+    assert list(slices.columns) == metrics.SLICE_TABLE_COLUMNS
+    assert list(slices["slice_by"].unique()) == list(metrics.DEFAULT_SLICES)
+    # Every non-empty group of every slicing is there once per model; empty ones are left out.
+    expected = set()
+    for slice_by in metrics.DEFAULT_SLICES[1:]:
+        attrs = slice_by.split("×")
+        choices = {"age_band": age_band_labels(), "gender": list(GENDERS), "ethnicity": list(ETHNICITIES)}
+        combos = [(x, "") for x in choices[attrs[0]]] if len(attrs) == 1 else [
+            (x, y) for x in choices[attrs[0]] for y in choices[attrs[1]]
+        ]
+        expected |= {(slice_by, x, y) for x, y in combos if group_mask(preds, slice_by, x, y).any()}
+    got = set(zip(slices["slice_by"], slices["slice_1"], slices["slice_2"])) - {("overall", "all", "")}
+    assert got == expected
+    assert len(slices) == 2 * (len(expected) + 1)
+    assert "0–2" not in set(slices["slice_1"])
+    assert "female × Others" not in set(slices["slice"])
+    assert "30–39 × female" in set(slices["slice"])
+    assert slices.loc[slices["slice_by"] == "overall", "slice"].tolist() == ["all", "all"]
+
+
+def test_slice_table_values_equal_masks_and_sklearn(preds, slices):
+    for row in slices.itertuples():
+        mask = group_mask(preds, row.slice_by, row.slice_1, row.slice_2)
+        true_age = preds["age"].to_numpy()[mask]
+        pred_age = preds[f"age_pred_{row.model}"].to_numpy()[mask]
+        gender_pred = (preds[f"p_female_{row.model}"].to_numpy()[mask] >= 0.5).astype(int)
+        assert row.n == mask.sum()
+        assert row.gender_acc == pytest.approx(accuracy_score(preds["gender"].to_numpy()[mask], gender_pred))
+        assert row.age_mae == pytest.approx(mean_absolute_error(true_age, pred_age))
+        assert row.age_bias == pytest.approx(np.mean(pred_age - true_age))
+        assert row.small == (row.n < SMALL_SLICE_N)
+
+
+def test_slice_table_orders_intersections_by_age_band_then_gender(slices):
+    rows = slices[(slices["slice_by"] == "age_band×gender") & (slices["model"] == "A")]
+    bands, genders = age_band_labels(), list(GENDERS)
+    keys = [(bands.index(a), genders.index(g)) for a, g in zip(rows["slice_1"], rows["slice_2"])]
+    assert keys == sorted(keys)
+    assert rows["slice"].iloc[0] == f"{rows['slice_1'].iloc[0]} × {rows['slice_2'].iloc[0]}"
+
+
+def test_confidence_intervals_contain_estimate(slices):
+    for metric in metrics.GAP_METRICS:
+        lo, est, hi = slices[f"{metric}_lo"], slices[metric], slices[f"{metric}_hi"]
+        assert (lo <= hi).all()
+        assert ((lo <= est + 1e-12) & (est <= hi + 1e-12)).all(), metric
+    assert ((slices["gender_acc_lo"] >= 0) & (slices["gender_acc_hi"] <= 1)).all()
+
+
+def test_seeded_results_are_reproducible_and_independent_of_the_rest(preds, slices):
+    again = metrics.slice_table(preds, n_boot=200, seed=1)
+    pd.testing.assert_frame_equal(slices, again)
+    other_seed = metrics.slice_table(preds, n_boot=200, seed=2)
+    assert not np.allclose(slices["age_mae_lo"], other_seed["age_mae_lo"])
+    # A slice's CI does not depend on which other slices or models were asked for.
+    only_a_gender = metrics.slice_table(preds, "A", n_boot=200, seed=1, slices=[("gender",)])
+    expected = slices[(slices["slice_by"] == "gender") & (slices["model"] == "A")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(only_a_gender, expected)
+
+
+def test_slice_table_without_bootstrap_has_nan_intervals(preds):
+    table = metrics.slice_table(preds, n_boot=0, slices=("overall", "gender"))
+    assert table["age_mae_lo"].isna().all() and table["age_mae"].notna().all()
+
+
+def test_age_band_order_survives_a_csv_round_trip(preds, tmp_path):
+    path = tmp_path / "preds.csv"
+    preds.to_csv(path, index=False)
+    reread = pd.read_csv(path)  # age_band comes back as plain strings
+    table = metrics.slice_table(reread, n_boot=0, slices=("age_band",))
+    present = [b for b in age_band_labels() if (preds["age_band"] == b).any()]
+    assert table.loc[table["model"] == "A", "slice"].tolist() == present
+
+
+def test_bootstrap_coverage_in_simulation():
+    """95% percentile CIs of MAE, bias and accuracy cover the true values ~95% of the time."""
+    # 1000 simulations: the coverage estimate itself has a standard error of ~0.007.
+    mu, sigma, p_correct, n, n_sims = 1.0, 5.0, 0.8, 200, 1000
+    true_mae = stats.foldnorm(c=mu / sigma, scale=sigma).mean()  # E|X| for X ~ N(mu, sigma)
+    rng = np.random.default_rng(123)
+    covered = {"age_mae": 0, "age_bias": 0, "gender_acc": 0}
+    for sim in range(n_sims):
+        age = rng.integers(5, 80, n)
+        gender = rng.integers(0, 2, n)
+        correct = rng.random(n) < p_correct
+        table = pd.DataFrame(
+            {
+                "age": age,
+                "gender": gender,
+                "age_pred_A": age + rng.normal(mu, sigma, n),
+                "p_female_A": np.where(correct == (gender == 1), 0.9, 0.1),
+            }
+        )
+        row = metrics.slice_table(table, n_boot=300, seed=sim, slices=("overall",)).iloc[0]
+        truth = {"age_mae": true_mae, "age_bias": mu, "gender_acc": p_correct}
+        for metric, value in truth.items():
+            covered[metric] += row[f"{metric}_lo"] <= value <= row[f"{metric}_hi"]
+    for metric, count in covered.items():
+        assert 0.90 <= count / n_sims <= 0.985, (metric, count / n_sims)
+
+
+def test_slice_table_is_fast_on_a_full_sized_sample():
+    table = make_predictions(n=5000, seed=5)
+    start = time.perf_counter()
+    metrics.slice_table(table)
+    metrics.compare_table(table)
+    # ~0.5 s on a 2-core machine; the generous bound only guards against an accidental slow path.
+    assert time.perf_counter() - start < 6.0
+
+
+# ---------------------------------------------------------------- paired comparison
+
+
+def _hand_made_pairs() -> pd.DataFrame:
+    """40 images: 25 both right, 8 only A right, 2 only B right, 5 both wrong (gender)."""
+    pattern = [(1, 1)] * 25 + [(1, 0)] * 8 + [(0, 1)] * 2 + [(0, 0)] * 5
+    gender = np.tile([0, 1], 20)
+    table = pd.DataFrame({"age": np.arange(20, 60), "gender": gender, "ethnicity": 0})
+    table["age_band"] = assign_age_bands(table["age"])
+    for i, m in enumerate("AB"):
+        right = np.array([p[i] for p in pattern], dtype=bool)
+        says_female = np.where(right, gender == 1, gender == 0)
+        table[f"p_female_{m}"] = np.where(says_female, 0.8, 0.3)
+        table[f"age_pred_{m}"] = table["age"] + 3.0
+    return table
+
+
+def test_mcnemar_counts_and_exact_p_on_known_example():
+    row = metrics.compare_table(_hand_made_pairs(), n_boot=50, slices=("overall",)).iloc[0]
+    assert (row["only_A_correct"], row["only_B_correct"]) == (8, 2)
+    hand = 2 * sum(math.comb(10, i) for i in range(3)) / 2**10  # two-sided, 2 of 10 discordant
+    assert row["mcnemar_p"] == pytest.approx(hand) == pytest.approx(0.109375)
+    assert row["mcnemar_p"] == pytest.approx(stats.binomtest(2, 10, 0.5).pvalue)
+    assert row["gender_acc_A"] == pytest.approx(33 / 40) and row["gender_acc_B"] == pytest.approx(27 / 40)
+    assert row["gender_acc_delta"] == pytest.approx(-6 / 40)
+    # Identical age predictions: every difference is zero, so no evidence either way.
+    assert row["wilcoxon_p"] == 1.0
+    assert row["age_mae_delta"] == row["age_mae_delta_lo"] == row["age_mae_delta_hi"] == 0.0
+
+
+def test_mcnemar_without_discordant_pairs_is_one():
+    assert metrics.mcnemar_exact_p(0, 0) == 1.0
+    assert metrics.mcnemar_exact_p(5, 0) == pytest.approx(2 / 2**5)
+
+
+def test_compare_table_matches_slice_table_scipy_and_masks(preds, slices):
+    table = metrics.compare_table(preds, "A", "B", n_boot=200, seed=1)
+    assert list(table.columns) == [
+        "slice_by", "slice", "slice_1", "slice_2", "n", "gender_acc_A", "gender_acc_B", "gender_acc_delta",
+        "only_A_correct", "only_B_correct", "mcnemar_p", "age_mae_A", "age_mae_B", "age_mae_delta",
+        "age_mae_delta_lo", "age_mae_delta_hi", "wilcoxon_p", "small",
+    ]  # fmt: skip
+    by_model = {m: slices[slices["model"] == m].reset_index(drop=True) for m in "AB"}
+    pd.testing.assert_series_equal(table["slice"], by_model["A"]["slice"])
+    np.testing.assert_allclose(table["age_mae_A"], by_model["A"]["age_mae"])
+    np.testing.assert_allclose(table["gender_acc_B"], by_model["B"]["gender_acc"])
+    np.testing.assert_allclose(table["age_mae_delta"], by_model["B"]["age_mae"] - by_model["A"]["age_mae"])
+    for row in table.itertuples():
+        mask = group_mask(preds, row.slice_by, row.slice_1, row.slice_2)
+        abs_a = np.abs(preds["age_pred_A"].to_numpy() - preds["age"].to_numpy())[mask]
+        abs_b = np.abs(preds["age_pred_B"].to_numpy() - preds["age"].to_numpy())[mask]
+        right_a = ((preds["p_female_A"] >= 0.5).astype(int) == preds["gender"]).to_numpy()[mask]
+        right_b = ((preds["p_female_B"] >= 0.5).astype(int) == preds["gender"]).to_numpy()[mask]
+        only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+        assert (row.only_A_correct, row.only_B_correct) == (only_a, only_b)
+        expected_mcnemar = stats.binomtest(only_b, only_a + only_b).pvalue if only_a + only_b else 1.0
+        assert row.mcnemar_p == pytest.approx(expected_mcnemar)
+        assert row.wilcoxon_p == pytest.approx(stats.wilcoxon(abs_b - abs_a).pvalue)
+        assert row.age_mae_delta_lo <= row.age_mae_delta <= row.age_mae_delta_hi
+        assert row.small == (row.n < SMALL_SLICE_N)
+
+
+def test_paired_bootstrap_resamples_the_same_images_for_both_models(preds):
+    # B is exactly one year worse than A on every image: a paired CI is exactly [1, 1], while
+    # resampling the two models separately would give a wide interval.
+    table = preds.copy()
+    err_a = table["age_pred_A"] - table["age"]
+    table["age_pred_B"] = table["age"] + np.sign(err_a).replace(0, 1) * (err_a.abs() + 1)
+    row = metrics.compare_table(table, n_boot=200, slices=("overall",)).iloc[0]
+    assert row["age_mae_delta"] == pytest.approx(1.0)
+    assert row["age_mae_delta_lo"] == pytest.approx(1.0) and row["age_mae_delta_hi"] == pytest.approx(1.0)
+
+
+def test_compare_table_rejects_a_single_model(preds):
+    with pytest.raises(ValueError, match="different models"):
+        metrics.compare_table(preds, "A", "A")
+    with pytest.raises(ValueError, match="p_female_B"):
+        metrics.compare_table(preds.drop(columns=["p_female_B"]), "A", "B")
+
+
+# ---------------------------------------------------------------- gaps and worst slices
+
+
+def test_gaps_equal_max_minus_min_of_the_slice_table(slices):
+    gaps = metrics.gaps_table(slices)
+    assert list(gaps.columns) == metrics.GAPS_TABLE_COLUMNS
+    assert set(gaps["metric"]) == set(metrics.GAP_METRICS)
+    assert "overall" not in set(gaps["slice_by"])
+    for row in gaps.itertuples():
+        groups = slices[(slices["model"] == row.model) & (slices["slice_by"] == row.slice_by)]
+        kept = groups[groups["n"] >= SMALL_SLICE_N]
+        values = kept[row.metric]
+        assert row.gap == pytest.approx(values.max() - values.min())
+        assert (row.n_groups, row.n_excluded, row.min_n) == (len(kept), len(groups) - len(kept), SMALL_SLICE_N)
+        if row.metric == "gender_acc":
+            best, worst = values.max(), values.min()
+        elif row.metric == "age_mae":
+            best, worst = values.min(), values.max()
+        else:
+            best, worst = values.abs().min(), values.abs().max()
+            assert abs(row.best_value) == pytest.approx(best) and abs(row.worst_value) == pytest.approx(worst)
+            continue
+        assert row.best_value == pytest.approx(best) and row.worst_value == pytest.approx(worst)
+        assert kept.loc[kept["slice"] == row.worst_slice, row.metric].iloc[0] == row.worst_value
+
+
+def test_gaps_come_from_the_slice_table_and_can_keep_small_groups(slices):
+    # Raise one group's MAE in the slice table: the gap follows, no predictions are involved.
+    edited = slices.copy()
+    target = (edited["model"] == "A") & (edited["slice_by"] == "gender") & (edited["slice"] == "male")
+    edited.loc[target, "age_mae"] = 99.0
+    gaps = metrics.gaps_table(edited)
+    row = gaps[(gaps["model"] == "A") & (gaps["slice_by"] == "gender") & (gaps["metric"] == "age_mae")].iloc[0]
+    female = edited[(edited["model"] == "A") & (edited["slice"] == "female")]["age_mae"].iloc[0]
+    assert (row["worst_slice"], row["gap"]) == ("male", pytest.approx(99.0 - female))
+    everything = metrics.gaps_table(slices, min_n=0)
+    assert (everything["n_excluded"] == 0).all()
+    assert everything["n_groups"].sum() >= metrics.gaps_table(slices)["n_groups"].sum()
+    # A slicing with fewer than two large enough groups has no gap to report.
+    assert metrics.gaps_table(slices, min_n=10**6).empty
+
+
+def test_worst_slices_order(slices):
+    worst = metrics.worst_slices(slices, "age_mae", k=3)
+    assert worst.groupby("model").size().to_dict() == {"A": 3, "B": 3}
+    for model in "AB":
+        candidates = slices[(slices["model"] == model) & (slices["slice_by"] != "overall") & (slices["n"] >= 30)]
+        expected = np.sort(candidates["age_mae"].to_numpy())[::-1][:3]
+        np.testing.assert_allclose(worst.loc[worst["model"] == model, "age_mae"], expected)
+    accuracy = metrics.worst_slices(slices, "gender_acc", k=2, slice_by="ethnicity")
+    assert set(accuracy["slice_by"]) == {"ethnicity"}
+    assert accuracy["gender_acc"].iloc[0] <= accuracy["gender_acc"].iloc[1]
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.worst_slices(slices.assign(gender_accuracy=1.0), "gender_accuracy")
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_expected_calibration_error_matches_a_hand_loop():
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 1, 0, 1])
+    p = np.array([0.05, 0.15, 0.12, 0.45, 0.55, 0.62, 0.68, 0.91, 0.95, 0.99])
+    n_bins = 5
+    ece = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        in_bin = (p > lo) & (p <= hi) if b else (p >= lo) & (p <= hi)
+        if in_bin.any():
+            ece += in_bin.sum() / len(p) * abs(y[in_bin].mean() - p[in_bin].mean())
+    assert metrics.expected_calibration_error(y, p, n_bins=n_bins) == pytest.approx(ece)
+    # Bins: [0.05 0.15 0.12] [] [0.45 0.55] [0.62 0.68] [0.91 0.95 0.99]
+    by_hand = (3 * abs(1 / 3 - 0.32 / 3) + 2 * abs(1 - 0.5) + 2 * abs(0.5 - 0.65) + 3 * abs(2 / 3 - 2.85 / 3)) / 10
+    assert ece == pytest.approx(by_hand)
+    assert metrics.expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
+
+
+def test_calibration_table_agrees_with_sklearn(preds):
+    table = metrics.calibration_table(preds, "A", n_bins=10)
+    assert list(table.columns) == metrics.CALIBRATION_COLUMNS
+    assert table["n"].sum() == len(preds) and len(table) == 10
+    filled = table[table["n"] > 0]
+    frac, mean_p = calibration_curve(preds["gender"], preds["p_female_A"], n_bins=10)
+    np.testing.assert_allclose(filled["frac_female"], frac)
+    np.testing.assert_allclose(filled["mean_p_female"], mean_p)
+    one_bin = metrics.calibration_table(preds.assign(p_female_A=0.97), "A", n_bins=4)
+    assert one_bin["n"].tolist() == [0, 0, 0, len(preds)] and one_bin["mean_p_female"].isna().sum() == 3
+
+
+def test_calibration_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        metrics.expected_calibration_error([0, 1], [0.5])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        metrics.expected_calibration_error([0, 1], [0.5, 1.2])
+    with pytest.raises(ValueError, match="0/1"):
+        metrics.expected_calibration_error([0, 2], [0.5, 0.5])
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.expected_calibration_error([0, 1], [0.5, 0.5], n_bins=0)
+
+
+# ---------------------------------------------------------------- age error by true age
+
+
+def test_age_error_by_true_age_equals_masks(preds):
+    table = metrics.age_error_by_true_age(preds, ("A", "B"), bin_width=10)
+    assert list(table.columns) == metrics.AGE_ERROR_COLUMNS
+    for row in table.itertuples():
+        mask = (preds["age"] >= row.age_lo) & (preds["age"] < row.age_hi)
+        assert row.n == mask.sum() > 0
+        assert row.age_hi - row.age_lo == 10 and row.age_lo % 10 == 0
+        pred_age = preds[f"age_pred_{row.model}"][mask]
+        assert row.age_mae == pytest.approx(mean_absolute_error(preds["age"][mask], pred_age))
+        assert row.age_bias == pytest.approx((preds[f"age_pred_{row.model}"][mask] - preds["age"][mask]).mean())
+    assert table.groupby("model")["n"].sum().tolist() == [len(preds)] * 2
+    with pytest.raises(ValueError, match="bin_width"):
+        metrics.age_error_by_true_age(preds, bin_width=0)
+
+
+# ---------------------------------------------------------------- worst errors
+
+
+def test_worst_age_errors_follow_argsort(preds):
+    worst = metrics.worst_errors(preds, "age", model="B", k=15)
+    abs_err = np.abs(preds["age_pred_B"] - preds["age"]).to_numpy()
+    expected = np.argsort(-abs_err, kind="stable")[:15]
+    assert worst["image_id"].tolist() == preds["image_id"].iloc[expected].tolist()
+    np.testing.assert_allclose(worst["score"], abs_err[expected])
+    for column in ("abs_age_err_A", "gender_pred_B", "gender_correct_A", "age_err_B"):
+        assert column in worst.columns
+
+
+def test_worst_gender_errors_are_confidently_wrong(preds):
+    worst = metrics.worst_errors(preds, "gender", model="A", k=None)
+    wrong = np.flatnonzero((preds["p_female_A"] >= 0.5).astype(int).to_numpy() != preds["gender"].to_numpy())
+    confidence = np.abs(preds["p_female_A"].to_numpy() - 0.5)
+    expected = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    assert worst["image_id"].tolist() == preds["image_id"].iloc[expected].tolist()
+    assert not worst["gender_correct_A"].any()
+    np.testing.assert_allclose(worst["score"], 0.5 + confidence[expected])
+
+
+def test_worst_disagreements(preds):
+    gender_differs = (preds["p_female_A"] >= 0.5).to_numpy() != (preds["p_female_B"] >= 0.5).to_numpy()
+    p_diff = np.abs(preds["p_female_A"] - preds["p_female_B"]).to_numpy()
+    age_diff = np.abs(preds["age_pred_A"] - preds["age_pred_B"]).to_numpy()
+    ids = preds["image_id"].to_numpy()
+
+    by_gender = metrics.worst_errors(preds, "disagreement_gender", k=None)
+    rows = np.flatnonzero(gender_differs)
+    assert by_gender["image_id"].tolist() == ids[rows[np.argsort(-p_diff[rows], kind="stable")]].tolist()
+
+    by_age = metrics.worst_errors(preds, "disagreement_age", k=10)
+    assert by_age["image_id"].tolist() == ids[np.argsort(-age_diff, kind="stable")[:10]].tolist()
+
+    combined = metrics.worst_errors(preds, "disagreement", k=None)
+    n_gender = int(gender_differs.sum())
+    assert 0 < n_gender < len(preds)
+    assert combined["image_id"].tolist()[:n_gender] == by_gender["image_id"].tolist()
+    rest = np.flatnonzero(~gender_differs)
+    assert combined["image_id"].tolist()[n_gender:] == ids[rest[np.argsort(-age_diff[rest], kind="stable")]].tolist()
+    assert combined["disagreement"].tolist() == ["gender"] * n_gender + ["age"] * (len(preds) - n_gender)
+
+
+def test_row_helpers_accept_an_empty_slice(preds):
+    empty = preds.iloc[:0]
+    with_errors = metrics.add_error_columns(empty)
+    assert with_errors.empty and "abs_age_err_B" in with_errors.columns
+    for kind in metrics.WORST_ERROR_KINDS:
+        ranked = metrics.worst_errors(empty, kind, k=5)
+        assert ranked.empty and "score" in ranked.columns
+    with pytest.raises(ValueError, match="empty"):
+        metrics.slice_table(empty)
+
+
+def test_worst_errors_rejects_bad_requests(preds):
+    with pytest.raises(ValueError, match="unknown kind"):
+        metrics.worst_errors(preds, "ethnicity")
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        metrics.worst_errors(preds, "age", k=0)
+    with pytest.raises(ValueError, match="model 'C'"):
+        metrics.worst_errors(preds, "age", model="C")
+    with pytest.raises(ValueError, match="compares two models"):
+        metrics.worst_errors(preds.drop(columns=["age_pred_B", "p_female_B"]), "disagreement")
+
+
+# ---------------------------------------------------------------- summary
+
+
+def test_summary_is_json_and_matches_the_tables(preds):
+    result = metrics.summary(preds, ("A", "B"), n_boot=200, seed=1)
+    text = json.dumps(result, allow_nan=False)
+    assert json.loads(text) == result
+    overall = metrics.slice_table(preds, n_boot=200, seed=1, slices=("overall",)).set_index("model")
+    for m in "AB":
+        assert result["models"][m]["age_mae"] == pytest.approx(overall.loc[m, "age_mae"])
+        ci = [overall.loc[m, "gender_acc_lo"], overall.loc[m, "gender_acc_hi"]]
+        assert result["models"][m]["gender_acc_ci"] == pytest.approx(ci)
+        assert result["models"][m]["gender_ece"] == pytest.approx(
+            metrics.expected_calibration_error(preds["gender"], preds[f"p_female_{m}"])
+        )
+    comparison = metrics.compare_table(preds, n_boot=200, seed=1, slices=("overall",)).iloc[0]
+    assert result["comparison"]["mcnemar_p"] == pytest.approx(comparison["mcnemar_p"])
+    assert result["comparison"]["age_mae_delta_lo"] == pytest.approx(comparison["age_mae_delta_lo"])
+    assert type(result["comparison"]["only_A_correct"]) is int
+    single = metrics.summary(preds.drop(columns=["age_pred_B", "p_female_B"]), n_boot=50)
+    assert list(single["models"]) == ["A"] and "comparison" not in single
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _with(preds, column, index, value):
+    table = preds.copy()
+    table[column] = table[column].astype(object if isinstance(value, str) else float)
+    table.loc[index, column] = value
+    return table
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.drop(columns=["age_pred_B"]), r"age_pred_B"),
+        (lambda t: t.drop(columns=["gender"]), r"lacks column\(s\) \['gender'\]"),
+        (lambda t: t.drop(columns=["ethnicity"]), r"ethnicity"),
+        (lambda t: _with(t, "age_pred_A", 3, np.nan), r"age_pred_A has 1 missing"),
+        (lambda t: _with(t, "p_female_B", 5, 1.2), r"p_female_B must be a probability in \[0, 1\]"),
+        (lambda t: _with(t, "p_female_A", 0, -0.1), r"outside"),
+        (lambda t: t.iloc[:0], r"empty"),
+        (lambda t: _with(t, "gender", 2, 2), r"gender codes must be integers 0..1"),
+        (lambda t: _with(t, "ethnicity", 2, 7), r"ethnicity codes"),
+        (lambda t: _with(t, "age", 1, np.nan), r"true ages"),
+        (lambda t: _with(t, "age_pred_A", 1, "thirty"), r"must be numeric"),
+        (lambda t: t.assign(age_band=t["age_band"].cat.set_categories(["3–9"])), r"age_band is missing"),
+        (lambda t: t.drop(columns=[c for c in t.columns if c.startswith(("age_pred", "p_female"))]), "no model"),
+    ],
+)
+def test_bad_predictions_raise_value_error(preds, edit, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.slice_table(edit(preds), n_boot=10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_boot": -1}, "n_boot"),
+        ({"seed": 1.5}, "seed"),
+        ({"confidence": 95}, "confidence"),
+        ({"slices": ("race",)}, "unknown slicing"),
+        ({"slices": ("gender×gender",)}, "unknown slicing"),
+        ({"slices": ()}, "at least one slicing"),
+        ({"models": ("A", "C")}, "age_pred_C"),
+    ],
+)
+def test_bad_arguments_raise_value_error(preds, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.slice_table(preds, **kwargs)
+
+
+def test_the_error_names_the_offending_image(preds):
+    with pytest.raises(ValueError, match=preds["image_id"].iloc[7]):
+        metrics.slice_table(_with(preds, "age_pred_A", 7, np.inf), n_boot=10)
+
+
+def test_gaps_table_wants_a_slice_table(preds):
+    with pytest.raises(ValueError, match="not a slice table"):
+        metrics.gaps_table(preds)
