@@ -1,0 +1,634 @@
+"""Model loading: formats, sizes, output mappings, preprocessing, safety and bad files.
+
+Models are tiny and built in code (tests/models_zoo.py). Expected numbers are recomputed here with
+numpy from the raw Keras outputs, never taken from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from analysis.models import (
+    PRESETS,
+    LoadedModel,
+    ModelLoadError,
+    OutputMapping,
+    calibrate_preprocessing,
+    load_model,
+)
+from models_zoo import (
+    depthwise_model,
+    heads_model,
+    preset_images,
+    preset_model,
+    save_keras2_h5,
+)
+
+RNG = np.random.default_rng(7)
+# Keras 3.15 + numpy 2 warn inside model.save (keras/src/backend/tensorflow/core.py); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def images_for(size, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, *size, 3), dtype=np.uint8)
+
+
+def raw(model, x_float):
+    """The model's own outputs as a flat dict name → array, for independent recomputation."""
+    out = model.predict_on_batch(np.asarray(x_float, np.float32))
+    if isinstance(out, dict):
+        return {k: np.asarray(v) for k, v in out.items()}
+    out = out if isinstance(out, list) else [out]
+    return {t._keras_history.operation.name: np.asarray(v) for t, v in zip(model.outputs, out)}
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def save(model, tmp_path, name="model.keras"):
+    path = tmp_path / name
+    model.save(path)
+    return path
+
+
+# ---------------------------------------------------------------- our own models, formats
+
+
+@pytest.mark.parametrize("file_name", ["ours.keras", "ours.h5"])
+def test_our_self_describing_model_needs_no_hints(tmp_path, file_name):
+    model = heads_model((20, 24, 3), rescaling=(1 / 255, 0.0))
+    path = save(model, tmp_path, file_name)
+    loaded = load_model(path)
+
+    assert loaded.name == "ours"
+    assert loaded.input_size == (20, 24) and loaded.channels == 3
+    assert loaded.preprocessing == "rgb_0_255" and loaded.preprocessing_inside
+    m = loaded.mapping
+    assert m.output_names == ("age", "gender")
+    assert (m.age_output, m.gender_output) == (0, 1)
+    assert (m.age_kind, m.gender_kind, m.female_index) == ("regression", "sigmoid", 1)
+    assert not any("calibrat" in note for note in loaded.notes)
+
+    images = images_for((20, 24))
+    ages, p_female = loaded.predict_batch(images)
+    expected = raw(model, images.astype(np.float32))  # raw 0–255 RGB into the original model
+    np.testing.assert_allclose(ages, expected["age"][:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p_female, expected["gender"][:, 0], rtol=1e-5, atol=1e-6)
+    assert ages.dtype == np.float32 and p_female.shape == (5,)
+
+
+def test_keras_and_keras3_h5_and_misnamed_files_agree(tmp_path):
+    model = heads_model((16, 16, 3), container="list", age_name="age_output", gender_name="gender_output")
+    paths = [save(model, tmp_path, "m.keras"), save(model, tmp_path, "m.h5")]
+    # The right content under an unexpected extension still loads (the format is read from the bytes).
+    (tmp_path / "m_keras.bin").write_bytes(paths[0].read_bytes())
+    (tmp_path / "m_h5.model").write_bytes(paths[1].read_bytes())
+    paths += [tmp_path / "m_keras.bin", tmp_path / "m_h5.model"]
+    images = images_for((16, 16))
+    results = []
+    for path in paths:
+        loaded = load_model(path, preprocessing="rgb_0_1")
+        assert loaded.mapping.output_names == ("age_output", "gender_output")
+        results.append(loaded.predict_batch(images))
+    expected = raw(model, images / 255.0)
+    for ages, p_female in results:
+        np.testing.assert_allclose(ages, expected["age_output"][:, 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(p_female, expected["gender_output"][:, 0], rtol=1e-5, atol=1e-6)
+    formats = [load_model(p).file_format for p in paths[:2]]
+    assert formats[0].startswith(".keras (Keras 3") and formats[1].startswith(".h5 (Keras 3")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 64, 3), (128, 96, 3), (150, 200, 3), (224, 224, 3), (30, 20, 1)],
+)
+def test_input_size_and_channels_come_from_the_model(tmp_path, shape):
+    loaded = load_model(save(heads_model(shape), tmp_path))
+    assert loaded.input_size == shape[:2]
+    assert loaded.channels == shape[2]
+    x = loaded.prepare(images_for(shape[:2], n=2))
+    assert x.shape == (2, *shape) and x.dtype == np.float32
+    ages, p_female = loaded.predict_batch(images_for(shape[:2], n=2))
+    assert ages.shape == p_female.shape == (2,)
+
+
+def test_grey_model_gets_luma_then_scaling(tmp_path):
+    model = heads_model((6, 5, 1))
+    loaded = load_model(save(model, tmp_path), preprocessing="bgr_-1_1")
+    images = images_for((6, 5), n=3)
+    rgb = images.astype(np.float64)
+    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]  # ITU-R 601
+    expected_input = (luma / 127.5 - 1)[..., None]
+    np.testing.assert_allclose(loaded.prepare(images), expected_input, atol=1e-5)
+    ages, _ = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, raw(model, expected_input)["age"][:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_every_preset_scales_and_orders_channels_as_named(tmp_path):
+    loaded = load_model(save(heads_model((1, 2, 3)), tmp_path))
+    pixels = np.array([[[[0, 128, 255], [10, 20, 30]]]], dtype=np.uint8)  # (1, 1, 2, 3)
+    rgb = pixels.astype(np.float64)
+    bgr = rgb[..., ::-1]
+    imagenet_mean = np.array([0.485, 0.456, 0.406])
+    imagenet_std = np.array([0.229, 0.224, 0.225])
+    expected = {
+        "rgb_0_255": rgb,
+        "rgb_0_1": rgb / 255,
+        "rgb_-1_1": rgb / 127.5 - 1,
+        "bgr_0_255": bgr,
+        "bgr_0_1": bgr / 255,
+        "bgr_-1_1": bgr / 127.5 - 1,
+        "bgr_caffe": bgr - np.array([103.939, 116.779, 123.68]),
+        "rgb_torch": (rgb / 255 - imagenet_mean) / imagenet_std,
+    }
+    assert set(expected) == set(PRESETS)
+    for preset, want in expected.items():
+        got = loaded.with_settings(preprocessing=preset).prepare(pixels)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=preset)
+    with pytest.raises(ValueError, match=r"\(n, 1, 2, 3\)"):
+        loaded.prepare(images_for((2, 2)))
+    with pytest.raises(ModelLoadError, match="rgb_0_255"):
+        loaded.with_settings(preprocessing="rgb_0_100")
+
+
+def test_model_accepting_any_size_uses_a_default_or_the_given_size(tmp_path):
+    path = save(heads_model((None, None, 3)), tmp_path)
+    loaded = load_model(path)
+    assert loaded.input_size == (128, 128)
+    assert any("any image size" in note and "--input-size" in note for note in loaded.notes)
+    resized = load_model(path, input_size=(48, 40))
+    assert resized.input_size == (48, 40)
+    assert resized.predict_batch(images_for((48, 40), n=2))[0].shape == (2,)
+    assert resized.cache_key() != loaded.cache_key()
+    fixed = save(heads_model((32, 32, 3)), tmp_path, "fixed.keras")
+    with pytest.raises(ModelLoadError, match="conflicts with the model's fixed input"):
+        load_model(fixed, input_size=64)
+
+
+# ---------------------------------------------------------------- output mapping
+
+
+@pytest.mark.parametrize(
+    "age_name, gender_name, container, gender_first, age_index, gender_index, by",
+    [
+        ("age_output", "gender_output", "dict", False, 0, 1, "name"),
+        ("age_out", "gender_out", "list", True, 1, 0, "name"),
+        ("age", "sex", "list", True, 1, 0, "name"),
+        ("pred_age", "gender", "dict", False, 1, 0, "name"),  # dict keys flatten sorted: gender first
+        (None, None, "list", False, 0, 1, "shape"),  # Keras' own names: dense, dense_1
+        (None, None, "list", True, 1, 0, "shape"),
+    ],
+)
+def test_outputs_are_mapped_by_name_then_by_shape(tmp_path, age_name, gender_name, container, gender_first,
+                                                  age_index, gender_index, by):
+    model = heads_model((16, 16, 3), age_name=age_name, gender_name=gender_name, container=container,
+                        gender_first=gender_first, seed=3)
+    loaded = load_model(save(model, tmp_path), preprocessing="rgb_0_1")
+    m = loaded.mapping
+    assert (m.age_output, m.gender_output) == (age_index, gender_index)
+    assert any(f"found by its {by}" in note for note in loaded.notes)
+
+    images = images_for((16, 16))
+    out = model.predict_on_batch(images / np.float32(255))
+    flat = [out[k] for k in sorted(out)] if isinstance(out, dict) else out
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, flat[age_index][:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p_female, flat[gender_index][:, 0], rtol=1e-5, atol=1e-6)
+    # outputs_to_predictions takes the container the model returns, dict or list
+    ages2, p2 = loaded.outputs_to_predictions(out)
+    np.testing.assert_allclose(ages2, ages, rtol=1e-6)
+    np.testing.assert_allclose(p2, p_female, rtol=1e-6)
+
+
+@pytest.mark.parametrize("separate_activation", [False, True])
+def test_two_unit_softmax_gender_uses_the_female_column(tmp_path, separate_activation):
+    model = heads_model((16, 16, 3), gender_kind="softmax", container="list",
+                        separate_activation=separate_activation)
+    path = save(model, tmp_path)
+    loaded = load_model(path, preprocessing="rgb_0_255")
+    assert loaded.mapping.gender_kind == "softmax" and loaded.mapping.female_index == 1
+    assert loaded.outputs[loaded.mapping.gender_output].activation == "softmax"
+    images = images_for((16, 16))
+    gender_probs = raw(model, images.astype(np.float32))["gender"]
+    assert gender_probs.shape == (5, 2)
+    np.testing.assert_allclose(loaded.predict_batch(images)[1], gender_probs[:, 1], rtol=1e-5)
+    male_first = load_model(path, preprocessing="rgb_0_255", female_index=0)
+    np.testing.assert_allclose(male_first.predict_batch(images)[1], gender_probs[:, 0], rtol=1e-5)
+
+
+def test_sigmoid_female_index_0_means_the_output_is_p_male(tmp_path):
+    model = heads_model((16, 16, 3))
+    loaded = load_model(save(model, tmp_path), preprocessing="rgb_0_1", female_index=0)
+    images = images_for((16, 16))
+    p_male = raw(model, images / 255.0)["gender"][:, 0]
+    np.testing.assert_allclose(loaded.predict_batch(images)[1], 1 - p_male, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("separate_activation", [False, True])
+def test_age_softmax_over_101_classes_gives_the_expected_age(tmp_path, separate_activation):
+    model = heads_model((16, 16, 3), age_classes=101, separate_activation=separate_activation)
+    loaded = load_model(save(model, tmp_path), preprocessing="rgb_0_1")
+    m = loaded.mapping
+    assert m.age_kind == "classes" and m.age_class_values == tuple(float(v) for v in range(101))
+    assert not m.age_from_logits
+    images = images_for((16, 16))
+    probs = raw(model, images / 255.0)["age"]
+    assert probs.shape == (5, 101)
+    by_hand = [sum(age * probs[i, age] for age in range(101)) for i in range(5)]
+    np.testing.assert_allclose(loaded.predict_batch(images)[0], by_hand, rtol=1e-4)
+
+
+def test_age_classes_of_unknown_count_need_their_values(tmp_path):
+    model = heads_model((16, 16, 3), age_classes=8)
+    path = save(model, tmp_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(path)
+    assert "age_class_values" in str(error.value) and "--age-classes-a" in str(error.value)
+    bins = (1, 5, 10, 17, 28, 40, 50, 80)
+    loaded = load_model(path, age_output="age", age_class_values=bins, preprocessing="rgb_0_1")
+    images = images_for((16, 16))
+    probs = raw(model, images / 255.0)["age"]
+    np.testing.assert_allclose(loaded.predict_batch(images)[0], probs @ np.array(bins, float), rtol=1e-4)
+
+
+def test_117_classes_are_read_as_utkface_ages(tmp_path):
+    loaded = load_model(save(heads_model((16, 16, 3), age_classes=117), tmp_path))
+    assert loaded.mapping.age_class_values == tuple(float(v) for v in range(117))
+
+
+def test_heads_without_final_activation_get_it_applied(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    features = layers.GlobalAveragePooling2D()(inputs)
+    age_logits = layers.Dense(101, name="age")(features)
+    gender_logit = layers.Dense(1, name="gender", bias_initializer="ones")(features)
+    model = keras.Model(inputs, [age_logits, gender_logit])
+    loaded = load_model(save(model, tmp_path), preprocessing="rgb_0_1")
+    assert loaded.mapping.age_from_logits and loaded.mapping.gender_from_logits
+    images = images_for((8, 8))
+    out = raw(model, images / 255.0)
+    logits = out["age"].astype(np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, probs @ np.arange(101), rtol=1e-4)
+    np.testing.assert_allclose(p_female, sigmoid(out["gender"][:, 0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["functional", "sequential"])
+def test_nested_backbones_are_looked_through(tmp_path, backbone):
+    model = heads_model((16, 16, 3), backbone=backbone, rescaling=(1 / 127.5, -1.0), container="list",
+                        gender_kind="softmax", age_name="age_out", gender_name="gender_out")
+    loaded = load_model(save(model, tmp_path, "nested.h5"))
+    assert loaded.preprocessing == "rgb_0_255" and loaded.preprocessing_inside
+    assert (loaded.mapping.age_output, loaded.mapping.gender_output) == (0, 1)
+    images = images_for((16, 16))
+    out = raw(model, images.astype(np.float32))
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, out["age_out"][:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p_female, out["gender_out"][:, 1], rtol=1e-5)
+
+
+def test_activation_is_found_through_a_sub_model_that_ends_in_the_head(tmp_path):
+    inner_in = keras.Input((4,))
+    head = keras.Model(inner_in, layers.Dense(2, activation="softmax")(inner_in), name="head_model")
+    inputs = keras.Input((8, 8, 3))
+    features = layers.Dense(4)(layers.GlobalAveragePooling2D()(inputs))
+    model = keras.Model(inputs, [layers.Dense(1, activation="relu")(features), head(features)])
+    loaded = load_model(save(model, tmp_path))
+    assert [o.activation for o in loaded.outputs] == ["relu", "softmax"]
+    assert (loaded.mapping.age_output, loaded.mapping.gender_output) == (0, 1)
+
+
+def test_single_output_sequential_cannot_be_mapped_and_says_how_to_fix(tmp_path):
+    model = keras.Sequential(
+        [keras.Input((8, 8, 3)), layers.GlobalAveragePooling2D(), layers.Dense(2, name="dense_out")]
+    )
+    with pytest.raises(ModelLoadError) as error:
+        load_model(save(model, tmp_path))
+    message = str(error.value)
+    assert "dense_out: shape (2,), activation linear" in message
+    assert "--age-output-a" in message and "age_output=" in message
+
+
+def test_ambiguous_outputs_are_listed_and_can_be_mapped_by_hand(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    features = layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, [layers.Dense(1, name="head_a")(features), layers.Dense(1, name="head_b")(features)])
+    path = save(model, tmp_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert "[0] head_a: shape (1,), activation linear" in message
+    assert "[1] head_b: shape (1,), activation linear" in message
+    assert "--gender-output-a" in message
+
+    loaded = load_model(path, age_output="head_b", gender_output="0", preprocessing="rgb_0_1")
+    assert (loaded.mapping.age_output, loaded.mapping.gender_output) == (1, 0)
+    assert loaded.mapping.gender_from_logits  # a linear 1-unit gender head is read as a logit
+    images = images_for((8, 8))
+    out = raw(model, images / 255.0)
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, out["head_b"][:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p_female, sigmoid(out["head_a"][:, 0]), rtol=1e-5)
+    with pytest.raises(ModelLoadError, match="not an output"):
+        load_model(path, age_output="nope", gender_output=0)
+    with pytest.raises(ModelLoadError, match="out of range"):
+        load_model(path, age_output=5, gender_output=0)
+
+
+# ---------------------------------------------------------------- Keras 2 files
+
+
+def test_keras2_h5_with_depthwise_groups_and_nested_model_loads_via_the_shim(tmp_path):
+    model = depthwise_model((16, 16, 3), rescaling=(1 / 127.5, -1.0))
+    path = save_keras2_h5(model, tmp_path / "teachable.h5")
+    with h5py.File(path) as handle:
+        config = json.loads(handle.attrs["model_config"])
+        assert handle.attrs["keras_version"] in (b"2.12.0", "2.12.0")
+    assert '"groups": 1' in json.dumps(config)
+    with pytest.raises(Exception, match="groups"):
+        keras.saving.load_model(path, compile=False)  # what users hit without the shim
+
+    loaded = load_model(path)
+    assert "Keras 2.12.0" in loaded.file_format
+    assert any("DepthwiseConv2D" in n and "groups=1" in n for n in loaded.notes)
+    assert any("renumbered" in n for n in loaded.notes)
+    # Outputs [gender (softmax-2) named dense_sex, age named dense_age]: gender first.
+    assert loaded.mapping.output_names == ("dense_sex", "dense_age")
+    assert (loaded.mapping.age_output, loaded.mapping.gender_output) == (1, 0)
+    assert loaded.preprocessing == "rgb_0_255" and loaded.preprocessing_inside
+    images = images_for((16, 16))
+    gender_probs, age = model.predict_on_batch(images.astype(np.float32))
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, age[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p_female, gender_probs[:, 1], rtol=1e-5)
+
+
+def test_keras2_arithmetic_preprocessing_ops_are_rebuilt_and_detected(tmp_path):
+    model = depthwise_model((16, 16, 3), rescaling=(1 / 127.5, -1.0), seed=4)
+    path = save_keras2_h5(model, tmp_path / "ops.h5", ops_instead_of_rescaling=True)
+    assert "TFOpLambda" in json.dumps(json.loads(h5py.File(path).attrs["model_config"]))
+    loaded = load_model(path)
+    assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
+    assert any("TFOpLambda" in n for n in loaded.notes)
+    images = images_for((16, 16))
+    gender_probs, age = model.predict_on_batch(images.astype(np.float32))
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, age[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p_female, gender_probs[:, 1], rtol=1e-5)
+
+    # Any other TensorFlow op is refused by name before Keras sees it.
+    with h5py.File(path, "r+") as handle:
+        text = handle.attrs["model_config"]
+        text = text.decode() if isinstance(text, bytes) else text
+        handle.attrs["model_config"] = text.replace('"math.multiply"', '"nn.relu6"').encode()
+    with pytest.raises(ModelLoadError, match=r"TensorFlow op nn\.relu6"):
+        load_model(path)
+
+
+# ---------------------------------------------------------------- safety
+
+
+def _lambda_model(marker):
+    # The lambda writes a marker file whenever it runs, so we can see whether loading ran it.
+    code = eval(f"lambda t: (open({str(marker)!r}, 'w').close(), t * 2)[1]")  # noqa: S307 - test fixture
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Lambda(code, name="double")(layers.GlobalAveragePooling2D()(inputs))
+    return keras.Model(inputs, {"age": layers.Dense(1, name="age")(x),
+                                "gender": layers.Dense(1, activation="sigmoid", name="gender")(x)})
+
+
+def _keras2_lambda_h5(path):
+    """Rewrite a Keras 3 .h5 Lambda config into the Keras 2 shape ([code, defaults, closure])."""
+    with h5py.File(path, "r+") as handle:
+        config = json.loads(handle.attrs["model_config"])
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "Lambda":
+                fn = layer["config"]["function"]["config"]
+                layer["config"]["function"] = [fn["code"], fn["defaults"], fn["closure"]]
+                layer["config"]["function_type"] = "lambda"
+        handle.attrs["model_config"] = json.dumps(config).encode()
+        handle.attrs["keras_version"] = b"2.11.0"
+
+
+@pytest.mark.parametrize("file_name", ["lambda.keras", "lambda.h5", "lambda_keras2.h5"])
+def test_lambda_layers_are_refused_without_running_them(tmp_path, file_name):
+    marker = tmp_path / "code_ran"
+    model = _lambda_model(marker)
+    path = tmp_path / file_name
+    model.save(path)
+    if file_name == "lambda_keras2.h5":
+        _keras2_lambda_h5(path)
+    marker.unlink()  # building the model ran it once
+
+    with pytest.raises(ModelLoadError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert "Lambda" in message and "double" in message
+    assert "allow_unsafe=True" in message and "--allow-unsafe-model" in message
+    assert not marker.exists()
+    # Keras' own h5 and .keras readers also refuse in safe mode (defence in depth).
+    with pytest.raises(ValueError, match="Lambda"):
+        keras.saving.load_model(path, compile=False, safe_mode=True)
+    assert not marker.exists()
+
+    loaded = load_model(path, allow_unsafe=True, preprocessing="rgb_0_1")
+    assert marker.exists()  # opting in really does run the file's code
+    assert any(n.startswith("UNSAFE") for n in loaded.notes)
+    images = images_for((8, 8))
+    out = raw(model, images / 255.0)
+    np.testing.assert_allclose(loaded.predict_batch(images)[0], out["age"][:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_custom_layers_are_refused_with_a_reason(tmp_path):
+    path = save(heads_model((8, 8, 3)), tmp_path, "custom.keras")
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    conv = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Conv2D")
+    conv.update(module="my_package.layers", class_name="FancyConv", registered_name="my_package>FancyConv")
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    with pytest.raises(ModelLoadError, match=r"custom layer\(s\) conv \(FancyConv\)"):
+        load_model(path)
+
+
+# ---------------------------------------------------------------- files that are not models
+
+
+def _truncated(source, target, fraction=0.5):
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * fraction)])
+    return target
+
+
+def test_files_that_are_not_models_give_readable_errors(tmp_path):
+    good_keras = save(heads_model((8, 8, 3)), tmp_path, "good.keras")
+    good_h5 = save(heads_model((8, 8, 3)), tmp_path, "good.h5")
+    weights_only = tmp_path / "only.weights.h5"
+    heads_model((8, 8, 3)).save_weights(weights_only)
+    zip_without_model = tmp_path / "photos.keras"
+    with zipfile.ZipFile(zip_without_model, "w") as archive:
+        archive.writestr("a.txt", "hello")
+    cases = {
+        "empty.h5": (b"", "empty"),
+        "notes.keras": (b"this is not a model\n", "text file"),
+        "arch.h5": (json.dumps({"class_name": "Sequential", "config": {}}).encode(), "architecture saved as JSON"),
+        "noise.h5": (RNG.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not a Keras model file"),
+    }
+    for file_name, (data, expected) in cases.items():
+        (tmp_path / file_name).write_bytes(data)
+        with pytest.raises(ModelLoadError, match=expected):
+            load_model(tmp_path / file_name)
+    with pytest.raises(ModelLoadError, match="truncated or damaged"):
+        load_model(_truncated(good_keras, tmp_path / "cut.keras"))
+    with pytest.raises(ModelLoadError, match="truncated or damaged"):
+        load_model(_truncated(good_h5, tmp_path / "cut.h5", 0.3))
+    with pytest.raises(ModelLoadError, match="weights-only"):
+        load_model(weights_only)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(zip_without_model)
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(tmp_path / "missing.keras")
+    with pytest.raises(ModelLoadError, match="folder"):
+        load_model(tmp_path)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("true_preset", ["rgb_0_1", "bgr_0_255", "rgb_-1_1", "bgr_-1_1"])
+def test_calibration_recovers_the_preset_the_model_needs(tmp_path, true_preset):
+    path = save(preset_model(true_preset), tmp_path)
+    loaded = load_model(path)
+    assert not loaded.preprocessing_inside
+    assert any(n.startswith("preprocessing not known") for n in loaded.notes)
+    images, ages, genders = preset_images()
+    calibrated, scores = calibrate_preprocessing(loaded, images, ages, genders)
+
+    assert calibrated.preprocessing == true_preset
+    assert list(scores.columns) == ["preset", "gender_acc", "age_mae", "combined_rank", "inside", "chosen"]
+    assert list(scores["preset"]) == list(PRESETS) and scores["chosen"].sum() == 1
+    best = scores.set_index("preset").loc[true_preset]
+    assert best["chosen"] and best["gender_acc"] == 1.0 and best["age_mae"] < 0.5
+    assert best["combined_rank"] == scores["combined_rank"].min()
+    # The table's numbers are the predictions' numbers: recompute one row independently.
+    other = "rgb_0_255" if true_preset != "rgb_0_255" else "rgb_0_1"
+    age_pred, p_female = loaded.with_settings(preprocessing=other).predict_batch(images)
+    row = scores.set_index("preset").loc[other]
+    assert row["age_mae"] == pytest.approx(np.mean(np.abs(age_pred - ages)), rel=1e-6)
+    assert row["gender_acc"] == pytest.approx(np.mean((p_female >= 0.5) == genders))
+    assert not any(n.startswith("preprocessing not known") for n in calibrated.notes)
+    assert any(f"preprocessing {true_preset} chosen by calibration" in n for n in calibrated.notes)
+    assert loaded.preprocessing == "rgb_0_1"  # provisional; the input LoadedModel is unchanged
+    assert (calibrated.cache_key() != loaded.cache_key()) == (true_preset != "rgb_0_1")
+
+
+def test_calibration_confirms_preprocessing_inside_the_model(tmp_path):
+    loaded = load_model(save(preset_model("rgb_0_1", inside=True), tmp_path))
+    assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
+    calibrated, scores = calibrate_preprocessing(loaded, *preset_images())
+    assert calibrated.preprocessing == "rgb_0_255" and calibrated.preprocessing_inside
+    assert scores.loc[scores["chosen"], "inside"].item()
+
+
+def test_calibration_prefers_the_inside_preset_on_ties(tmp_path):
+    # Rescaling(2, offset=-1) wants [0, 1] input; the heads ignore the pixels, so every preset ties.
+    inputs = keras.Input((12, 12, 3))
+    features = layers.GlobalAveragePooling2D()(layers.Rescaling(2.0, offset=-1.0)(inputs))
+    model = keras.Model(inputs, {"age": layers.Dense(1, kernel_initializer="zeros", bias_initializer="ones")(features),
+                                 "gender": layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")(features)})
+    loaded = load_model(save(model, tmp_path))
+    assert loaded.preprocessing == "rgb_0_1" and loaded.preprocessing_inside
+    calibrated, scores = calibrate_preprocessing(loaded, *preset_images(n=8))
+    assert scores["combined_rank"].nunique() == 1
+    assert calibrated.preprocessing == "rgb_0_1"
+
+
+def test_calibration_flips_a_reversed_gender_convention_only_when_not_given(tmp_path):
+    path = save(preset_model("bgr_0_1", flipped_gender=True), tmp_path)
+    images, ages, genders = preset_images()
+    calibrated, scores = calibrate_preprocessing(load_model(path), images, ages, genders)
+    assert calibrated.preprocessing == "bgr_0_1"
+    assert calibrated.mapping.female_index == 0
+    assert any("gender convention flipped" in n for n in calibrated.notes)
+    assert scores.loc[scores["chosen"], "gender_acc"].item() == 1.0
+    p_female = calibrated.predict_batch(images)[1]
+    assert np.mean((p_female >= 0.5) == genders) == 1.0
+
+    told, _ = calibrate_preprocessing(load_model(path, female_index=1), images, ages, genders)
+    assert told.mapping.female_index == 1  # the caller said so: never overridden
+
+
+def test_calibration_rejects_mismatched_inputs(tmp_path):
+    loaded = load_model(save(preset_model("rgb_0_1"), tmp_path))
+    images, ages, genders = preset_images(n=6)
+    with pytest.raises(ValueError, match="same length"):
+        calibrate_preprocessing(loaded, images, ages[:5], genders)
+    with pytest.raises(ValueError, match="n ≥ 1"):
+        calibrate_preprocessing(loaded, images[:0], ages[:0], genders[:0])
+
+
+# ---------------------------------------------------------------- settings, cache key, overrides
+
+
+def test_settings_cache_key_and_overrides(tmp_path):
+    path = save(heads_model((16, 16, 3), gender_kind="softmax"), tmp_path)
+    loaded = load_model(path, name="Model A")
+    again = load_model(path, name="Another name")
+    assert isinstance(loaded, LoadedModel) and isinstance(loaded.mapping, OutputMapping)
+    assert loaded.name == "Model A"
+    assert loaded.cache_key() == again.cache_key()  # the display name does not change predictions
+    settings = loaded.settings()
+    assert json.loads(json.dumps(settings)) == settings
+    assert settings["preprocessing"] == "rgb_0_1" and settings["mapping"]["female_index"] == 1
+
+    keys = {loaded.cache_key()}
+    for change in ({"preprocessing": "bgr_0_1"}, {"female_index": 0}, {"input_size": None, "age_kind": None}):
+        changed = loaded.with_settings(**change)
+        keys.add(changed.cache_key())
+    assert len(keys) == 3  # the last change changes nothing
+    flipped = loaded.with_settings(female_index=0)
+    assert flipped.mapping.female_index == 0 and flipped.mapping.gender_output == loaded.mapping.gender_output
+    assert "female_index" in flipped.user_settings
+    with pytest.raises(ModelLoadError, match="2 classes and their ages are unknown"):
+        loaded.with_settings(age_output="gender", gender_output="age")  # a 2-unit head cannot be age
+    with pytest.raises(ValueError, match="unknown setting"):
+        loaded.with_settings(colour="blue")
+
+    description = loaded.describe()
+    assert json.loads(json.dumps(description)) == description
+    assert description["input_size"] == [16, 16] and description["channels"] == 3
+    assert description["preprocessing"] == "rgb_0_1" and description["preprocessing_inside"] is False
+    assert [o["role"] for o in description["outputs"]] == ["age", "gender"]
+    assert description["gender"]["kind"] == "softmax" and description["notes"] == list(loaded.notes)
+    assert "keras_model" not in repr(loaded)
+
+
+def test_load_arguments_are_validated(tmp_path):
+    path = save(heads_model((16, 16, 3)), tmp_path)
+    with pytest.raises(ModelLoadError, match="unknown preprocessing"):
+        load_model(path, preprocessing="rgb")
+    with pytest.raises(ModelLoadError, match="female_index must be 0 or 1"):
+        load_model(path, female_index=2)
+    with pytest.raises(ModelLoadError, match="age_kind"):
+        load_model(path, age_kind="bins")
+    with pytest.raises(ModelLoadError, match="regression age output needs 1 unit"):
+        load_model(save(heads_model((16, 16, 3), age_classes=101), tmp_path, "c.keras"), age_kind="regression")
+
+
+def test_an_empty_batch_gives_empty_predictions(tmp_path):
+    loaded = load_model(save(heads_model((16, 16, 3)), tmp_path))
+    ages, p_female = loaded.predict_batch(np.zeros((0, 16, 16, 3), np.uint8))
+    assert ages.shape == p_female.shape == (0,)
