@@ -1,0 +1,314 @@
+"""Command line: the whole evaluation without a browser.
+
+    python -m analysis evaluate --model-a A.keras --model-b B.keras --data DIR_OR_ZIP --out DIR
+    python -m analysis demo --out demo_report
+    python -m analysis inspect MODEL.keras
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from analysis.constants import AGE_BAND_EDGES, DEFAULT_SEED  # noqa: E402
+
+# The preset names, without importing TensorFlow just to print --help.
+PRESETS = ("rgb_0_255", "rgb_0_1", "rgb_-1_1", "bgr_0_255", "bgr_0_1", "bgr_-1_1", "bgr_caffe", "rgb_torch")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODELS = REPO / "models" / "demo"
+DEMO_SAMPLE_SIZE = 300
+
+EPILOG = """
+Data: a folder (searched recursively) or .zip of face images named like UTKFace,
+AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg] (gender 0 male / 1 female; race 0-4 White, Black,
+Asian, Indian, Others). Files that do not parse or decode are listed in skipped.csv.
+
+Models: .keras or .h5 files with an age output and a gender output. Input size, colour order,
+scaling and the output mapping are inferred; preprocessing "auto" tries every preset on 64
+labelled images and keeps the best (scores in models.json). Override anything per model with
+the -a / -b options, e.g. --preprocessing-b bgr_0_255 --gender-output-b 0 --female-index-b 0.
+"""
+
+
+def _add_model_options(parser: argparse.ArgumentParser, key: str, required: bool) -> None:
+    k = key.lower()
+    group = parser.add_argument_group(f"model {key}")
+    group.add_argument(f"--model-{k}", required=required, metavar="PATH", help=f"model {key} file (.keras or .h5)")
+    group.add_argument(f"--name-{k}", metavar="NAME", help="display name (default: file name)")
+    group.add_argument(
+        f"--preprocessing-{k}",
+        default="auto",
+        metavar="PRESET",
+        help="auto (default) or one of: " + ", ".join(PRESETS),
+    )
+    group.add_argument(f"--age-output-{k}", metavar="NAME|INDEX", help="which output is age")
+    group.add_argument(f"--gender-output-{k}", metavar="NAME|INDEX", help="which output is gender")
+    group.add_argument(
+        f"--female-index-{k}", type=int, choices=(0, 1), help="gender class meaning female (default 1)"
+    )
+    group.add_argument(
+        f"--age-classes-{k}",
+        metavar="VALUES",
+        help="age head is a softmax over classes with these ages: 'START:STOP' (e.g. 0:101) or a comma list",
+    )
+    group.add_argument(f"--input-size-{k}", metavar="HxW", help="input size when the model does not fix it, e.g. 128 or 128x96")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="Evaluate and compare age + gender face models on a labelled UTKFace-style sample.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate one or two models and write the report folder",
+        description="Evaluate model A (and optionally B) on a sample; write tables, summary.json and provenance.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_options(evaluate, "A", required=True)
+    _add_model_options(evaluate, "B", required=False)
+    evaluate.add_argument("--data", required=True, metavar="DIR_OR_ZIP", help="labelled sample: folder or .zip")
+    _add_run_options(evaluate)
+
+    demo = commands.add_parser(
+        "demo",
+        help="evaluate the built-in demo models on a generated synthetic sample",
+        description="Generate a synthetic face sample and evaluate the tiny demo models on it (no data needed).",
+    )
+    demo.add_argument("--n", type=int, default=DEMO_SAMPLE_SIZE, help=f"synthetic images (default {DEMO_SAMPLE_SIZE})")
+    _add_run_options(demo, default_out="demo_report")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show what the loader infers about a model file",
+        description="Load a model safely and print its input size, preprocessing and output mapping.",
+    )
+    inspect.add_argument("model", metavar="PATH")
+    inspect.add_argument("--allow-unsafe-model", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = None) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument(
+        "--out", required=default_out is None, default=default_out, metavar="DIR",
+        help="report folder to create (must be new, empty, or an earlier report with --overwrite)",
+    )
+    group.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    group.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for CIs (default 1000)")
+    group.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for bootstrap and calibration (default 0)")
+    group.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    group.add_argument(
+        "--age-bands", default=",".join(map(str, AGE_BAND_EDGES)), metavar="EDGES",
+        help="left edges of the age bands (default %(default)s → 0–2, 3–9, ..., 70+)",
+    )
+    group.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
+    group.add_argument(
+        "--allow-unsafe-model", action="store_true",
+        help="load models that contain Lambda layers (this RUNS CODE stored in the file: only for files you trust)",
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _parse_size(text: str | None):
+    if not text:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"input size must look like 128 or 128x96, got {text!r}") from None
+    if len(numbers) == 1:
+        numbers *= 2
+    if len(numbers) != 2 or min(numbers) < 8:
+        raise ValueError(f"input size must look like 128 or 128x96, got {text!r}")
+    return tuple(numbers)
+
+
+def _parse_age_classes(text: str | None):
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            start, stop = (int(v) for v in text.split(":"))
+            return tuple(float(v) for v in range(start, stop))
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--age-classes takes 'START:STOP' or a comma list of ages, got {text!r}") from None
+
+
+def _parse_output(text: str | None):
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _spec(args, key: str):
+    from analysis.evaluation import ModelSpec
+
+    k = key.lower()
+    path = getattr(args, f"model_{k}")
+    if path is None:
+        return None
+    return ModelSpec(
+        path=path,
+        name=getattr(args, f"name_{k}"),
+        preprocessing=getattr(args, f"preprocessing_{k}"),
+        age_output=_parse_output(getattr(args, f"age_output_{k}")),
+        gender_output=_parse_output(getattr(args, f"gender_output_{k}")),
+        female_index=getattr(args, f"female_index_{k}"),
+        age_class_values=_parse_age_classes(getattr(args, f"age_classes_{k}")),
+        input_size=_parse_size(getattr(args, f"input_size_{k}")),
+        allow_unsafe=args.allow_unsafe_model,
+    )
+
+
+def demo_specs():
+    """ModelSpecs for the committed demo models (trained by training/ on synthetic faces)."""
+    from analysis.evaluation import ModelSpec
+
+    paths = {key: DEMO_MODELS / f"age_gender_{key}.keras" for key in ("A", "B")}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise ValueError(f"demo models are missing: {', '.join(missing)} (regenerate: python -m training demo)")
+    return {key: ModelSpec(path=str(path), name=f"demo {key}") for key, path in paths.items()}
+
+
+def demo_sample_dir(n: int = DEMO_SAMPLE_SIZE) -> Path:
+    """The synthetic demo sample, generated once into the cache folder."""
+    from analysis.dataset import default_cache_dir
+    from analysis.synthetic import make_synthetic_sample
+
+    folder = default_cache_dir() / f"demo_sample_{n}"
+    done = folder / ".complete"
+    if not done.exists():
+        make_synthetic_sample(folder, n=n, seed=2026, size=96)
+        done.touch()
+    return folder
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(args)
+
+    from analysis.dataset import load_sample
+    from analysis.evaluation import evaluate
+    from analysis.report import check_output_folder, write_bundle
+
+    check_output_folder(args.out, overwrite=args.overwrite)
+    edges = tuple(int(v) for v in args.age_bands.split(","))
+    if args.command == "demo":
+        data, specs = demo_sample_dir(args.n), demo_specs()
+    else:
+        data = args.data
+        specs = {key: spec for key in ("A", "B") if (spec := _spec(args, key)) is not None}
+    sample = load_sample(data, age_band_edges=edges)
+    _say(args, f"Sample: {len(sample.sample)} labelled images from {data}"
+               + (f" ({len(sample.skipped)} files skipped; see skipped.csv)" if len(sample.skipped) else ""))
+    progress = None if args.quiet else _progress_bar()
+    evaluation = evaluate(
+        sample, specs, n_boot=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
+        use_cache=not args.no_cache, progress=progress,
+    )
+    if progress is not None:
+        progress.close()
+    written = write_bundle(evaluation, args.out, overwrite=args.overwrite, seed=args.seed, n_boot=args.bootstrap)
+    if not args.quiet:
+        print(format_summary(evaluation))
+        print(f"\nWrote {len(written)} files to {Path(args.out).resolve()}")
+    return 0
+
+
+def _inspect(args) -> int:
+    import json
+
+    from analysis.models import load_model
+    from analysis.report import to_jsonable
+
+    loaded = load_model(args.model, allow_unsafe=args.allow_unsafe_model)
+    print(json.dumps(to_jsonable(loaded.describe()), indent=2))
+    return 0
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+class _progress_bar:
+    """A tqdm bar driven by predict_sample's progress(done, total) callback."""
+
+    def __init__(self):
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc="Predicting", unit="img", file=sys.stderr)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def format_summary(evaluation) -> str:
+    """A few readable lines: headline numbers per model with CIs, then B − A if two models."""
+    slices = evaluation.tables["slices"]
+    overall = slices[slices["slice_by"] == "overall"]
+    lines = ["", f"{'model':<28} {'gender accuracy (95% CI)':<28} {'age MAE, years (95% CI)':<26} age bias"]
+    for row in overall.itertuples():
+        name = f"{row.model}: {evaluation.models[row.model].name}"[:27]
+        acc = f"{row.gender_acc:.1%} ({row.gender_acc_lo:.1%}–{row.gender_acc_hi:.1%})"
+        mae = f"{row.age_mae:.2f} ({row.age_mae_lo:.2f}–{row.age_mae_hi:.2f})"
+        lines.append(f"{name:<28} {acc:<28} {mae:<26} {row.age_bias:+.2f}")
+    comparison = evaluation.tables.get("comparison")
+    if comparison is not None:
+        c = comparison[comparison["slice_by"] == "overall"].iloc[0]
+        lines.append(
+            f"\nB − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({_p(c.mcnemar_p)}, exact McNemar); "
+            f"age MAE {c.age_mae_delta:+.2f} years (95% CI {c.age_mae_delta_lo:+.2f} to {c.age_mae_delta_hi:+.2f}; "
+            f"{_p(c.wilcoxon_p)}, Wilcoxon)"
+        )
+    gaps = evaluation.tables.get("gaps")
+    if gaps is not None and not gaps.empty:
+        lines.append("\nLargest gaps between groups (slices with n ≥ 30):")
+        for key in evaluation.models:
+            rows = gaps[(gaps["model"] == key) & (gaps["metric"] == "age_mae") & ~gaps["slice_by"].str.contains("×")]
+            for row in rows.itertuples():
+                lines.append(
+                    f"  {key} age MAE by {row.slice_by}: {row.gap:.2f} years "
+                    f"(worst {row.worst_slice} {row.worst_value:.2f}, best {row.best_slice} {row.best_value:.2f})"
+                )
+    return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def main(argv=None) -> int:
+    from analysis.dataset import SampleError
+
+    try:
+        return run(argv)
+    except (SampleError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

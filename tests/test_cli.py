@@ -1,0 +1,127 @@
+"""`python -m analysis`: the whole evaluation headless, and its errors for unusable inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, mean_absolute_error
+
+from analysis.__main__ import main
+from models_zoo import heads_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """A self-describing model (Rescaling inside, dict outputs) and a BGR list-output model."""
+    folder = tmp_path_factory.mktemp("cli_models")
+    ours = heads_model((24, 24, 3), rescaling=(1 / 255, 0), seed=1)
+    ours.save(folder / "ours.keras")
+    theirs = heads_model((20, 20, 3), age_name="age_output", gender_name="gender_output",
+                         gender_kind="softmax", container="list", gender_first=True, seed=2)
+    theirs.save(folder / "theirs.h5")
+    return folder / "ours.keras", folder / "theirs.h5"
+
+
+def test_evaluate_two_models_writes_tables_that_match_sklearn(model_files, synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main([
+        "evaluate", "--model-a", str(model_files[0]), "--model-b", str(model_files[1]),
+        "--data", str(synthetic_dir), "--out", str(out), "--bootstrap", "200",
+        "--preprocessing-b", "rgb_0_1",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "gender accuracy" in printed and "B − A" in printed
+
+    preds = pd.read_csv(out / "tables" / "predictions.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(preds) == 120 and summary["n_images"] == 120
+    for key in ("A", "B"):
+        gender_pred = (preds[f"p_female_{key}"] >= 0.5).astype(int)
+        assert summary["models"][key]["gender_acc"] == pytest.approx(accuracy_score(preds["gender"], gender_pred))
+        assert summary["models"][key]["age_mae"] == pytest.approx(
+            mean_absolute_error(preds["age"], preds[f"age_pred_{key}"]))
+
+    slices = pd.read_csv(out / "tables" / "slices.csv")
+    female = slices[(slices.slice_by == "gender") & (slices.slice == "female") & (slices.model == "A")].iloc[0]
+    mask = preds["gender"] == 1
+    assert female["n"] == mask.sum()
+    assert female["age_mae"] == pytest.approx(mean_absolute_error(preds.age[mask], preds.age_pred_A[mask]))
+
+    models = json.loads((out / "models.json").read_text())
+    assert models["A"]["describe"]["preprocessing"] == "rgb_0_255"  # found the Rescaling layer
+    assert models["B"]["preprocessing_scores"] is None  # given by the user: no calibration
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["sample"]["n_images"] == 120 and provenance["bootstrap_resamples"] == 200
+    assert not (out / ".incomplete").exists()
+
+
+def test_one_model_and_overwrite_rules(model_files, synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "one"
+    args = ["evaluate", "--model-a", str(model_files[0]), "--data", str(synthetic_dir),
+            "--out", str(out), "--bootstrap", "50", "--quiet"]
+    assert main(args) == 0
+    assert not (out / "tables" / "comparison.csv").exists()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("precious")
+    assert main(args[:-3] + ["--out", str(unrelated), "--overwrite"]) == 2
+    assert (unrelated / "thesis.tex").read_text() == "precious"
+    assert sorted(p.name for p in unrelated.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_data", "sample not found"),
+        ("not_a_model", "model"),
+        ("missing_model", "not found"),
+        ("bad_size", "input size"),
+    ],
+)
+def test_unusable_inputs_exit_2_with_a_message(case, message, model_files, synthetic_dir, tmp_path, capsys):
+    model, data = str(model_files[0]), str(synthetic_dir)
+    extra = []
+    if case == "missing_data":
+        data = str(tmp_path / "nowhere")
+    elif case == "not_a_model":
+        fake = tmp_path / "fake.keras"
+        fake.write_text("I am not a model")
+        model = str(fake)
+    elif case == "missing_model":
+        model = str(tmp_path / "absent.keras")
+    elif case == "bad_size":
+        extra = ["--input-size-a", "big"]
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model-a", model, "--data", data, "--out", str(out), "--quiet", *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err.lower()
+    assert not (out / "provenance.json").exists()
+
+
+def test_help_explains_the_options():
+    result = subprocess.run([sys.executable, "-m", "analysis", "evaluate", "--help"], cwd=REPO,
+                            capture_output=True, text=True, check=True)
+    for needle in ("--model-a", "--model-b", "--data", "--out", "--preprocessing-b", "bgr_0_255",
+                   "--female-index-a", "--age-classes-a", "--allow-unsafe-model", "AGE_GENDER_RACE"):
+        assert needle in result.stdout
+
+
+def test_inspect_prints_the_inferred_mapping(model_files, capsys):
+    assert main(["inspect", str(model_files[1])]) == 0
+    described = json.loads(capsys.readouterr().out)
+    text = json.dumps(described)
+    assert "gender_output" in text and "softmax" in text
