@@ -111,6 +111,8 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
         help="left edges of the age bands (default %(default)s → 0–2, 3–9, ..., 70+)",
     )
     group.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
+    group.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM grids of the worst faces")
+    group.add_argument("--gradcam-n", type=int, default=8, metavar="N", help="worst faces per Grad-CAM grid (default 8)")
     group.add_argument(
         "--allow-unsafe-model", action="store_true",
         help="load models that contain Lambda layers (this RUNS CODE stored in the file: only for files you trust)",
@@ -221,7 +223,10 @@ def run(argv=None) -> int:
     )
     if progress is not None:
         progress.close()
-    written = write_bundle(evaluation, args.out, overwrite=args.overwrite, seed=args.seed, n_boot=args.bootstrap)
+    written = write_bundle(
+        evaluation, args.out, overwrite=args.overwrite, seed=args.seed, n_boot=args.bootstrap,
+        gradcam=not args.no_gradcam, gradcam_n=args.gradcam_n,
+    )
     if not args.quiet:
         print(format_summary(evaluation))
         print(f"\nWrote {len(written)} files to {Path(args.out).resolve()}")

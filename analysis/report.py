@@ -1,0 +1,746 @@
+"""The report bundle: every table, figure and Grad-CAM grid of an Evaluation in one folder.
+
+    write_bundle(evaluation, "report/")      # the folder (and report/report.zip)
+    bundle_zip_bytes(evaluation)             # the same bundle as zip bytes, for a download button
+
+What the folder holds (README.md inside lists every file with one line on what it is):
+
+    README.md             index of the files, headline numbers, notes (e.g. skipped Grad-CAM)
+    provenance.json       model file hashes and settings, sample fingerprint, skipped counts,
+                          seed, package versions, date, sha256 of every other file  (written last)
+    summary.json, models.json, skipped.csv
+    tables/<name>.csv     full-precision metric tables (read back with pandas.read_csv)
+    tables/<name>.md/.tex the same, rounded with readable headers (Markdown, LaTeX booktabs)
+    figures/<name>.png/.svg   charts from analysis.figures (PNG at figures.PNG_PPI)
+    gradcam/<name>.png    worst faces with each model's Grad-CAM overlay (optional)
+    report.zip            all of the above in one file
+
+Writing is atomic from the reader's point of view: files are written into a hidden staging
+folder inside the chosen folder and moved into place only when everything succeeded, with
+provenance.json last, so a failed export never leaves a half-written bundle that looks complete.
+Nothing is written outside the chosen folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures
+from analysis.constants import DEFAULT_SEED, ETHNICITIES, GENDERS, SMALL_SLICE_N
+from analysis.dataset import load_image
+
+BUNDLE_MARKER = "provenance.json"
+STAGING_NAME = ".incomplete"
+ZIP_NAME = "report.zip"
+ZIP_ROOT = "facecheck_report"  # folder the zip unpacks into
+GRADCAM_N = 8  # worst faces per Grad-CAM grid
+GRADCAM_CELL = 200  # pixels per face in a grid (UTKFace crops are 200 x 200)
+GRADCAM_COLORMAP = "magma"  # monotone lightness: still readable in greyscale print
+_PACKAGES = (
+    "tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "scipy", "scikit-learn", "pillow",
+    "altair", "vl-convert-python",
+)  # fmt: skip
+# Top-level files a bundle may hold besides tables/, figures/ and gradcam/ (used on --overwrite).
+_BUNDLE_TOP_FILES = ("README.md", BUNDLE_MARKER, ZIP_NAME, "summary.json", "models.json", "skipped.csv")
+
+Progress = Callable[[int, int], None]
+
+
+class BundleError(ValueError):
+    """The output folder cannot be used."""
+
+
+# ---------------------------------------------------------------- output folder
+
+
+def check_output_folder(out_dir, *, overwrite: bool = False) -> Path:
+    """Validate the output folder before any work starts; returns it resolved.
+
+    A folder that exists and holds anything but a previous bundle is refused, so a mistyped
+    `--out` can never clobber unrelated files. (Leftovers of an interrupted export, the hidden
+    staging folder, do not count.)
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is a file; choose a folder path for the report")
+    if out.exists() and any(p.name != STAGING_NAME for p in out.iterdir()):
+        if not (out / BUNDLE_MARKER).exists():
+            raise BundleError(
+                f"{out} already exists and is not an earlier report folder; choose a new or empty folder"
+            )
+        if not overwrite:
+            raise BundleError(f"{out} already holds a report; pass --overwrite to replace it, or choose a new folder")
+    parent = out if out.exists() else _first_existing_parent(out)
+    if not parent.is_dir():
+        raise BundleError(f"cannot create {out}: {parent} is a file, not a folder; choose another folder for the report")
+    # Ask the OS instead of writing a probe file: nothing may be written outside the chosen folder.
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot write to {parent}: permission denied; choose a writable folder")
+    return out
+
+
+def _first_existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def to_jsonable(value):
+    """Plain Python types for json.dump (numpy scalars, NaN → None, tuples → lists)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def provenance(evaluation, *, seed: int = DEFAULT_SEED, n_boot: int | None = None, extra: dict | None = None) -> dict:
+    """Everything needed to reproduce the numbers: model hashes and settings, sample, versions.
+
+    `extra` is merged in (write_bundle adds the report settings and the sha256 of every file).
+    """
+    sample = evaluation.sample
+    record = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "models": {
+            key: {"name": m.name, "path": m.path, "sha256": m.file_sha256, "settings": m.settings()}
+            for key, m in evaluation.models.items()
+        },
+        "sample": {
+            "source": sample.source,
+            "fingerprint": sample.fingerprint,
+            "n_images": int(len(sample.sample)),
+            "n_evaluated": int(len(evaluation.predictions)),
+            "n_skipped_reading": int(len(sample.skipped)),
+            "n_skipped_decoding": int(len(evaluation.run.skipped)),
+            "skipped_by_reason": sample.skipped_counts(),
+            "n_duplicates": int(len(sample.duplicates)),
+        },
+        "seed": seed,
+        "bootstrap_resamples": n_boot,
+        "packages": package_versions(),
+    }
+    record.update(extra or {})
+    return to_jsonable(record)
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- readable tables (Markdown, LaTeX)
+
+_MODEL_SUFFIXED = {  # column prefix (before _<model>) -> (header, format kind)
+    "gender_acc": ("Gender accuracy {m} (%)", "pct"),
+    "age_mae": ("Age MAE {m} (years)", "years"),
+    "only": ("Only {m} correct", "int"),
+    "age_pred": ("Predicted age {m} (years)", "years1"),
+    "p_female": ("P(female) {m}", "prob"),
+    "abs_age_err": ("Age error {m} (years)", "years"),
+}
+_HEADERS = {  # column -> (header, format kind)
+    "slice_by": ("Grouping", "grouping"),
+    "slice": ("Group", "text"),
+    "model": ("Model", "text"),
+    "n": ("n", "int"),
+    "gender_acc": ("Gender accuracy (%)", "pct"),
+    "age_mae": ("Age MAE (years)", "years"),
+    "age_bias": ("Age bias (years)", "signed_years"),
+    "gender_acc_delta": ("Gender accuracy B − A (points)", "points"),
+    "age_mae_delta": ("Age MAE B − A (years)", "signed_years"),
+    "mcnemar_p": ("McNemar p", "p"),
+    "wilcoxon_p": ("Wilcoxon p", "p"),
+    "small": (f"n < {SMALL_SLICE_N}", "flag"),
+    "metric": ("Metric", "metric"),
+    "gap": ("Gap", "gap"),
+    "best_slice": ("Best group", "text"),
+    "best_value": ("Best value", "by_metric"),
+    "worst_slice": ("Worst group", "text"),
+    "worst_value": ("Worst value", "by_metric"),
+    "n_groups": ("Groups", "int"),
+    "n_excluded": ("Groups left out", "int"),
+    "min_n": ("Minimum n", "int"),
+    "bin": ("Bin", "int"),
+    "mean_p_female": ("Mean P(female)", "prob"),
+    "frac_female": ("Observed share female (%)", "pct"),
+    "file_name": ("File", "text"),
+    "age": ("True age (years)", "int"),
+    "gender": ("Gender", "gender"),
+    "ethnicity": ("Ethnicity", "ethnicity"),
+    "age_band": ("Age band", "text"),
+    "score": ("Ranking score", "float"),
+    "disagreement": ("Disagreement", "text"),
+}
+_METRIC_NAMES = {"gender_acc": "Gender accuracy (%)", "age_mae": "Age MAE (years)", "age_bias": "Age bias (years)"}
+# Per-image helper columns of the worst-error tables that the readable versions leave out.
+_DROP_PREFIXES = ("gender_pred_", "gender_correct_", "age_err_")
+_DROP_COLUMNS = ("slice_1", "slice_2", "path", "image_id")
+_NUMERIC_KINDS = {"int", "pct", "points", "years", "years1", "signed_years", "p", "prob", "float", "by_metric", "gap"}
+
+
+def _fmt(value, kind: str, metric: str | None = None) -> str:
+    """One cell as text. Accuracy as % with 1 decimal, years with 2, p-values 3 significant."""
+    if kind == "by_metric":
+        kind = {"gender_acc": "pct", "age_mae": "years", "age_bias": "signed_years"}.get(metric or "", "float")
+    elif kind == "gap":  # a spread: never signed
+        kind = "pct" if metric == "gender_acc" else "years"
+    if kind in ("text", "grouping", "metric"):
+        text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+        if kind == "grouping":
+            return " × ".join(part.replace("_", " ") for part in text.split("×")).capitalize()
+        return _METRIC_NAMES.get(text, text) if kind == "metric" else text
+    if kind == "flag":
+        return "yes" if bool(value) else ""
+    if value is None or pd.isna(value):
+        return "–"
+    if kind == "gender":
+        return GENDERS[int(value)] if 0 <= int(value) < len(GENDERS) else str(value)
+    if kind == "ethnicity":
+        return ETHNICITIES[int(value)] if 0 <= int(value) < len(ETHNICITIES) else str(value)
+    value = float(value)
+    # Round first so that a tiny negative value prints as 0.00, not -0.00.
+    value = round(value, {"pct": 3, "points": 3, "years": 2, "years1": 1, "signed_years": 2, "prob": 3}.get(kind, 12)) + 0.0
+    if kind == "int":
+        return f"{int(round(value)):,}"
+    if kind == "pct":
+        return f"{value * 100:.1f}"
+    if kind == "points":
+        return f"{value * 100:+.1f}"
+    if kind == "years":
+        return f"{value:.2f}"
+    if kind == "years1":
+        return f"{value:.1f}"
+    if kind == "signed_years":
+        return f"{value:+.2f}"
+    if kind == "p":
+        return "<0.001" if value < 0.001 else f"{value:#.3g}"
+    if kind == "prob":
+        return f"{value:.3f}"
+    return f"{value:.3g}"
+
+
+def _column_spec(column: str, model_keys) -> tuple[str, str] | None:
+    """(header, format kind) of a known column; per-model columns end in _<key> (only_<key>_correct)."""
+    if column in _HEADERS:
+        return _HEADERS[column]
+    for m in model_keys:
+        if column == f"only_{m}_correct":
+            return _MODEL_SUFFIXED["only"][0].format(m=m), "int"
+        if column.endswith(f"_{m}") and column[: -len(m) - 1] in _MODEL_SUFFIXED:
+            header, kind = _MODEL_SUFFIXED[column[: -len(m) - 1]]
+            return header.format(m=m), kind
+    return None
+
+
+def format_table(table: pd.DataFrame, model_keys=("A", "B")) -> tuple[pd.DataFrame, list[bool]]:
+    """A readable copy of a metric table: text cells, human headers, CIs as "[lo, hi]".
+
+    Returns (table of strings, per column whether it is numeric, for right alignment).
+    Unknown columns keep their name and get 3 significant digits.
+    """
+    columns = [
+        c for c in table.columns
+        if c not in _DROP_COLUMNS and not str(c).startswith(_DROP_PREFIXES) and not str(c).endswith(("_lo", "_hi"))
+    ]  # fmt: skip
+    out: dict[str, list[str]] = {}
+    numeric: list[bool] = []
+    metric = table["metric"] if "metric" in table else pd.Series([None] * len(table), index=table.index)
+    for column in columns:
+        if column in ("lo", "hi", "age_lo", "age_hi"):
+            continue
+        header, kind = _column_spec(str(column), model_keys) or (str(column), "float" if pd.api.types.is_numeric_dtype(table[column]) else "text")
+        out[header] = [_fmt(v, kind, m) for v, m in zip(table[column], metric)]
+        numeric.append(kind in _NUMERIC_KINDS)
+        lo, hi = f"{column}_lo", f"{column}_hi"
+        if lo in table and hi in table:
+            ci_kind = "points" if column == "gender_acc_delta" else kind
+            short = header.split(" (")[0]
+            out[f"{short} 95% CI"] = [f"[{_fmt(a, ci_kind)}, {_fmt(b, ci_kind)}]" for a, b in zip(table[lo], table[hi])]
+            numeric.append(True)
+    if {"age_lo", "age_hi"} <= set(table.columns):
+        out = {"True age (years)": [f"{int(a)}–{int(b) - 1}" for a, b in zip(table["age_lo"], table["age_hi"])], **out}
+        numeric.insert(0, False)
+    elif {"lo", "hi", "mean_p_female"} <= set(table.columns):
+        out = {"P(female) bin": [f"{a:.1f}–{b:.1f}" for a, b in zip(table["lo"], table["hi"])], **out}
+        numeric.insert(0, False)
+    if "Model" in out:  # model first: the tables are long by model
+        position = list(out).index("Model")
+        numeric.insert(0, numeric.pop(position))
+        out = {"Model": out.pop("Model"), **out}
+    return pd.DataFrame(out), numeric
+
+
+def markdown_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -> str:
+    """A GitHub-flavoured Markdown pipe table (pandas.to_markdown would need `tabulate`)."""
+    numeric = numeric or [False] * formatted.shape[1]
+
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(cell(c) for c in formatted.columns) + " |",
+        "|" + "|".join("---:" if right else ":---" for right in numeric) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in formatted.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SYMBOLS = {"−": "$-$", "×": "$\\times$", "–": "--", "<": "\\textless{}", ">": "\\textgreater{}", "≥": "$\\geq$"}
+
+
+def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -> str:
+    """A booktabs `tabular` (pdflatex-safe: special characters escaped, no Unicode maths)."""
+    numeric = numeric or [False] * formatted.shape[1]
+    body = formatted.to_latex(index=False, escape=True, column_format="".join("r" if r else "l" for r in numeric))
+    for symbol, command in _LATEX_SYMBOLS.items():
+        body = body.replace(symbol, command)
+    return "% Needs \\usepackage{booktabs}.\n" + body
+
+
+# ---------------------------------------------------------------- figures
+
+
+@dataclass
+class ReportFigure:
+    name: str  # file stem, e.g. "by_age_band"
+    chart: object  # an Altair chart
+    caption: str
+
+
+_INTERSECTIONS = ("age_band×ethnicity", "age_band×gender", "gender×ethnicity")
+
+
+def model_names(evaluation) -> dict[str, str]:
+    return {key: m.name for key, m in evaluation.models.items()}
+
+
+def model_histories(evaluation) -> dict[str, pd.DataFrame]:
+    """Training histories found next to the model files (history_<K>.csv), by model key."""
+    histories = {}
+    for key, loaded in evaluation.models.items():
+        path = figures.find_history(loaded.path) if getattr(loaded, "path", None) else None
+        history = figures.read_history(path) if path is not None else None
+        if history is not None and not figures.history_table({key: history}).empty:
+            histories[key] = history
+    return histories
+
+
+def report_figures(evaluation, histories: dict[str, pd.DataFrame] | None = None) -> list[ReportFigure]:
+    """Every chart of the report, in reading order, built from the evaluation's tables.
+
+    `histories` (model key -> training history table) defaults to the files found next to the
+    models; the learning-curve figure is left out when there is none.
+    """
+    tables, names = evaluation.tables, model_names(evaluation)
+    slices, comparison = tables["slices"], tables.get("comparison")
+    out = [ReportFigure("overall", figures.overall_chart(slices, names), "Overall gender accuracy and age MAE with 95% CIs")]
+    for slice_by, words in (("age_band", "age band"), ("gender", "gender"), ("ethnicity", "ethnicity")):
+        if (slices["slice_by"] == slice_by).any():
+            chart = figures.slice_chart(slices, slice_by, names)
+            out.append(ReportFigure(f"by_{slice_by}", chart, f"Gender accuracy and age MAE by {words}, 95% CIs, n per group"))
+    for slice_by in _INTERSECTIONS:
+        if not (slices["slice_by"] == slice_by).any():
+            continue
+        words = slice_by.replace("_", " ").replace("×", " × ")
+        for metric, what in (("age_mae", "Age MAE"), ("gender_acc", "Gender accuracy")):
+            chart = figures.intersection_heatmap(slices, slice_by, metric, comparison, names)
+            suffix = " per model and B − A" if comparison is not None else ""
+            out.append(ReportFigure(f"heatmap_{metric}_{slice_by.replace('×', '_x_')}", chart, f"{what} by {words}{suffix}"))
+    out.append(ReportFigure("age_scatter", figures.age_scatter(evaluation.predictions, list(evaluation.models), names), "Predicted vs true age with the identity line"))
+    if "age_error_by_true_age" in tables:
+        out.append(ReportFigure("age_error_by_true_age", figures.age_error_chart(tables["age_error_by_true_age"], names), "Signed age error (bias) and MAE by true age"))
+    if "calibration" in tables:
+        ece = {k: v.get("gender_ece") for k, v in evaluation.summary.get("models", {}).items()}
+        out.append(ReportFigure("gender_calibration", figures.reliability_chart(tables["calibration"], ece, names), "Reliability diagram of P(female), ECE in the legend"))
+    histories = model_histories(evaluation) if histories is None else histories
+    if histories:
+        out.append(ReportFigure("learning_curves", figures.learning_curves_chart(histories, names), "Training and validation curves from history_<model>.csv"))
+    return out
+
+
+# ---------------------------------------------------------------- Grad-CAM grids
+
+
+@dataclass
+class GradcamGrid:
+    name: str
+    image: object  # PIL.Image
+    caption: str
+
+
+def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> list[GradcamGrid]:
+    """Per model and error kind: its `n` worst faces with every model's Grad-CAM overlay.
+
+    Each overlay explains that model's *own* prediction: "age_older" where it guessed too old,
+    "age_younger" where too young, its predicted gender for gender errors. Needs TensorFlow;
+    raises whatever analysis.gradcam raises (write_bundle turns that into a README note).
+    """
+    from analysis import gradcam as gc  # imports TensorFlow: only when grids are wanted
+
+    keys = list(evaluation.models)
+    overlay = functools.partial(gc.overlay, colormap=GRADCAM_COLORMAP)
+    colour_bar = gc.colorbar(12, 256, GRADCAM_COLORMAP, vertical=False)
+    titles = {k: f"{k}: Grad-CAM, own prediction" for k in keys}
+    grids = []
+    for owner in keys:
+        for kind in kinds:
+            worst = evaluation.tables.get(f"worst_{kind}_{owner}")
+            if worst is None or worst.empty:
+                continue
+            rows = worst.head(n).reset_index(drop=True)
+            faces = np.stack([load_image(p, (GRADCAM_CELL, GRADCAM_CELL)) for p in rows["path"]])
+            heatmaps = {k: _heatmaps(gc, evaluation.models[k], rows, k, kind) for k in keys}
+            labels = [_grid_label(row, keys) for _, row in rows.iterrows()]
+            what = "age errors" if kind == "age" else "gender errors"
+            title = f"Worst {what} of model {owner}: where each model looked"
+            image = figures.gradcam_grid(faces, heatmaps, labels, titles, title, overlay=overlay, colour_bar=colour_bar, cell=GRADCAM_CELL)
+            caption = f"Model {owner}'s {len(rows)} worst {what}: face, then each model's Grad-CAM for its own prediction"
+            grids.append(GradcamGrid(f"worst_{kind}_{owner}", image, caption))
+    return grids
+
+
+def _heatmaps(gc, loaded, rows: pd.DataFrame, key: str, kind: str) -> np.ndarray:
+    """(n, h, w) heatmaps in [0, 1] of `loaded` for its own prediction on each row's face."""
+    images = np.stack([load_image(p, loaded.input_size) for p in rows["path"]])
+    if kind == "age":
+        targets = np.where(rows[f"age_pred_{key}"] >= rows["age"], "age_older", "age_younger")
+    else:
+        targets = np.where(rows[f"p_female_{key}"] >= 0.5, "gender_female", "gender_male")
+    maps = np.zeros(images.shape[:3], dtype=np.float32)
+    for target in np.unique(targets):
+        chosen = np.flatnonzero(targets == target)
+        maps[chosen] = gc.gradcam(loaded, images[chosen], str(target))
+    return maps
+
+
+def _grid_label(row: pd.Series, keys) -> str:
+    gender = GENDERS[int(row["gender"])] if int(row["gender"]) in (0, 1) else str(row["gender"])
+    parts = [
+        f"{k}: {row[f'age_pred_{k}']:.0f} y, P(female) {row[f'p_female_{k}']:.2f}"
+        for k in keys if f"age_pred_{k}" in row
+    ]  # fmt: skip
+    return f"{row.get('file_name', '')}  true {int(row['age'])} y, {gender}\n" + " · ".join(parts)
+
+
+# ---------------------------------------------------------------- the bundle
+
+_TABLE_NOTES = {
+    "predictions": "one row per image: labels, each model's predicted age (years) and P(female)",
+    "slices": "per model and group (overall, single attributes, intersections): n, gender accuracy, age MAE and bias with 95% bootstrap CIs; `small` marks n < 30",
+    "comparison": "paired A vs B per group: differences B − A, exact McNemar p (gender), paired bootstrap CI and Wilcoxon p (age MAE)",
+    "gaps": "largest minus smallest value across the groups of each grouping (groups with n < 30 left out)",
+    "calibration": "reliability bins of P(female) per model: mean predicted probability vs observed share of women",
+    "age_error_by_true_age": "age MAE and signed bias per 5-year bin of true age, per model",
+    "worst_disagreement": "images where the two models disagree most (gender first, then age)",
+}
+
+
+def _table_note(name: str) -> str:
+    if name in _TABLE_NOTES:
+        return _TABLE_NOTES[name]
+    for kind, what in (("worst_age_", "largest age errors"), ("worst_gender_", "most confident gender mistakes")):
+        if name.startswith(kind):
+            return f"images with model {name[len(kind):]}'s {what}, worst first"
+    return "metric table"
+
+
+def write_bundle(
+    evaluation,
+    out_dir,
+    *,
+    overwrite: bool = False,
+    seed: int = DEFAULT_SEED,
+    n_boot: int | None = None,
+    gradcam: bool = True,
+    gradcam_n: int = GRADCAM_N,
+    make_zip: bool = True,
+    histories: dict[str, pd.DataFrame] | None = None,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Write the whole report of `evaluation` to the folder `out_dir` (see the module docstring).
+
+    gradcam: add Grad-CAM grids of the `gradcam_n` worst faces; if that fails (no TensorFlow, a
+    model without convolutions, ...) the bundle is written without them and README.md says why.
+    make_zip: also write `<out_dir>/report.zip` holding every other file of the bundle.
+    histories: model key -> training history; default: history files found next to the models.
+    progress(done, total) is called after each written figure or grid.
+    Returns the written paths (final locations). Raises BundleError when the folder cannot be
+    used; any other error leaves the folder without a (new) complete-looking bundle.
+    """
+    out = check_output_folder(out_dir, overwrite=overwrite)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        extra = _write_contents(
+            evaluation, staging, gradcam=gradcam, gradcam_n=gradcam_n, histories=histories, progress=progress, make_zip=make_zip
+        )
+        extra["files"] = {
+            str(p.relative_to(staging).as_posix()): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        # The marker is the last file of the bundle: its presence means the bundle is complete.
+        (staging / BUNDLE_MARKER).write_text(json.dumps(provenance(evaluation, seed=seed, n_boot=n_boot, extra=extra), indent=2))
+        if make_zip:
+            _write_zip(staging, staging / ZIP_NAME)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return _move_into_place(staging, out)
+
+
+def bundle_zip_bytes(evaluation, **kwargs) -> bytes:
+    """The report bundle as the bytes of a zip file (for a download button).
+
+    Takes write_bundle's keyword arguments; the bundle is built in a temporary folder that is
+    removed afterwards.
+    """
+    kwargs.pop("make_zip", None)
+    kwargs.pop("overwrite", None)
+    with tempfile.TemporaryDirectory(prefix="facecheck-report-") as tmp:
+        out = Path(tmp) / "report"
+        write_bundle(evaluation, out, make_zip=True, **kwargs)
+        return (out / ZIP_NAME).read_bytes()
+
+
+def _write_contents(evaluation, folder: Path, *, gradcam: bool, gradcam_n: int, histories, progress, make_zip: bool) -> dict:
+    """Everything but provenance.json and the zip. Returns provenance extras (settings, timings)."""
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    start = time.perf_counter()
+    index = _write_tables(evaluation, folder) + _write_records(evaluation, folder)
+    timings["tables"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report_figs = report_figures(evaluation, histories)
+    if not any(f.name == "learning_curves" for f in report_figs):
+        notes.append("No learning curves: no training history (history_<model>.csv) was found next to the model files.")
+    total = len(report_figs) + (2 * len(evaluation.models) if gradcam else 0)
+    index += _write_figures(report_figs, folder, progress, total)
+    timings["figures"] = time.perf_counter() - start
+
+    if gradcam:
+        start = time.perf_counter()
+        index += _write_gradcam(evaluation, folder, gradcam_n, notes)
+        if progress is not None:
+            progress(total, total)
+        timings["gradcam"] = time.perf_counter() - start
+    else:
+        notes.append("Grad-CAM grids were not requested.")
+
+    index += [
+        ("README.md", "this index"),
+        (BUNDLE_MARKER, "provenance: model file hashes and settings, sample fingerprint and size, skipped-file counts, seed, package versions, date, sha256 of every file"),
+    ]  # fmt: skip
+    if make_zip:
+        index.append((ZIP_NAME, f"every other file of this folder in one zip (unpacks into {ZIP_ROOT}/)"))
+    (folder / "README.md").write_text(_readme(evaluation, index, notes))
+    return {
+        "report": {
+            "figures": [f.name for f in report_figs],
+            "png_ppi": figures.PNG_PPI,
+            "gradcam": {"requested": gradcam, "n_worst": gradcam_n, "colormap": GRADCAM_COLORMAP},
+            "notes": notes,
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+        }
+    }
+
+
+def _write_records(evaluation, folder: Path) -> list[tuple[str, str]]:
+    """summary.json, models.json and skipped.csv."""
+    (folder / "summary.json").write_text(json.dumps(to_jsonable(evaluation.summary), indent=2))
+    models_info = {
+        key: {
+            "describe": m.describe(),
+            "preprocessing_scores": None
+            if evaluation.preprocessing_scores.get(key) is None
+            else evaluation.preprocessing_scores[key].to_dict(orient="records"),
+        }
+        for key, m in evaluation.models.items()
+    }
+    (folder / "models.json").write_text(json.dumps(to_jsonable(models_info), indent=2))
+    skipped = pd.concat(
+        [evaluation.sample.skipped.assign(stage="reading"), evaluation.run.skipped.assign(stage="decoding")],
+        ignore_index=True,
+    )
+    skipped.to_csv(folder / "skipped.csv", index=False)
+    return [
+        ("summary.json", "headline numbers per model with 95% CIs and the gender ECE (and the overall A vs B comparison)"),
+        ("models.json", "what the loader inferred about each model (input size, preprocessing, output mapping) and the preprocessing calibration scores"),
+        ("skipped.csv", "files left out of the evaluation and why (stage: reading or decoding)"),
+    ]  # fmt: skip
+
+
+def _write_figures(report_figs: list[ReportFigure], folder: Path, progress, total: int) -> list[tuple[str, str]]:
+    (folder / "figures").mkdir()
+    index = []
+    for done, fig in enumerate(report_figs, start=1):
+        stem = folder / "figures" / fig.name
+        spec = fig.chart.to_dict()  # validated once, rendered twice
+        stem.with_suffix(".png").write_bytes(figures.chart_png(spec))
+        stem.with_suffix(".svg").write_text(figures.chart_svg(spec))
+        index += [(f"figures/{fig.name}.png", fig.caption), (f"figures/{fig.name}.svg", "the same figure as SVG (vector)")]
+        if progress is not None:
+            progress(done, total)
+    return index
+
+
+def _write_gradcam(evaluation, folder: Path, n: int, notes: list[str]) -> list[tuple[str, str]]:
+    """Grad-CAM grids; an error here becomes a note (the rest of the report stands without them)."""
+    try:
+        grids = gradcam_grids(evaluation, n=n)
+    except Exception as exc:
+        notes.append(f"Grad-CAM grids were skipped: {type(exc).__name__}: {exc}")
+        return []
+    if not grids:
+        notes.append("Grad-CAM grids: no worst-error images to show.")
+        return []
+    (folder / "gradcam").mkdir()
+    index = []
+    for grid in grids:
+        grid.image.save(folder / "gradcam" / f"{grid.name}.png", dpi=(figures.PNG_PPI, figures.PNG_PPI))
+        index.append((f"gradcam/{grid.name}.png", grid.caption))
+    return index
+
+
+def _write_tables(evaluation, folder: Path) -> list[tuple[str, str]]:
+    tables_dir = folder / "tables"
+    tables_dir.mkdir()
+    keys = list(evaluation.models)
+    evaluation.predictions.to_csv(tables_dir / "predictions.csv", index=False)
+    index = [("tables/predictions.csv", _table_note("predictions"))]
+    for name, table in evaluation.tables.items():
+        table.to_csv(tables_dir / f"{name}.csv", index=False)
+        formatted, numeric = format_table(table, keys)
+        (tables_dir / f"{name}.md").write_text(markdown_table(formatted, numeric))
+        (tables_dir / f"{name}.tex").write_text(latex_table(formatted, numeric))
+        index += [
+            (f"tables/{name}.csv", _table_note(name) + " (full precision)"),
+            (f"tables/{name}.md", "the same, rounded, as a Markdown table"),
+            (f"tables/{name}.tex", "the same, rounded, as a LaTeX booktabs tabular"),
+        ]
+    return index
+
+
+def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
+    lines = ["# Age and gender model evaluation report", ""]
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sample = evaluation.sample
+    lines += [
+        f"Created {created}. Sample: {len(evaluation.predictions):,} images evaluated from `{sample.source}`"
+        + (f" ({len(sample.skipped) + len(evaluation.run.skipped):,} files skipped, see skipped.csv)." if len(sample.skipped) + len(evaluation.run.skipped) else "."),
+        "",
+        "## Models",
+        "",
+    ]
+    lines += [f"- **{key}**: {m.name} (`{Path(m.path).name}`, sha256 `{m.file_sha256[:12]}…`)" for key, m in evaluation.models.items()]
+    slices = evaluation.tables.get("slices")
+    if slices is not None:
+        overall = slices[slices["slice_by"] == "overall"]
+        formatted, numeric = format_table(overall.drop(columns=["slice_by", "slice", "small"], errors="ignore"), list(evaluation.models))
+        lines += ["", "## Headline numbers (95% CIs)", "", markdown_table(formatted, numeric).rstrip()]
+    lines += ["", "## Files", "", "| File | What it is |", "|:---|:---|"]
+    lines += [f"| `{path}` | {what} |" for path, what in index]
+    lines += [
+        "",
+        f"Figures: PNG at {figures.PNG_PPI} pixels per inch of the chart's nominal size (Vega lays out in "
+        "1/72-inch points, so a PNG is 3× the SVG's pixel size); print a figure at that size or smaller "
+        "for at least 216 dpi. SVG files scale freely.",
+        f"Faded bars, points and cells: groups with fewer than {SMALL_SLICE_N} images (wide CIs).",
+    ]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _write_zip(folder: Path, zip_path: Path) -> None:
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path != zip_path:
+                archive.write(path, f"{ZIP_ROOT}/{path.relative_to(folder).as_posix()}")
+
+
+def _move_into_place(staging: Path, out: Path) -> list[Path]:
+    """Replace any earlier bundle in `out` by the staged one; provenance.json goes last."""
+    old_files = _old_bundle_files(out)
+    (out / BUNDLE_MARKER).unlink(missing_ok=True)  # from here on the folder does not look complete
+    for name in old_files:
+        path = (out / name).resolve()
+        if path.is_file() and out in path.parents:
+            path.unlink()
+    for sub in ("tables", "figures", "gradcam"):
+        if (out / sub).is_dir() and not any((out / sub).iterdir()):
+            (out / sub).rmdir()
+    written = []
+    for path in sorted(staging.rglob("*"), key=lambda p: (p.name == BUNDLE_MARKER, str(p))):
+        if path.is_file():
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(target)
+            written.append(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def _old_bundle_files(out: Path) -> set[str]:
+    """Files of an earlier bundle in `out`, so that no stale figure survives an overwrite.
+
+    Those its provenance.json lists (older bundles: the known names and tables/*.csv); anything
+    else a user put in the folder stays.
+    """
+    names = set(_BUNDLE_TOP_FILES)
+    try:
+        names |= set(json.loads((out / BUNDLE_MARKER).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        pass
+    if (out / "tables").is_dir():
+        names |= {f"tables/{p.name}" for p in (out / "tables").glob("*.csv")}
+    return names

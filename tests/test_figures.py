@@ -1,0 +1,413 @@
+"""Figures: each chart builds from small hand-made tables and its spec shows exactly their numbers."""
+
+from __future__ import annotations
+
+import io
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis import figures
+from analysis.constants import SMALL_SLICE_N
+
+NAMES = {"A": "small_cnn.keras", "B": "effnet.keras"}
+
+
+# ---------------------------------------------------------------- hand-made tables (documented shapes)
+
+
+def slice_rows(slice_by, groups, acc, mae, n, models=("A", "B")):
+    """Rows of a slice table: groups = [(slice, slice_1, slice_2)], one value per group and model."""
+    rows = []
+    for g, (label, s1, s2) in enumerate(groups):
+        for m_index, m in enumerate(models):
+            a, e = acc[g][m_index], mae[g][m_index]
+            rows.append(
+                {
+                    "slice_by": slice_by, "slice": label, "slice_1": s1, "slice_2": s2, "model": m, "n": n[g],
+                    "gender_acc": a, "gender_acc_lo": a - 0.05, "gender_acc_hi": min(1.0, a + 0.04),
+                    "age_mae": e, "age_mae_lo": e - 0.5, "age_mae_hi": e + 0.6,
+                    "age_bias": e / 3, "age_bias_lo": e / 3 - 1, "age_bias_hi": e / 3 + 1,
+                    "small": n[g] < SMALL_SLICE_N,
+                }
+            )  # fmt: skip
+    return rows
+
+
+@pytest.fixture
+def slices() -> pd.DataFrame:
+    rows = slice_rows("overall", [("all", "all", "")], [(0.90, 0.85)], [(5.5, 6.25)], [300])
+    bands = [("0–2", "0–2", ""), ("20–29", "20–29", ""), ("70+", "70+", "")]
+    rows += slice_rows("age_band", bands, [(0.6, 0.7), (0.95, 0.9), (0.8, 0.82)], [(3.0, 2.5), (5.0, 6.0), (9.0, 8.0)], [12, 250, 38])
+    rows += slice_rows("gender", [("male", "male", ""), ("female", "female", "")], [(0.9, 0.8), (0.9, 0.9)], [(5.0, 6.0), (6.0, 6.5)], [150, 150])
+    ethnicities = [("White", "White", ""), ("Others", "Others", "")]
+    rows += slice_rows("ethnicity", ethnicities, [(0.92, 0.88), (0.7, 0.75)], [(5.1, 6.0), (7.0, 6.0)], [280, 20])
+    cells = [(f"{b} × {e}", b, e) for b in ("20–29", "70+") for e in ("White", "Others")]
+    rows += slice_rows(
+        "age_band×ethnicity", cells, [(0.9, 0.8), (0.5, 0.6), (0.7, 0.9), (0.8, 0.8)],
+        [(4.0, 5.0), (6.0, 4.0), (9.0, 9.5), (12.0, 10.0)], [240, 10, 35, 3],
+    )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def comparison(slices) -> pd.DataFrame:
+    a = slices[slices["model"] == "A"].reset_index(drop=True)
+    b = slices[slices["model"] == "B"].reset_index(drop=True)
+    delta = b["age_mae"] - a["age_mae"]
+    return pd.DataFrame(
+        {
+            "slice_by": a["slice_by"], "slice": a["slice"], "slice_1": a["slice_1"], "slice_2": a["slice_2"],
+            "n": a["n"], "gender_acc_A": a["gender_acc"], "gender_acc_B": b["gender_acc"],
+            "gender_acc_delta": b["gender_acc"] - a["gender_acc"], "only_A_correct": 4, "only_B_correct": 2,
+            "mcnemar_p": 0.69, "age_mae_A": a["age_mae"], "age_mae_B": b["age_mae"], "age_mae_delta": delta,
+            "age_mae_delta_lo": delta - 0.3, "age_mae_delta_hi": delta + 0.3, "wilcoxon_p": 0.0004, "small": a["small"],
+        }
+    )  # fmt: skip
+
+
+@pytest.fixture
+def predictions() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    age = rng.integers(1, 90, 40)
+    return pd.DataFrame(
+        {
+            "image_id": [f"{i:040x}" for i in range(40)], "age": age, "gender": rng.integers(0, 2, 40),
+            "age_pred_A": age + rng.normal(0, 5, 40), "p_female_A": rng.uniform(0, 1, 40),
+            "age_pred_B": age + rng.normal(2, 4, 40), "p_female_B": rng.uniform(0, 1, 40),
+        }
+    )  # fmt: skip
+
+
+@pytest.fixture
+def calibration() -> pd.DataFrame:
+    rows = []
+    for m, shift in (("A", 0.05), ("B", -0.04)):
+        for b in range(5):
+            lo = b / 5
+            empty = b == 2
+            rows.append(
+                {
+                    "bin": b, "lo": lo, "hi": lo + 0.2, "n": 0 if empty else 20 + b,
+                    "mean_p_female": np.nan if empty else lo + 0.1,
+                    "frac_female": np.nan if empty else min(1.0, max(0.0, lo + 0.1 + shift)), "model": m,
+                }
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def age_error() -> pd.DataFrame:
+    rows = []
+    for m in ("A", "B"):
+        for lo, n in ((0, 12), (5, 40), (10, 55)):
+            rows.append({"model": m, "age_lo": lo, "age_hi": lo + 5, "n": n, "age_mae": 3 + lo / 5, "age_bias": 2 - lo / 5})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- spec helpers
+
+
+def spec_datasets(chart) -> list[pd.DataFrame]:
+    """Every inline dataset of a chart's Vega-Lite spec as a DataFrame."""
+    spec = chart.to_dict()
+    return [pd.DataFrame(values) for values in spec.get("datasets", {}).values()]
+
+
+def dataset_with(chart, *columns) -> pd.DataFrame:
+    found = [d for d in spec_datasets(chart) if set(columns) <= set(d.columns)]
+    assert found, f"no dataset with columns {columns}"
+    return found[0]
+
+
+def walk(node):
+    """Yield every dict inside a spec."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def encoded_fields(chart) -> set[str]:
+    fields = set()
+    for node in walk(chart.to_dict()):
+        for channel in node.get("encoding", {}).values() if isinstance(node.get("encoding"), dict) else ():
+            if isinstance(channel, dict) and "field" in channel:
+                fields.add(channel["field"])
+    return fields
+
+
+def scales_of(chart, channel: str) -> list[dict]:
+    return [
+        node["encoding"][channel]["scale"]
+        for node in walk(chart.to_dict())
+        if isinstance(node.get("encoding"), dict) and "scale" in node["encoding"].get(channel, {})
+    ]
+
+
+def texts(chart) -> str:
+    """All titles, subtitles and axis titles of a spec, joined (to check the words shown)."""
+    parts = []
+    for node in walk(chart.to_dict()):
+        for key in ("title", "text", "subtitle"):
+            value = node.get(key)
+            if isinstance(value, str):
+                parts.append(value)
+            elif isinstance(value, list):
+                parts += [v for v in value if isinstance(v, str)]
+    return " | ".join(parts)
+
+
+# ---------------------------------------------------------------- style
+
+
+def test_model_colours_are_fixed_and_apart_in_greyscale():
+    def luminance(hex_colour):
+        r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+        return 0.299 * r + 0.587 * g + 0.114 * b
+
+    a, b = figures.MODEL_STYLES["A"], figures.MODEL_STYLES["B"]
+    assert abs(luminance(a.colour) - luminance(b.colour)) > 60  # of 255: clearly different greys
+    assert a.dash != b.dash and a.shape != b.shape
+
+
+def test_model_label():
+    assert figures.model_label("A", NAMES) == "A: small_cnn.keras"
+    assert figures.model_label("B") == "B"
+
+
+# ---------------------------------------------------------------- bar charts
+
+
+def test_overall_chart_shows_the_overall_rows(slices):
+    chart = figures.overall_chart(slices, NAMES)
+    data = dataset_with(chart, "gender_acc", "age_mae")
+    expected = slices[slices["slice_by"] == "overall"]
+    assert data["gender_acc"].tolist() == expected["gender_acc"].tolist()
+    assert data["age_mae_hi"].tolist() == expected["age_mae_hi"].tolist()
+    assert data["model_label"].tolist() == ["A: small_cnn.keras", "B: effnet.keras"]
+    assert {"gender_acc", "gender_acc_lo", "gender_acc_hi", "age_mae", "age_mae_lo", "age_mae_hi", "model_label"} <= encoded_fields(chart)
+    colour = scales_of(chart, "color")[0]
+    assert colour["domain"] == ["A: small_cnn.keras", "B: effnet.keras"]
+    assert colour["range"] == [figures.MODEL_STYLES["A"].colour, figures.MODEL_STYLES["B"].colour]
+    words = texts(chart)
+    assert "Gender accuracy (%)" in words and "Age MAE (years)" in words and "95% confidence" in words
+
+
+@pytest.mark.parametrize("slice_by", ["age_band", "gender", "ethnicity"])
+def test_slice_chart_shows_every_group_with_n(slices, slice_by):
+    chart = figures.slice_chart(slices, slice_by, NAMES)
+    data = dataset_with(chart, "gender_acc", "slice_label")
+    expected = slices[slices["slice_by"] == slice_by]
+    assert data["slice"].tolist() == expected["slice"].tolist()
+    assert np.array_equal(data["age_mae"], expected["age_mae"])
+    assert np.array_equal(data["gender_acc_lo"], expected["gender_acc_lo"])
+    for label, n in zip(data["slice_label"], data["n"]):
+        assert f"n = {n:,}" in label
+    # x keeps the table's order (age bands young to old), not alphabetical
+    x_sorts = [node["encoding"]["x"]["sort"] for node in walk(chart.to_dict()) if "sort" in node.get("encoding", {}).get("x", {})]
+    assert x_sorts[0] == list(dict.fromkeys(data["slice_label"]))
+
+
+def test_small_slices_are_faded_and_explained(slices):
+    chart = figures.slice_chart(slices, "age_band", NAMES)
+    spec = chart.to_dict()
+    conditions = [node["opacity"] for node in walk(spec) if isinstance(node.get("opacity"), dict) and "condition" in node["opacity"]]
+    assert conditions and conditions[0]["condition"]["test"] == "datum.small"
+    assert conditions[0]["condition"]["value"] < conditions[0]["value"]
+    assert f"fewer than {SMALL_SLICE_N}" in texts(chart)
+    # no small slice: no note
+    big = slices[(slices["slice_by"] == "gender")]
+    assert "fewer than" not in texts(figures.slice_chart(big, "gender", NAMES))
+
+
+def test_slice_chart_rejects_wrong_slicings(slices):
+    with pytest.raises(ValueError, match="single slices"):
+        figures.slice_chart(slices, "age_band×ethnicity")
+    with pytest.raises(ValueError, match="no rows"):
+        figures.slice_chart(slices.iloc[:2], "ethnicity")
+    with pytest.raises(ValueError, match="needs columns"):
+        figures.slice_chart(slices.drop(columns=["small"]), "gender")
+
+
+def test_one_model_charts(slices):
+    only_a = slices[slices["model"] == "A"]
+    chart = figures.slice_chart(only_a, "gender", NAMES)
+    assert set(dataset_with(chart, "gender_acc")["model"]) == {"A"}
+    assert scales_of(chart, "color")[0]["range"] == [figures.MODEL_STYLES["A"].colour]
+
+
+# ---------------------------------------------------------------- heatmaps
+
+
+@pytest.mark.parametrize("metric", ["age_mae", "gender_acc"])
+def test_intersection_heatmap_per_model_and_difference(slices, comparison, metric):
+    chart = figures.intersection_heatmap(slices, "age_band×ethnicity", metric, comparison, NAMES)
+    cells = slices[slices["slice_by"] == "age_band×ethnicity"]
+    datasets = spec_datasets(chart)
+    for key in ("A", "B"):
+        panel = next(d for d in datasets if metric in d and set(d.get("model", [])) == {key})
+        expected = cells[cells["model"] == key]
+        assert panel[metric].tolist() == expected[metric].tolist()
+        assert panel["slice_1"].tolist() == expected["slice_1"].tolist()
+    delta = next(d for d in datasets if f"{metric}_delta" in d)
+    expected_delta = comparison[comparison["slice_by"] == "age_band×ethnicity"][f"{metric}_delta"]
+    assert np.allclose(delta[f"{metric}_delta"], expected_delta)
+    # the difference panel says which way round it is
+    words = texts(chart)
+    assert "B − A" in words
+    assert ("B better if < 0" if metric == "age_mae" else "B better if > 0") in words
+    # small cells carry a star and n
+    small_cell = cells[(cells["model"] == "A") & cells["small"]].iloc[0]
+    panel_a = next(d for d in datasets if metric in d and set(d.get("model", [])) == {"A"})
+    text = panel_a.loc[panel_a["slice"] == small_cell["slice"], "cell_text"].iloc[0]
+    assert text[1] == f"n={small_cell['n']}*"
+
+
+def test_intersection_heatmap_without_comparison_has_no_difference_panel(slices):
+    chart = figures.intersection_heatmap(slices, "age_band×ethnicity", "age_mae", None, NAMES)
+    assert not any("age_mae_delta" in d for d in spec_datasets(chart))
+    assert "B − A" not in texts(chart)
+    with pytest.raises(ValueError, match="metric"):
+        figures.intersection_heatmap(slices, "age_band×ethnicity", "age_bias")
+
+
+# ---------------------------------------------------------------- age
+
+
+def test_age_scatter_has_points_and_identity_line(predictions):
+    chart = figures.age_scatter(predictions, names=NAMES)
+    datasets = spec_datasets(chart)
+    for key in ("A", "B"):
+        panel = next(d for d in datasets if d["model_label"].iloc[0].startswith(key))
+        assert np.allclose(panel["age_pred"], predictions[f"age_pred_{key}"])
+        assert np.array_equal(panel["age"], predictions["age"])
+    rules = [n for n in walk(chart.to_dict()) if n.get("mark", {}) == {"type": "rule", "color": "black", "strokeDash": [2, 3], "strokeWidth": 1.2}]
+    assert len(rules) == 2  # one identity line per panel
+    enc = rules[0]["encoding"]
+    assert enc["x"]["datum"] == enc["y"]["datum"] == 0 and enc["x2"]["datum"] == enc["y2"]["datum"]
+    assert "True age (years)" in texts(chart) and "Predicted age (years)" in texts(chart)
+
+
+def test_age_scatter_subsamples_large_tables(predictions):
+    chart = figures.age_scatter(predictions, names=NAMES, max_points=10)
+    assert all(len(d) == 10 for d in spec_datasets(chart))
+    assert "A random 10 of 40 images" in texts(chart)
+
+
+def test_age_error_chart(age_error):
+    chart = figures.age_error_chart(age_error, NAMES)
+    data = dataset_with(chart, "age_bias", "age_mid")
+    assert data["age_bias"].tolist() == age_error["age_bias"].tolist()
+    assert data["age_mae"].tolist() == age_error["age_mae"].tolist()
+    assert data["age_mid"].tolist() == ((age_error["age_lo"] + age_error["age_hi"]) / 2).tolist()
+    assert data["small"].tolist() == (age_error["n"] < SMALL_SLICE_N).tolist()
+    assert {"age_mid", "age_bias", "age_mae"} <= encoded_fields(chart)
+    assert "predicted − true (years)" in texts(chart)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_reliability_chart_with_ece_in_legend(calibration):
+    chart = figures.reliability_chart(calibration, {"A": 0.0512, "B": 0.031}, NAMES)
+    data = dataset_with(chart, "mean_p_female", "frac_female")
+    filled = calibration[calibration["n"] > 0]
+    assert data["frac_female"].tolist() == filled["frac_female"].tolist()  # empty bins left out
+    assert set(data["model_label"]) == {"A: small_cnn.keras (ECE 0.051)", "B: effnet.keras (ECE 0.031)"}
+    assert scales_of(chart, "color")[0]["domain"] == ["A: small_cnn.keras (ECE 0.051)", "B: effnet.keras (ECE 0.031)"]
+    assert {"mean_p_female", "frac_female", "n"} <= encoded_fields(chart)
+
+
+# ---------------------------------------------------------------- learning curves
+
+
+def test_learning_curves_tolerate_column_names_and_phases():
+    a = pd.DataFrame({"epoch": [0, 1, 2], "loss": [3.0, 2.0, 1.5], "val_loss": [3.1, 2.4, 2.0],
+                      "age_output_mae": [9.0, 7.0, 6.0], "val_age_output_mae": [9.5, 8.0, 7.5],
+                      "gender_binary_accuracy": [0.6, 0.7, 0.8], "val_gender_binary_accuracy": [0.55, 0.65, 0.7]})  # fmt: skip
+    b = pd.DataFrame({"epoch": [0, 1, 2, 3], "loss": [2.0, 1.0, 0.9, 0.8], "val_loss": [2.1, 1.5, 1.2, 1.1],
+                      "age_mae": [8.0, 6.0, 5.0, 4.5], "val_age_mae": [8.5, 7.0, 6.0, 5.5],
+                      "phase": ["head", "head", "fine-tune", "fine-tune"]})  # fmt: skip
+    table = figures.history_table({"A": a, "B": b})
+    assert set(table["panel"]) == {"Loss", "Age MAE (years)", "Gender accuracy (%)"}
+    got = table[(table["model"] == "A") & (table["panel"] == "Age MAE (years)") & (table["subset"] == "validation")]
+    assert got["value"].tolist() == [9.5, 8.0, 7.5]
+    assert table[(table["model"] == "B") & (table["panel"] == "Gender accuracy (%)")].empty  # B has no such column
+    chart = figures.learning_curves_chart({"A": a, "B": b}, NAMES)
+    rules = [d for d in spec_datasets(chart) if "phase" in d and len(d) == 1]
+    assert rules and rules[0]["epoch"].iloc[0] == 2 and rules[0]["phase"].iloc[0] == "fine-tune"
+    with pytest.raises(ValueError, match="no learning-curve columns"):
+        figures.learning_curves_chart({"A": pd.DataFrame({"epoch": [0], "lr": [0.1]})})
+
+
+def test_find_and_read_history(tmp_path):
+    model = tmp_path / "age_gender_A.keras"
+    model.write_bytes(b"x")
+    assert figures.find_history(model) is None
+    (tmp_path / "history_A.csv").write_text("epoch,loss,val_loss\n0,1.0,1.2\n")
+    assert figures.find_history(model) == tmp_path / "history_A.csv"
+    assert figures.read_history(tmp_path / "history_A.csv")["val_loss"].tolist() == [1.2]
+    assert figures.read_history(tmp_path / "missing.csv") is None
+    (tmp_path / "empty.csv").write_text("")
+    assert figures.read_history(tmp_path / "empty.csv") is None
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_png_and_svg_rendering(slices):
+    chart = figures.slice_chart(slices, "gender", NAMES)
+    png = figures.chart_png(chart)
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    assert image.format == "PNG"
+    assert image.info["dpi"][0] == pytest.approx(figures.PNG_PPI, abs=0.5)
+    svg = ET.fromstring(figures.chart_svg(chart))
+    assert svg.tag.endswith("svg")
+    # PNG pixels = SVG size (1/72-inch points) × ppi/72: printed at the SVG's size it has PNG_PPI dpi
+    width_points = float(svg.attrib["width"])
+    assert image.width == pytest.approx(width_points * figures.PNG_PPI / 72, abs=2)
+    assert figures.PNG_PPI >= 200
+
+
+# ---------------------------------------------------------------- Grad-CAM grid
+
+
+def test_gradcam_grid_layout():
+    images = np.full((3, 40, 30, 3), 120, dtype=np.uint8)
+    heat = {"A": np.random.default_rng(0).random((3, 8, 8)), "B": np.zeros((3, 40, 30))}
+    calls = []
+
+    def overlay(face, heatmap):
+        calls.append((face.shape, heatmap.shape))
+        return np.zeros_like(face)
+
+    grid = figures.gradcam_grid(
+        images, heat, ["true 30 y\nA 40 y", "b", "c"], {"A": "A: Grad-CAM"}, "Worst", overlay=overlay,
+        colour_bar=np.zeros((1, 256, 3), np.uint8), cell=64,
+    )  # fmt: skip
+    assert grid.mode == "RGB"
+    assert grid.width == 8 + 3 * (64 + 8)
+    assert calls == [((64, 64, 3), (64, 64))] * 6  # every heatmap resized to the cell
+    # the face column holds the (grey) face; the overlay columns what overlay() returned (black)
+    pixels = np.asarray(grid)
+    top = 30 + 26
+    assert (pixels[top + 10, 8 + 10] == 120).all()
+    assert (pixels[top + 10, 8 + 72 + 10] == 0).all()
+
+
+def test_gradcam_grid_rejects_mismatched_inputs():
+    images = np.zeros((2, 10, 10, 3), np.uint8)
+    with pytest.raises(ValueError, match="one label per image"):
+        figures.gradcam_grid(images, {"A": np.zeros((2, 10, 10))}, ["x"], overlay=lambda f, h: f)
+    with pytest.raises(ValueError, match="heatmaps for A"):
+        figures.gradcam_grid(images, {"A": np.zeros((3, 10, 10))}, ["x", "y"], overlay=lambda f, h: f)
+    with pytest.raises(ValueError, match=r"\(n, h, w, 3\)"):
+        figures.gradcam_grid(np.zeros((2, 10, 10)), {}, ["x", "y"], overlay=lambda f, h: f)

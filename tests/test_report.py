@@ -1,0 +1,317 @@
+"""The report bundle: built once from the real pipeline (synthetic faces, two tiny Keras models)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis import figures, report
+from analysis.report import BundleError
+
+# ---------------------------------------------------------------- readable tables (no models needed)
+
+
+def test_format_table_rounds_and_names_columns():
+    comparison = pd.DataFrame(
+        {
+            "slice_by": ["overall", "age_band×gender"], "slice": ["all", "20–29 × female"], "slice_1": ["all", "20–29"],
+            "slice_2": ["", "female"], "n": [1000, 12], "gender_acc_A": [0.91234, 0.5], "gender_acc_B": [0.9, 0.75],
+            "gender_acc_delta": [-0.01234, 0.25], "only_A_correct": [30, 1], "only_B_correct": [18, 4],
+            "mcnemar_p": [0.000412, 0.37512], "age_mae_A": [5.4321, 7.0], "age_mae_B": [5.0, 8.0],
+            "age_mae_delta": [-0.4321, 1.0], "age_mae_delta_lo": [-0.61, 0.2], "age_mae_delta_hi": [-0.25, 1.9],
+            "wilcoxon_p": [0.0123456, 1.0], "small": [False, True],
+        }
+    )  # fmt: skip
+    formatted, numeric = report.format_table(comparison)
+    row = formatted.iloc[0]
+    assert row["Grouping"] == "Overall" and formatted.iloc[1]["Grouping"] == "Age band × gender"
+    assert row["Gender accuracy A (%)"] == "91.2"  # accuracy as % with 1 decimal
+    assert row["Gender accuracy B − A (points)"] == "-1.2"
+    assert row["Age MAE A (years)"] == "5.43"  # MAE with 2 decimals
+    assert row["Age MAE B − A (years)"] == "-0.43"
+    assert row["Age MAE B − A 95% CI"] == "[-0.61, -0.25]"
+    assert row["McNemar p"] == "<0.001" and formatted.iloc[1]["McNemar p"] == "0.375"  # 3 significant digits
+    assert row["Wilcoxon p"] == "0.0123" and formatted.iloc[1]["Wilcoxon p"] == "1.00"
+    assert row["n"] == "1,000" and formatted.iloc[1]["n < 30"] == "yes"
+    assert "slice_1" not in formatted and "Slice 1" not in formatted
+    assert dict(zip(formatted.columns, numeric))["n"] and not dict(zip(formatted.columns, numeric))["Group"]
+
+
+def test_markdown_and_latex_tables():
+    formatted = pd.DataFrame({"Group": ["20–29 × female", "a|b & c_d"], "p": ["<0.001", "0.25"], "Acc (%)": ["91.2", "−1.0"]})
+    numeric = [False, True, True]
+    markdown = report.markdown_table(formatted, numeric).splitlines()
+    assert markdown[0] == "| Group | p | Acc (%) |"
+    assert markdown[1] == "|:---|---:|---:|"
+    assert markdown[3] == "| a\\|b & c_d | 0.25 | −1.0 |"
+    latex = report.latex_table(formatted, numeric)
+    assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex
+    assert "\\begin{tabular}{lrr}" in latex
+    assert "a|b \\& c\\_d" in latex and "Acc (\\%)" in latex
+    assert "20--29 $\\times$ female" in latex and "\\textless{}0.001" in latex and "$-$1.0" in latex
+    assert all(ord(ch) < 128 for ch in latex.replace("Needs", ""))  # pdflatex-safe
+
+
+# ---------------------------------------------------------------- the real pipeline
+
+
+def _tiny_model(path: Path, seed: int) -> Path:
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((32, 32, 3), name="image")
+    x = layers.Rescaling(1 / 255.0)(image)
+    x = layers.Conv2D(8, 3, activation="relu", padding="same")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(8, 3, activation="relu", padding="same", name="last_conv")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    age = layers.Dense(1, name="age", bias_initializer=keras.initializers.Constant(33.0))(x)
+    gender = layers.Dense(1, activation="sigmoid", name="gender")(x)
+    keras.Model(image, [age, gender]).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    _tiny_model(folder / "age_gender_A.keras", 1)
+    _tiny_model(folder / "age_gender_B.keras", 2)
+    history = pd.DataFrame(
+        {"epoch": [0, 1, 2], "loss": [2.0, 1.5, 1.2], "val_loss": [2.1, 1.7, 1.6], "age_mae": [12.0, 9.0, 8.0],
+         "val_age_mae": [12.5, 10.0, 9.5], "gender_accuracy": [0.5, 0.6, 0.7], "val_gender_accuracy": [0.5, 0.55, 0.6]}
+    )  # fmt: skip
+    history.to_csv(folder / "history_A.csv", index=False)  # B has no history: the figure shows A only
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluation(synthetic_dir, model_dir):
+    from analysis.dataset import load_sample
+    from analysis.evaluation import ModelSpec, evaluate
+
+    specs = {key: ModelSpec(str(model_dir / f"age_gender_{key}.keras")) for key in ("A", "B")}
+    return evaluate(load_sample(synthetic_dir), specs, n_boot=50, seed=0, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def bundle(evaluation, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "report"
+    written = report.write_bundle(evaluation, out, seed=0, n_boot=50, gradcam=True, gradcam_n=3)
+    return out, written
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_bundle_holds_every_promised_file(bundle, evaluation):
+    out, written = bundle
+    files = _files(out)
+    assert files == {p.relative_to(out).as_posix() for p in written}
+    assert {"README.md", "provenance.json", "report.zip", "summary.json", "models.json", "skipped.csv", "tables/predictions.csv"} <= files
+    for name in evaluation.tables:
+        assert {f"tables/{name}.csv", f"tables/{name}.md", f"tables/{name}.tex"} <= files
+    expected_figures = {
+        "overall", "by_age_band", "by_gender", "by_ethnicity", "age_scatter", "age_error_by_true_age",
+        "gender_calibration", "learning_curves",
+    } | {f"heatmap_{m}_{s}" for m in ("age_mae", "gender_acc") for s in ("age_band_x_ethnicity", "age_band_x_gender", "gender_x_ethnicity")}  # fmt: skip
+    for name in expected_figures:
+        assert {f"figures/{name}.png", f"figures/{name}.svg"} <= files
+    assert {"gradcam/worst_age_A.png", "gradcam/worst_age_B.png"} <= files
+    assert not (out / report.STAGING_NAME).exists()
+    # README indexes every file, and nothing it lists is missing
+    readme = (out / "README.md").read_text()
+    listed = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")}
+    assert files <= listed and listed <= files
+
+
+def test_csv_tables_round_trip_to_the_metric_tables(bundle, evaluation):
+    out, _ = bundle
+    for name, table in evaluation.tables.items():
+        back = pd.read_csv(out / "tables" / f"{name}.csv", keep_default_na=False, na_values=[""])
+        assert list(back.columns) == list(table.columns)
+        for column in table.columns:
+            if pd.api.types.is_bool_dtype(table[column]) or not pd.api.types.is_numeric_dtype(table[column]):
+                continue
+            np.testing.assert_array_equal(back[column].to_numpy(float), table[column].to_numpy(float), err_msg=f"{name}.{column}")
+    predictions = pd.read_csv(out / "tables" / "predictions.csv")
+    np.testing.assert_array_equal(predictions["age_pred_B"], evaluation.predictions["age_pred_B"])
+
+
+def test_readable_tables_match_the_numbers(bundle, evaluation):
+    out, _ = bundle
+    overall = evaluation.tables["slices"].query("slice_by == 'overall' and model == 'A'").iloc[0]
+    markdown = (out / "tables" / "slices.md").read_text()
+    assert f"| {overall['gender_acc'] * 100:.1f} |" in markdown.splitlines()[2]
+    assert f"| {overall['age_mae']:.2f} |" in markdown.splitlines()[2]
+    latex = (out / "tables" / "slices.tex").read_text()
+    assert "\\toprule" in latex and f"{overall['age_mae']:.2f}" in latex
+
+
+def test_figures_are_valid_images_at_print_resolution(bundle):
+    out, _ = bundle
+    for png in sorted((out / "figures").glob("*.png")):
+        image = Image.open(png)
+        image.verify()
+        image = Image.open(png)
+        assert image.info["dpi"][0] == pytest.approx(figures.PNG_PPI, abs=0.5)
+        svg = ET.parse(png.with_suffix(".svg")).getroot()
+        assert svg.tag.endswith("svg")
+        # printed at the SVG's nominal size (72 points per inch) the PNG has PNG_PPI >= 200 dpi
+        assert image.width / (float(svg.attrib["width"]) / 72) >= 200
+    for png in (out / "gradcam").glob("*.png"):
+        image = Image.open(png)
+        assert image.mode == "RGB" and image.height > 3 * report.GRADCAM_CELL
+
+
+def test_provenance_matches_the_inputs(bundle, evaluation, model_dir):
+    out, _ = bundle
+    record = json.loads((out / "provenance.json").read_text())
+    for key in ("A", "B"):
+        model_file = model_dir / f"age_gender_{key}.keras"
+        assert record["models"][key]["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+        assert record["models"][key]["settings"]
+    assert record["sample"]["fingerprint"] == evaluation.sample.fingerprint
+    assert record["sample"]["n_evaluated"] == len(evaluation.predictions)
+    assert record["seed"] == 0 and record["bootstrap_resamples"] == 50
+    assert record["packages"]["altair"] and record["created"]
+    assert record["report"]["png_ppi"] == figures.PNG_PPI
+    files = record["files"]
+    assert set(files) == _files(out) - {"provenance.json", "report.zip"}
+    for name, digest in files.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+
+def test_zip_holds_the_bundle(bundle):
+    out, _ = bundle
+    with zipfile.ZipFile(out / "report.zip") as archive:
+        names = {n.removeprefix(f"{report.ZIP_ROOT}/") for n in archive.namelist()}
+        assert names == _files(out) - {"report.zip"}
+        assert archive.read(f"{report.ZIP_ROOT}/provenance.json") == (out / "provenance.json").read_bytes()
+
+
+def test_bundle_zip_bytes_for_the_app(evaluation, monkeypatch):
+    monkeypatch.setattr(report, "report_figures", _two_figures)
+    data = report.bundle_zip_bytes(evaluation, gradcam=False)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        assert f"{report.ZIP_ROOT}/provenance.json" in names and f"{report.ZIP_ROOT}/figures/overall.png" in names
+        assert "Grad-CAM grids were not requested" in archive.read(f"{report.ZIP_ROOT}/README.md").decode()
+
+
+# ---------------------------------------------------------------- refusing bad folders, failing cleanly
+
+
+def _two_figures(evaluation, histories=None):
+    """A cheaper figure list for the tests that exercise the folder mechanics."""
+    return [
+        report.ReportFigure("overall", figures.overall_chart(evaluation.tables["slices"]), "overall"),
+        report.ReportFigure("by_gender", figures.slice_chart(evaluation.tables["slices"], "gender"), "by gender"),
+    ]
+
+
+def test_unusable_output_folders_give_clear_messages(tmp_path, evaluation):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(BundleError, match="is a file, not a folder"):
+        report.write_bundle(evaluation, a_file / "sub")
+    with pytest.raises(BundleError, match="exists and is a file"):
+        report.write_bundle(evaluation, a_file)
+    with pytest.raises(BundleError, match="not an earlier report folder"):
+        report.write_bundle(evaluation, tmp_path)
+    assert a_file.read_text() == "keep me" and _files(tmp_path) == {"notes.txt"}
+
+
+def test_existing_bundle_needs_overwrite_and_is_replaced_cleanly(tmp_path, evaluation, monkeypatch):
+    monkeypatch.setattr(report, "report_figures", _two_figures)
+    out = tmp_path / "report"
+    report.write_bundle(evaluation, out, gradcam=False)
+    with pytest.raises(BundleError, match="--overwrite"):
+        report.write_bundle(evaluation, out, gradcam=False)
+    (out / "my_notes.md").write_text("mine")  # a user's file: must survive
+    stale = out / "figures" / "old_figure.png"  # a file an earlier bundle listed: must go
+    stale.write_bytes(b"old")
+    record = json.loads((out / "provenance.json").read_text())
+    record["files"]["figures/old_figure.png"] = "0" * 64
+    (out / "provenance.json").write_text(json.dumps(record))
+    monkeypatch.setattr(report, "report_figures", lambda ev, histories=None: _two_figures(ev)[:1])
+    report.write_bundle(evaluation, out, overwrite=True, gradcam=False)
+    assert (out / "my_notes.md").read_text() == "mine"
+    assert not stale.exists() and not (out / "figures" / "by_gender.png").exists()
+    assert (out / "figures" / "overall.png").exists() and (out / "provenance.json").exists()
+
+
+def test_failure_mid_export_leaves_no_complete_looking_bundle(tmp_path, evaluation, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("renderer crashed")
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "other.txt").write_text("x")
+    with monkeypatch.context() as patch:
+        patch.setattr(figures, "slice_chart", broken)  # the second figure: tables are already staged
+        with pytest.raises(RuntimeError, match="renderer crashed"):
+            report.write_bundle(evaluation, parent / "report", gradcam=False)
+    # the new folder is gone again and nothing else changed
+    assert _files(parent) == {"other.txt"} and not (parent / "report").exists()
+
+    # over an earlier bundle: the earlier one stays as it was
+    monkeypatch.setattr(report, "report_figures", _two_figures)
+    out = parent / "report"
+    report.write_bundle(evaluation, out, gradcam=False)
+    before = {name: (out / name).read_bytes() for name in _files(out)}
+    monkeypatch.setattr(figures, "chart_svg", broken)
+    with pytest.raises(RuntimeError):
+        report.write_bundle(evaluation, out, overwrite=True, gradcam=False)
+    assert {name: (out / name).read_bytes() for name in _files(out)} == before
+    assert not (out / report.STAGING_NAME).exists()
+    assert _files(parent) == {"other.txt"} | {f"report/{n}" for n in before}
+
+
+def test_gradcam_failure_is_noted_not_fatal(tmp_path, evaluation, monkeypatch):
+    def no_gradcam(*args, **kwargs):
+        raise ImportError("tensorflow is not installed")
+
+    monkeypatch.setattr(report, "report_figures", _two_figures)
+    monkeypatch.setattr(report, "gradcam_grids", no_gradcam)
+    out = tmp_path / "report"
+    report.write_bundle(evaluation, out, gradcam=True)
+    assert "Grad-CAM grids were skipped: ImportError: tensorflow is not installed" in (out / "README.md").read_text()
+    assert not (out / "gradcam").exists() and (out / "provenance.json").exists()
+    notes = json.loads((out / "provenance.json").read_text())["report"]["notes"]
+    assert any("Grad-CAM" in note for note in notes)
+
+
+def test_leftover_staging_folder_does_not_block_a_new_export(tmp_path, evaluation, monkeypatch):
+    monkeypatch.setattr(report, "report_figures", _two_figures)
+    out = tmp_path / "report"
+    (out / report.STAGING_NAME).mkdir(parents=True)  # an export killed half-way
+    (out / report.STAGING_NAME / "half.csv").write_text("x")
+    report.write_bundle(evaluation, out, gradcam=False, make_zip=False)
+    assert (out / "provenance.json").exists() and not (out / report.STAGING_NAME).exists()
+    assert not (out / "report.zip").exists() and "report.zip" not in (out / "README.md").read_text()
+
+
+def test_one_model_report_figures(synthetic_dir, model_dir):
+    from analysis.dataset import load_sample
+    from analysis.evaluation import ModelSpec, evaluate
+
+    single = evaluate(load_sample(synthetic_dir), {"A": ModelSpec(str(model_dir / "age_gender_A.keras"))}, n_boot=20, use_cache=False)
+    built = report.report_figures(single)
+    assert [f.name for f in built][:4] == ["overall", "by_age_band", "by_gender", "by_ethnicity"]
+    for figure in built:
+        spec = figure.chart.to_dict()  # validates against the Vega-Lite schema
+        assert "B − A" not in json.dumps(spec, ensure_ascii=False), figure.name
+    for name, table in single.tables.items():
+        formatted, numeric = report.format_table(table, ["A"])
+        assert len(formatted) == len(table) and len(numeric) == formatted.shape[1], name
