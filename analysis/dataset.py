@@ -219,7 +219,7 @@ def load_sample(
                 f"{source_path.name} is not a zip archive — give a folder of images or a .zip file"
             )
         if extract_to is None:
-            extract_to = default_cache_dir() / "samples" / _file_sha1(source_path)
+            extract_to = default_cache_dir() / "samples" / file_digest(source_path, "sha1")
         root, skipped = extract_zip_safely(source_path, extract_to)
     elif source_path.is_dir():
         root, skipped = source_path, []
@@ -384,12 +384,10 @@ def _copy_bounded(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, destination:
     return copied
 
 
-def _file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (model files can be hundreds of MB)."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def default_cache_dir() -> Path:

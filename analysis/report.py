@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ import pandas as pd
 
 from analysis import figures
 from analysis.constants import DEFAULT_SEED, ETHNICITIES, GENDERS, SMALL_SLICE_N
-from analysis.dataset import load_image
+from analysis.dataset import file_digest, load_image
 
 BUNDLE_MARKER = "provenance.json"
 STAGING_NAME = ".incomplete"
@@ -165,12 +164,6 @@ def provenance(evaluation, *, seed: int = DEFAULT_SEED, n_boot: int | None = Non
     return to_jsonable(record)
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- readable tables (Markdown, LaTeX)
@@ -245,23 +238,22 @@ def _fmt(value, kind: str, metric: str | None = None) -> str:
     value = float(value)
     # Round first so that a tiny negative value prints as 0.00, not -0.00.
     value = round(value, {"pct": 3, "points": 3, "years": 2, "years1": 1, "signed_years": 2, "prob": 3}.get(kind, 12)) + 0.0
-    if kind == "int":
-        return f"{int(round(value)):,}"
-    if kind == "pct":
-        return f"{value * 100:.1f}"
-    if kind == "points":
-        return f"{value * 100:+.1f}"
-    if kind == "years":
-        return f"{value:.2f}"
-    if kind == "years1":
-        return f"{value:.1f}"
-    if kind == "signed_years":
-        return f"{value:+.2f}"
-    if kind == "p":
-        return "<0.001" if value < 0.001 else f"{value:#.3g}"
-    if kind == "prob":
-        return f"{value:.3f}"
-    return f"{value:.3g}"
+    if kind == "p" and value < 0.001:
+        return "<0.001"
+    formatter = _NUMBER_FORMATS.get(kind, "{:.3g}")
+    return formatter.format(value * 100 if kind in ("pct", "points") else value)
+
+
+_NUMBER_FORMATS = {
+    "int": "{:,.0f}",
+    "pct": "{:.1f}",
+    "points": "{:+.1f}",
+    "years": "{:.2f}",
+    "years1": "{:.1f}",
+    "signed_years": "{:+.2f}",
+    "p": "{:#.3g}",
+    "prob": "{:.3f}",
+}
 
 
 def _column_spec(column: str, model_keys) -> tuple[str, str] | None:
@@ -523,7 +515,7 @@ def write_bundle(
             evaluation, staging, gradcam=gradcam, gradcam_n=gradcam_n, histories=histories, progress=progress, make_zip=make_zip
         )
         extra["files"] = {
-            str(p.relative_to(staging).as_posix()): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+            str(p.relative_to(staging).as_posix()): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()
         }
         # The marker is the last file of the bundle: its presence means the bundle is complete.
         (staging / BUNDLE_MARKER).write_text(json.dumps(provenance(evaluation, seed=seed, n_boot=n_boot, extra=extra), indent=2))

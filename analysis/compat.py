@@ -1,0 +1,461 @@
+"""Read a model file safely and make old formats loadable by Keras 3.
+
+`load_model_file` is the one entry point: it identifies the file from its bytes (`.keras` zip,
+Keras-3 `.h5`, Keras-2 `.h5`, or something that is not a model and deserves a clear message),
+checks the stored layer config, and hands the file to `keras.saving.load_model`.
+
+No code from the file is ever executed by this module: the checks and shims read the stored JSON
+config only, a custom layer class named by the file is refused (never imported), and the shims
+pick their behaviour from fixed tables. Keras then loads in safe mode; a `Lambda` layer (stored
+Python code) is refused unless the caller knowingly passes `allow_unsafe=True`.
+
+Old files need shims because Keras 3 misreads or rejects valid Keras 2 configs:
+- arguments Keras 3 no longer accepts (e.g. `DepthwiseConv2D(groups=1)`) are dropped by a lenient
+  subclass of the built-in layer, with a note per dropped argument;
+- `TFOpLambda` layers (Keras 2 recorded `x / 127.5 - 1` on a tensor as TensorFlow-op layers) are
+  rebuilt from a fixed table of elementwise arithmetic with one constant; any other op is refused;
+- node references to nested models are renumbered (Keras 2 counted their calls from 1, Keras 3
+  from 0), and flat `TFOpLambda` nodes are wrapped as lists of inputs. The patched config is written
+  to a temporary copy; the user's file is never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import keras
+
+
+class ModelLoadError(ValueError):
+    """A model file that cannot be loaded or understood; the message says what to do."""
+
+
+def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tuple[keras.Model, str]:
+    """(Keras model, file format label) for the file at `path`; what was shimmed is appended to `notes`.
+
+    Raises ModelLoadError (a ValueError) with a readable message for anything it cannot or must not load.
+    """
+    kind, file_format, config = _inspect_file(path)
+    _refuse_unloadable(config, path, allow_unsafe, notes)
+    return _load_keras_model(path, kind, config, allow_unsafe, notes), file_format
+
+
+# ---------------------------------------------------------------- what the file is
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _inspect_file(path: Path) -> tuple[str, str, dict]:
+    """Identify the file without running anything: ("keras" | "h5" | "h5-legacy", format label, config)."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            raise ModelLoadError(
+                f"{path} is a TensorFlow SavedModel folder; Keras 3 cannot load those as models. "
+                "Re-save it from the original code as a .keras file (model.save('model.keras'))."
+            )
+        raise ModelLoadError(f"{path} is a folder, not a model file (.keras or .h5)")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path.name} is empty (0 bytes): not a model. Was the download or upload interrupted?")
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+                if "config.json" not in names:
+                    raise ModelLoadError(
+                        f"{path.name} is a zip archive but not a Keras model (no config.json inside)"
+                    )
+                config = json.loads(archive.read("config.json"))
+                metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
+                if not any(n.endswith(".h5") or n.endswith(".npz") for n in names):
+                    raise ModelLoadError(f"{path.name} has a model config but no weights file inside")
+        except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(
+                f"{path.name} looks like a .keras archive but cannot be read ({exc}); "
+                "it is probably truncated or damaged — download it again"
+            ) from None
+        version = metadata.get("keras_version", "unknown")
+        return "keras", f".keras (Keras {version})", config
+
+    if head.startswith(_HDF5_MAGIC):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as handle:
+                raw = handle.attrs.get("model_config")
+                version = handle.attrs.get("keras_version", b"unknown")
+                has_weights = "model_weights" in handle
+                looks_like_weights = "layer_names" in handle.attrs or "layers" in handle
+        except OSError as exc:
+            raise ModelLoadError(
+                f"{path.name} is an HDF5 file that cannot be read ({exc}); it is probably truncated or damaged"
+            ) from None
+        if raw is None:
+            hint = ""
+            if looks_like_weights:
+                hint = (" It looks like a weights-only file (model.save_weights): the architecture needs the "
+                        "original code. Save the whole model instead (model.save('model.keras')).")
+            raise ModelLoadError(f"{path.name} is an HDF5 file without a model configuration, not a full model.{hint}")
+        if not has_weights:
+            raise ModelLoadError(f"{path.name} has a model configuration but no weights (model_weights group missing)")
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        version = version.decode("utf-8") if isinstance(version, bytes) else str(version)
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError:
+            raise ModelLoadError(f"{path.name}: the stored model configuration is not valid JSON") from None
+        legacy = version.startswith(("1.", "2.")) or (not version.startswith("3.") and _is_legacy_config(config))
+        return ("h5-legacy" if legacy else "h5"), f".h5 (Keras {version}{', legacy' if legacy else ''})", config
+
+    if head[:1] in (b"{", b"[") or _is_text(head):
+        hint = ""
+        if b"modelTopology" in head or b"weightsManifest" in head:
+            hint = " It looks like a TensorFlow.js model.json; convert it to .h5 or .keras first."
+        elif b"class_name" in head:
+            hint = " It looks like a model architecture saved as JSON (to_json), which has no weights."
+        raise ModelLoadError(f"{path.name} is a text file, not a Keras model (.keras or .h5).{hint}")
+    raise ModelLoadError(
+        f"{path.name} is not a Keras model file: a .keras file is a zip archive and an .h5 file is HDF5, "
+        f"but this file starts with bytes {head[:8].hex(' ')}. Check that you picked the right file."
+    )
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- safety checks on the stored config
+
+
+def _iter_layer_configs(config):
+    """Yield every layer config dict (class_name + config) in a stored model config, nested ones too."""
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "class_name" in item and isinstance(item.get("config"), dict):
+                yield item
+            for key, value in item.items():
+                if key in ("layers", "layer", "forward_layer", "backward_layer", "config", "cell", "cells"):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _is_layer_config(item: dict) -> bool:
+    return "name" in item or "inbound_nodes" in item or "build_config" in item or "name" in item["config"]
+
+
+def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> None:
+    """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for."""
+    lambdas, custom, unsupported = [], [], []
+    for item in _iter_layer_configs(config):
+        if not _is_layer_config(item):
+            continue
+        class_name = item["class_name"]
+        layer_name = item["config"].get("name", item.get("name", "?"))
+        if class_name == "Lambda":
+            lambdas.append(layer_name)
+        elif class_name == "SlicingOpLambda" or (class_name == "TFOpLambda" and not _tf_op_supported(item)):
+            unsupported.append(f"{layer_name} (Keras 2 TensorFlow op {item['config'].get('function', '?')})")
+        elif not _is_builtin_layer(item):
+            custom.append(f"{layer_name} ({class_name})")
+    if lambdas and not allow_unsafe:
+        raise ModelLoadError(
+            f"{path.name} contains Lambda layer(s) {', '.join(lambdas)}. A Lambda layer stores Python code in the "
+            "file and loading it would run that code — a model file from elsewhere could do anything on this "
+            "machine, so it was not loaded. If you trust where this file came from, load it knowingly with "
+            "allow_unsafe=True (command line: --allow-unsafe-model)."
+        )
+    if lambdas:
+        notes.append(
+            f"UNSAFE: loaded with allow_unsafe=True; Lambda layer(s) {', '.join(lambdas)} run code stored in the file"
+        )
+    if unsupported:
+        raise ModelLoadError(
+            f"{path.name} uses Keras 2 TensorFlow-op layer(s) {', '.join(unsupported)} that Keras 3 cannot "
+            f"rebuild; only elementwise arithmetic with a constant ({', '.join(sorted(_TF_OP_NAMES))}) is "
+            "supported. Re-save the model with standard Keras layers."
+        )
+    if custom:
+        raise ModelLoadError(
+            f"{path.name} uses custom layer(s) {', '.join(custom)} whose code is not in the file. We never import "
+            "code named by a model file. Re-save the model with standard Keras layers, or evaluate it where its "
+            "code is installed."
+        )
+
+
+def _tf_op_supported(item: dict) -> bool:
+    """A Keras 2 TFOpLambda we can rebuild: known arithmetic, called with one numeric constant."""
+    if item["config"].get("function") not in _TF_OP_NAMES:
+        return False
+    for node in item.get("inbound_nodes") or []:
+        refs = [node] if node and isinstance(node[0], str) else node
+        for ref in refs:
+            extra = ref[3] if isinstance(ref, list) and len(ref) > 3 and isinstance(ref[3], dict) else {}
+            y = extra.get("y")
+            if not isinstance(y, (int, float)) or isinstance(y, bool):
+                return False
+    return True
+
+
+def _is_builtin_layer(item: dict) -> bool:
+    class_name = item["class_name"]
+    module = item.get("module")
+    if class_name in ("Functional", "Model", "Sequential", "InputLayer") or class_name in _SHIM_CLASSES:
+        return True
+    if module and module.split(".")[0] in ("keras_hub", "keras_cv", "keras_nlp"):
+        return True  # Keras' own add-on packages: Keras imports them only if installed
+    if module and not (module == "keras" or module.startswith("keras.")):
+        return False
+    registered = item.get("registered_name")
+    if registered and registered != class_name and ">" in str(registered):
+        return False
+    return isinstance(getattr(keras.layers, class_name, None), type)
+
+
+# ---------------------------------------------------------------- compatibility shims for old files
+
+
+def _tf_op_lambda_class():
+    """A stand-in for Keras 2's `TFOpLambda` (layers made by writing `x / 127.5 - 1` on a tensor).
+
+    Only elementwise arithmetic with constants is allowed — the op is chosen from a fixed table by
+    name, so nothing from the file is executed.
+    """
+    ops = keras.ops
+    by_kind = {"divide": ops.divide, "multiply": ops.multiply, "subtract": ops.subtract, "add": ops.add}
+    table = {name: by_kind[kind] for name, kind in _TF_OPS.items()}
+
+    class TFOpLambda(keras.layers.Layer):
+        def __init__(self, function, **kwargs):
+            kwargs.pop("module", None)
+            super().__init__(**kwargs)
+            if function not in table:
+                raise ValueError(
+                    f"Keras 2 op layer '{function}' is not supported (only elementwise arithmetic with constants)"
+                )
+            self.function = function
+
+        def call(self, x, y=None, name=None, **kwargs):
+            if kwargs or not isinstance(y, (int, float)) or isinstance(y, bool):
+                raise ValueError(f"Keras 2 op layer '{self.function}' is supported only with one constant operand")
+            return table[self.function](x, ops.cast(y, x.dtype))
+
+        def get_config(self):
+            return {**super().get_config(), "function": self.function}
+
+    return TFOpLambda
+
+
+_SHIM_CLASSES = {"TFOpLambda"}
+# Keras 2 `TFOpLambda` function names we rebuild, and the arithmetic each one is.
+_TF_OPS = {
+    "math.truediv": "divide", "math.divide": "divide", "__operators__.truediv": "divide",
+    "math.multiply": "multiply", "__operators__.mul": "multiply",
+    "math.subtract": "subtract", "__operators__.sub": "subtract",
+    "math.add": "add", "__operators__.add": "add",
+}
+_TF_OP_NAMES = frozenset(_TF_OPS)
+
+
+def _accepted_kwargs(cls) -> set[str]:
+    names = {"input_shape", "input_dim", "batch_input_shape", "batch_size", "batch_shape"}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                names.add(param.name)
+        if klass is keras.layers.Layer:
+            break
+    return names
+
+
+def _lenient_class(cls, dropped: set[str]):
+    """Subclass of a built-in layer whose from_config drops keyword arguments Keras 3 no longer knows."""
+
+    class Lenient(cls):
+        @classmethod
+        def from_config(klass, config):
+            return super().from_config({k: v for k, v in config.items() if k not in dropped})
+
+    Lenient.__name__ = Lenient.__qualname__ = cls.__name__
+    return Lenient
+
+
+def _legacy_shims(config: dict) -> tuple[dict, list[str]]:
+    """custom_objects that let Keras 3 read an old config, and a note per dropped argument."""
+    dropped: dict[str, dict[str, set]] = {}
+    for item in _iter_layer_configs(config):
+        if not _is_layer_config(item):
+            continue
+        cls = getattr(keras.layers, item["class_name"], None)
+        if not isinstance(cls, type) or not issubclass(cls, keras.layers.Layer) or issubclass(cls, keras.Model):
+            continue
+        extra = set(item["config"]) - _accepted_kwargs(cls)
+        for key in extra:
+            dropped.setdefault(item["class_name"], {}).setdefault(key, set()).add(
+                json.dumps(item["config"][key], sort_keys=True)
+            )
+    custom = {class_name: _lenient_class(getattr(keras.layers, class_name), set(keys))
+              for class_name, keys in dropped.items()}
+    notes = [
+        f"compatibility shim: dropped old {class_name} argument(s) "
+        + ", ".join(f"{key}={'/'.join(sorted(values))}" for key, values in sorted(keys.items()))
+        + " that Keras 3 rejects"
+        for class_name, keys in sorted(dropped.items())
+    ]
+    return custom, notes
+
+
+def _fix_legacy_nodes(config: dict) -> int:
+    """Rewrite Keras 2 node references Keras 3 misreads; returns how many were changed.
+
+    Keras 2 gave every nested Functional/Sequential model an extra node at construction, so
+    calls to it are numbered from 1; Keras 3 numbers them from 0 (it corrects this only for the
+    model's outputs). Keras 2 `TFOpLambda` nodes are stored as one flat input, not a list of inputs.
+    """
+    changed = 0
+    models_by_scope = []
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            inner = item.get("config")
+            if isinstance(inner, dict) and isinstance(inner.get("layers"), list):
+                models_by_scope.append(inner["layers"])
+            for value in item.values():
+                if isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+    for layers in models_by_scope:
+        nested = {
+            layer.get("name") or layer["config"].get("name")
+            for layer in layers
+            if isinstance(layer, dict) and layer.get("class_name") in ("Functional", "Model", "Sequential")
+        }
+        for layer in layers:
+            nodes = layer.get("inbound_nodes") if isinstance(layer, dict) else None
+            if not isinstance(nodes, list):
+                continue
+            for n, node in enumerate(nodes):
+                if isinstance(node, list) and node and isinstance(node[0], str):
+                    nodes[n] = node = [node]  # flat TFOpLambda-style node → list of inputs
+                    changed += 1
+                if not isinstance(node, list):
+                    continue
+                for ref in node:
+                    if isinstance(ref, list) and len(ref) >= 3 and ref[0] in nested and ref[1] >= 1:
+                        ref[1] -= 1
+                        changed += 1
+    return changed
+
+
+def _is_legacy_config(config: dict) -> bool:
+    for item in _iter_layer_configs(config):
+        nodes = item.get("inbound_nodes")
+        if isinstance(nodes, list) and nodes:
+            return isinstance(nodes[0], list)
+        if "module" in item:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _loadable_copy(path: Path, suffix: str, config: dict | None):
+    """A path Keras accepts: the file itself, or a temporary copy with the right suffix / patched config."""
+    if config is None and path.suffix.lower() in ((".keras",) if suffix == ".keras" else (".h5", ".hdf5")):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="facecheck-model-") as folder:
+        copy = Path(folder) / f"model{suffix}"
+        shutil.copyfile(path, copy)
+        if config is not None:
+            import h5py
+
+            with h5py.File(copy, "r+") as handle:
+                handle.attrs["model_config"] = json.dumps(config).encode("utf-8")
+        yield copy
+
+
+def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, notes: list[str]):
+    """Load with Keras (safe mode unless allowed), applying compatibility shims to old .h5 configs."""
+    custom_objects: dict = {}
+    patched = None
+    if kind == "h5-legacy":
+        patched = json.loads(json.dumps(config))
+        if _fix_legacy_nodes(patched):
+            notes.append("compatibility shim: renumbered Keras 2 layer connections for Keras 3")
+        else:
+            patched = None
+        if any(item["class_name"] == "TFOpLambda" for item in _iter_layer_configs(config)):
+            custom_objects["TFOpLambda"] = _tf_op_lambda_class()
+            notes.append("compatibility shim: Keras 2 arithmetic op layers (TFOpLambda) rebuilt from a fixed table")
+        shims, shim_notes = _legacy_shims(config)
+        custom_objects.update(shims)
+        notes += shim_notes
+    suffix = ".keras" if kind == "keras" else ".h5"
+    try:
+        with _loadable_copy(path, suffix, patched) as loadable:
+            model = keras.saving.load_model(
+                loadable, custom_objects=custom_objects, compile=False, safe_mode=not allow_unsafe
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # Keras raises many types; the user needs one readable message
+        message = str(exc).split("\n")[0][:600]
+        raise ModelLoadError(
+            f"Keras could not load {path.name} ({type(exc).__name__}: {message}). "
+            "If the file is complete, it may use layers or options this Keras version does not support."
+        ) from exc
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(f"{path.name} holds a {type(model).__name__}, not a Keras model")
+    return model
+
+
+# ---------------------------------------------------------------- reading a rebuilt TFOpLambda layer
+
+
+def tf_op_constant(layer) -> float | None:
+    """The constant operand a Keras 2 arithmetic op layer was called with, if it is one number."""
+    try:
+        value = layer._inbound_nodes[0].arguments.kwargs.get("y")
+    except (IndexError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def tf_op_affine(layer) -> tuple[float, float] | None:
+    """(a, b) such that the Keras 2 op layer computes a·x + b, for arithmetic with a constant; else None."""
+    y = tf_op_constant(layer)
+    if y is None:
+        return None
+    kind = _TF_OPS.get(layer.function)
+    if kind == "divide" and y != 0:
+        return 1.0 / y, 0.0
+    if kind == "multiply":
+        return y, 0.0
+    if kind == "subtract":
+        return 1.0, -y
+    if kind == "add":
+        return 1.0, y
+    return None
