@@ -508,15 +508,59 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _other_colour_order(preset: str) -> str:
+    """rgb_0_255 ↔ bgr_0_255 (same scaling); presets with a fixed order map to themselves."""
+    swapped = {"rgb": "bgr", "bgr": "rgb"}.get(preset[:3])
+    candidate = f"{swapped}{preset[3:]}" if swapped else preset
+    return candidate if candidate in PRESETS else preset
+
+
+def _clearly_better(challenger, incumbent, alpha: float = 0.01) -> bool:
+    """Is `challenger` (correct flags, abs age errors) significantly better than `incumbent` on the same images?
+
+    Significantly better on one head (exact McNemar for gender, Wilcoxon for age error) and not
+    significantly worse on the other. Used so that a preset declared by the file itself is only
+    overridden by clear evidence, not by noise on a weak model.
+    """
+    from scipy import stats
+
+    if incumbent is None:
+        return True
+    if challenger is None:
+        return False
+    (c_correct, c_err), (i_correct, i_err) = challenger, incumbent
+    only_c, only_i = int(np.sum(c_correct & ~i_correct)), int(np.sum(i_correct & ~c_correct))
+
+    def mcnemar(wins: int, losses: int) -> float:
+        if wins + losses == 0:
+            return 1.0
+        return stats.binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue
+
+    diff = i_err - c_err  # positive where the challenger is closer
+    if np.all(diff == 0):
+        age_better = age_worse = 1.0
+    else:
+        age_better = stats.wilcoxon(diff, alternative="greater").pvalue
+        age_worse = stats.wilcoxon(diff, alternative="less").pvalue
+    gender_better, gender_worse = mcnemar(only_c, only_i), mcnemar(only_i, only_c)
+    better = gender_better < alpha or age_better < alpha
+    worse = gender_worse < alpha or age_worse < alpha
+    return better and not worse
+
+
 def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple[LoadedModel, pd.DataFrame]:
     """Score every preset on labelled images and keep the best.
 
     images: uint8 RGB (n, h, w, 3) at `loaded.input_size`; ages in years (n,); genders 0 male / 1 female (n,).
     Each preset gets gender accuracy (P(female) ≥ 0.5) and age MAE. `combined_rank` is the mean of
     the preset's rank on gender accuracy (higher is better) and its rank on age MAE (lower is better),
-    tied values sharing the best rank; the lowest combined rank wins. Ties go to a preset that needs no
-    gender flip (see below), then to the preset implied by a rescaling layer inside the model (when
-    there is one), then to lower age MAE, then to PRESETS order.
+    tied values sharing the best rank; the lowest combined rank wins. Ties go to a preset that needs
+    no gender flip (see below), then to the preset implied by a rescaling layer inside the model
+    (when there is one), then to lower age MAE, then to PRESETS order.
+    When the model has a rescaling layer inside, that layer fixes the scale: only the same scale in
+    the other colour order may replace the implied preset, and only when it is significantly better
+    on the same images (paired exact McNemar / Wilcoxon, p < 0.01) and not significantly worse on
+    the other head — so noise on a weak model never overrides what the file declares.
     A preset whose outputs are not finite ranks last.
 
     When the female index was inferred (not given) and the winner's gender accuracy is clearly below
@@ -538,13 +582,16 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         )
     free_female_index = "female_index" not in loaded.user_settings
 
-    rows = []
+    rows, per_image = [], {}
     for preset in PRESETS:
         candidate = dataclasses.replace(loaded, preprocessing=preset)
         age_pred, p_female = candidate.predict_batch(images)
         finite = bool(np.isfinite(age_pred).all() and np.isfinite(p_female).all())
-        acc = float(np.mean((p_female >= 0.5).astype(int) == genders)) if finite else math.nan
-        mae = float(np.mean(np.abs(age_pred - ages))) if finite else math.nan
+        correct = (p_female >= 0.5).astype(int) == genders
+        abs_err = np.abs(age_pred - ages)
+        per_image[preset] = (correct, abs_err) if finite else None
+        acc = float(np.mean(correct)) if finite else math.nan
+        mae = float(np.mean(abs_err)) if finite else math.nan
         rows.append({"preset": preset, "gender_acc": acc, "age_mae": mae})
     table = pd.DataFrame(rows)
     inside_preset = loaded.preprocessing if loaded.preprocessing_inside else None
@@ -563,12 +610,25 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         range(len(table)),
         key=lambda i: (table["combined_rank"][i], bool(needs_flip[i]), not table["inside"][i], age_score[i], i),
     )
+    notes = [n for n in loaded.notes if not n.startswith(_PROVISIONAL_NOTE_START)]
+    if inside_preset is not None:
+        # A rescaling layer inside the file declares the input scale but not the channel order:
+        # only the same scale in the other colour order may replace it, and only on clear evidence.
+        eligible = {inside_preset, _other_colour_order(inside_preset)}
+        order = [i for i in order if table["preset"][i] in eligible]
     best = order[0]
+    if inside_preset is not None and table["preset"][best] != inside_preset:
+        challenger = table["preset"][best]
+        if not _clearly_better(per_image[challenger], per_image.get(inside_preset)):
+            best = int(np.flatnonzero(table["inside"])[0])
+            notes.append(
+                f"kept {inside_preset} (implied by the rescaling layer inside the model): {challenger} ranked "
+                "higher but was not significantly better on these images (paired tests, p ≥ 0.01)"
+            )
     table["chosen"] = False
     table.loc[best, "chosen"] = True
     preset = table["preset"][best]
 
-    notes = [n for n in loaded.notes if not n.startswith(_PROVISIONAL_NOTE_START)]
     acc, mae = table["gender_acc"][best], table["age_mae"][best]
     notes.append(
         f"preprocessing {preset} chosen by calibration on {len(images)} labelled images "

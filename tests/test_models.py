@@ -556,6 +556,28 @@ def test_calibration_prefers_the_inside_preset_on_ties(tmp_path):
     assert calibrated.preprocessing == "rgb_0_1"
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noise_never_overrides_the_preprocessing_declared_inside(tmp_path, seed):
+    # An untrained self-describing model (Rescaling inside) on random labels: some other preset
+    # will rank first by chance, but only a significant difference may override the file.
+    model = heads_model((12, 12, 3), rescaling=(1 / 255, 0), seed=seed)
+    loaded = load_model(save(model, tmp_path))
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8)
+    ages, genders = rng.uniform(1, 90, 64), rng.integers(0, 2, 64)
+    calibrated, scores = calibrate_preprocessing(loaded, images, ages, genders)
+    assert calibrated.preprocessing == "rgb_0_255"
+    assert scores.loc[scores["chosen"], "preset"].item() == "rgb_0_255"
+
+
+def test_clear_evidence_still_overrides_the_inside_preset(tmp_path):
+    # Rescaling(1/255) inside, but the model was built for BGR channel order (cv2-style training).
+    loaded = load_model(save(preset_model("bgr_0_1", inside=True), tmp_path))
+    assert loaded.preprocessing == "rgb_0_255" and loaded.preprocessing_inside
+    calibrated, _ = calibrate_preprocessing(loaded, *preset_images(n=64))
+    assert calibrated.preprocessing == "bgr_0_255"
+
+
 def test_calibration_flips_a_reversed_gender_convention_only_when_not_given(tmp_path):
     path = save(preset_model("bgr_0_1", flipped_gender=True), tmp_path)
     images, ages, genders = preset_images()
