@@ -197,8 +197,28 @@ def demo_sample_dir(n: int = DEMO_SAMPLE_SIZE) -> Path:
     return folder
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the process's stderr muted, hiding its C++ start-up banner.
+
+    TF 2.21 logs the oneDNN notice from native code before TF_CPP_MIN_LOG_LEVEL is read; only
+    the import is muted, so every later warning or error still reaches the user.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _import_tensorflow_quietly()
     if args.command == "inspect":
         return _inspect(args)
 
