@@ -1,0 +1,371 @@
+"""Tests for training/: split, CLI, Model A and B end to end on synthetic faces, bad inputs,
+EfficientNet-Lite0 conversion and the restricted unpickler. Offline; one-epoch trainings."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.cli import main
+from training.data import split_sample
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_FILES = ("age_gender_{}.keras", "history_{}.csv", "curves_{}.png", "curves_{}.svg", "metrics_{}.json", "summary_{}.txt")
+
+# ImageNet class indices (standard 1000-class order) for the scikit-image photos.
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+def run_cli(*args) -> None:
+    assert main([str(a) for a in args]) == 0
+
+
+def finished_files(folder: Path) -> list[str]:
+    """Files that look finished (not hidden, not partial)."""
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def load_keras(path):
+    import keras
+
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_dir, tmp_path_factory):
+    """Model A and Model B (tiny random backbone) trained briefly by the CLI into one folder."""
+    out = tmp_path_factory.mktemp("trained")
+    run_cli("--data", synthetic_dir, "--out", out, "--model", "A", "--epochs", 1, "--image-size", 48, "--no-cache")
+    run_cli("--data", synthetic_dir, "--out", out, "--model", "B", "--backbone", "tiny", "--weights", "none",
+            "--epochs", 2, "--head-epochs", 1, "--image-size", 48, "--no-cache")
+    return out
+
+
+# ------------------------------------------------------------------ split
+
+
+def test_split_is_stratified_disjoint_and_seeded(synthetic_dir):
+    from analysis.dataset import load_sample
+
+    sample = load_sample(synthetic_dir).sample
+    train, val, stratified_by = split_sample(sample, 0.2, seed=0)
+    assert len(val) == 24 and len(train) == 96
+    assert set(train["image_id"]).isdisjoint(val["image_id"])
+    assert stratified_by in ("age band × gender", "gender")
+    # gender shares agree within one image's worth
+    assert abs(val["gender"].mean() - train["gender"].mean()) < 0.1
+    again_train, again_val, _ = split_sample(sample, 0.2, seed=0)
+    assert list(again_val["image_id"]) == list(val["image_id"])
+    other_val = split_sample(sample, 0.2, seed=1)[1]
+    assert list(other_val["image_id"]) != list(val["image_id"])
+
+
+def test_large_sample_stratified_by_age_band_and_gender():
+    rng = np.random.default_rng(0)
+    ages = rng.integers(1, 90, 1000)
+    from analysis.constants import assign_age_bands
+
+    sample = pd.DataFrame({"image_id": [str(i) for i in range(1000)], "age": ages,
+                           "gender": rng.integers(0, 2, 1000), "age_band": assign_age_bands(ages)})
+    train, val, stratified_by = split_sample(sample, 0.2, seed=0)
+    assert stratified_by == "age band × gender"
+    shares = pd.concat([train.assign(s="t"), val.assign(s="v")]).groupby(["age_band", "gender", "s"], observed=True).size().unstack()
+    np.testing.assert_allclose(shares["v"] / shares.sum(axis=1), 0.2, atol=0.06)
+
+
+def test_too_few_images_for_split(tmp_path):
+    from analysis.synthetic import make_synthetic_sample
+
+    make_synthetic_sample(tmp_path / "few", n=4, seed=0, size=32)
+    with pytest.raises(SystemExit, match="too few images"):
+        main(["--data", str(tmp_path / "few"), "--out", str(tmp_path / "out")])
+    assert finished_files(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------------ bad inputs
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no usable labelled images"):
+        main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert finished_files(tmp_path / "out") == []
+
+
+def test_unlabeled_folder_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "holiday"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (32, 32), (i * 20, 0, 0)).save(folder / f"IMG_{i:04d}.jpg")
+    with pytest.raises(SystemExit, match="AGE_GENDER_RACE"):
+        main(["--data", str(folder), "--out", str(tmp_path / "out")])
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+
+
+def test_unknown_backbone(synthetic_dir, tmp_path):
+    with pytest.raises(SystemExit, match="unknown backbone 'resnet9000'.*efficientnet_lite0"):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path), "--model", "B", "--backbone", "resnet9000"])
+    assert finished_files(tmp_path) == []
+
+
+def test_missing_weights_file(synthetic_dir, tmp_path):
+    with pytest.raises(SystemExit, match="weights file not found"):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--model", "B", "--weights", str(tmp_path / "none.pth")])
+    assert finished_files(tmp_path / "out") == []
+
+
+def test_imagenet_download_failure_names_offline_alternatives(monkeypatch):
+    import keras
+
+    from training.models import make_backbone
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
+
+    monkeypatch.setattr(keras.applications, "MobileNetV2", offline)
+    with pytest.raises(ValueError, match="--backbone efficientnet_lite0.*--weights PATH"):
+        make_backbone("mobilenet_v2", (64, 64), "imagenet")
+
+
+def test_weights_file_of_the_wrong_kind(tmp_path):
+    from training.models import make_backbone
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a pickle")
+    with pytest.raises(ValueError, match="not a PyTorch weights file"):
+        make_backbone("efficientnet_lite0", (64, 64), str(junk))
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--data", "--out", "--model", "--epochs", "--batch-size", "--image-size", "--backbone",
+                   "--weights", "--seed", "--val-split", "efficientnet_lite0", "demo"):
+        assert option in text
+
+
+def test_failed_save_leaves_no_model_file(tmp_path, monkeypatch):
+    import keras
+
+    from training.artifacts import atomic_path
+
+    def broken_save(self, filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.Model, "save", broken_save)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(tmp_path / "age_gender_A.keras") as partial:
+            model.save(partial)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fine_tuning_unfreezes_the_top_of_nested_backbones_but_not_batchnorm():
+    import keras
+
+    from training.models import make_backbone, make_model_b, set_backbone_trainable
+
+    backbone = make_backbone("mobilenet_v2", (64, 64), "none")  # wraps keras.applications in a Rescaling model
+    model = make_model_b(backbone)
+    assert set_backbone_trainable(backbone, 0.0) == 0
+    heads_only = len(model.trainable_weights)
+    assert heads_only == 8  # two hidden Dense + two output Dense layers
+    n = set_backbone_trainable(backbone, 0.3)
+    assert n > 5 and len(model.trainable_weights) > heads_only
+    leaves = [layer for layer in backbone.get_layer("mobilenetv2_1.00_64").layers if layer.weights]
+    assert not leaves[0].trainable  # the stem stays frozen
+    assert not any(layer.trainable for layer in leaves if isinstance(layer, keras.layers.BatchNormalization))
+    assert any(layer.trainable for layer in leaves[-10:])
+
+
+# ------------------------------------------------------------------ trained models
+
+
+def test_cli_writes_models_history_and_figures(trained):
+    for key in ("A", "B"):
+        for pattern in MODEL_FILES:
+            path = trained / pattern.format(key)
+            assert path.is_file() and path.stat().st_size > 0, path
+        assert (trained / f"curves_{key}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "<svg" in (trained / f"curves_{key}.svg").read_text()[:500]
+        history = pd.read_csv(trained / f"history_{key}.csv")
+        for column in ("epoch", "phase", "learning_rate", "loss", "val_loss", "age_mae", "val_age_mae",
+                       "gender_accuracy", "val_gender_accuracy"):
+            assert column in history
+        metrics = json.loads((trained / f"metrics_{key}.json").read_text())
+        assert metrics["validation"]["n"] == 24
+        assert 0 <= metrics["validation"]["gender_acc"] <= 1 and metrics["validation"]["age_mae"] > 0
+        assert metrics["split"] == {"n_train": 96, "n_val": 24, "stratified_by": metrics["split"]["stratified_by"], "seed": 0}
+    assert not [p for p in trained.iterdir() if p.name.startswith(".")]  # no partial files left
+
+
+def test_model_b_trains_in_two_phases(trained):
+    history = pd.read_csv(trained / "history_B.csv")
+    assert list(history["phase"]) == ["heads", "fine-tune"]
+    assert (trained / "curves_B.svg").read_text().count("fine-tune") >= 1  # boundary label drawn
+    summary = (trained / "summary_B.txt").read_text()
+    assert "tiny" in summary  # the backbone is a nested sub-model
+
+
+@pytest.mark.parametrize("key", ["A", "B"])
+def test_saved_models_are_self_describing(trained, key):
+    import keras
+
+    model = load_keras(trained / f"age_gender_{key}.keras")
+    assert model.output_names == ["age", "gender"]
+    assert model.input_shape == (None, 48, 48, 3)
+    layer_types = {type(layer).__name__ for layer in model.layers}
+    assert "Lambda" not in layer_types
+    if key == "A":
+        assert "Rescaling" in layer_types
+    else:
+        backbone = model.get_layer("tiny")
+        assert isinstance(backbone, keras.Model) and "Rescaling" in {type(x).__name__ for x in backbone.layers}
+    age, p_female = model.predict(np.full((2, 48, 48, 3), 128.0, np.float32), verbose=0)
+    assert age.shape == (2, 1) and p_female.shape == (2, 1)
+    assert np.all(age > 0) and np.all((p_female >= 0) & (p_female <= 1))
+
+
+@pytest.mark.parametrize("key", ["A", "B"])
+def test_analysis_loader_maps_our_models_without_hints(trained, key):
+    from analysis.models import load_model
+
+    loaded = load_model(trained / f"age_gender_{key}.keras")
+    assert loaded.preprocessing_inside is True
+    assert loaded.preprocessing == "rgb_0_255"
+    assert tuple(loaded.input_size) == (48, 48)
+    assert loaded.mapping.output_names[loaded.mapping.age_output] == "age"
+    assert loaded.mapping.output_names[loaded.mapping.gender_output] == "gender"
+    assert (loaded.mapping.age_kind, loaded.mapping.gender_kind, loaded.mapping.female_index) == ("regression", "sigmoid", 1)
+    assert not loaded.user_settings  # nothing had to be given
+    images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    reference = load_keras(trained / f"age_gender_{key}.keras").predict(images.astype(np.float32), verbose=0)
+    age, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(np.ravel(age), reference[0].ravel(), rtol=1e-4)
+    np.testing.assert_allclose(np.ravel(p_female), reference[1].ravel(), rtol=1e-4)
+
+
+def test_augmentation_only_when_training(trained):
+    model = load_keras(trained / "age_gender_A.keras")
+    images = np.random.default_rng(1).uniform(0, 255, (4, 48, 48, 3)).astype(np.float32)
+    first = [np.asarray(t) for t in model(images, training=False)]
+    second = [np.asarray(t) for t in model(images, training=False)]
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    augmented = model.get_layer("aug_translation")(images, training=True)
+    assert not np.allclose(np.asarray(augmented), images)
+    assert np.allclose(np.asarray(model.get_layer("aug_translation")(images, training=False)), images)
+    training_call = [np.asarray(t) for t in model(images, training=True)]
+    assert not np.allclose(training_call[0], first[0])
+
+
+def test_model_b_with_converted_lite0_weights(synthetic_dir, tmp_path):
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--epochs", 2, "--head-epochs", 1,
+            "--image-size", 64, "--batch-size", 16, "--no-cache")
+    model = load_keras(tmp_path / "age_gender_B.keras")
+    backbone = model.get_layer("efficientnet_lite0")
+    from training.lite0 import default_weights_path
+    from training.torch_weights import load_torch_state_dict
+
+    state = load_torch_state_dict(default_weights_path())
+    stem = backbone.get_layer("stem_conv").get_weights()[0]
+    # phase 2 unfroze only the top half: the stem keeps the ImageNet weights exactly
+    np.testing.assert_array_equal(stem, np.transpose(state["_conv_stem.weight"], (2, 3, 1, 0)))
+    assert list(pd.read_csv(tmp_path / "history_B.csv")["phase"]) == ["heads", "fine-tune"]
+
+
+# ------------------------------------------------------------------ Lite0 conversion and unpickler
+
+
+def _center_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
+    from analysis.dataset import resize_image
+
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return resize_image(image[top : top + side, left : left + side], (size, size))
+
+
+def test_converted_lite0_classifies_natural_photos():
+    import skimage.data
+
+    from training.lite0 import make_efficientnet_lite0
+
+    model = make_efficientnet_lite0(weights="imagenet")
+    photos = np.stack([_center_crop(skimage.data.chelsea()), _center_crop(skimage.data.coffee())]).astype(np.float32)
+    probabilities = model.predict(photos, verbose=0)
+    top = probabilities.argmax(axis=1)
+    assert top[0] in CAT_CLASSES, top
+    assert top[1] in COFFEE_CLASSES, top
+    assert probabilities[0, sorted(CAT_CLASSES)].sum() > 0.8
+    assert probabilities[1, 967] > 0.5  # espresso
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    from training.torch_weights import TensorUnpickler, load_torch_state_dict
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload = pickle.dumps(Exploit(), protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|nt|os).system"):
+        TensorUnpickler(__import__("io").BytesIO(payload)).load()
+    # the same inside a legacy .pth: header pickles, then the exploit as the "state dict"
+    weights = tmp_path / "evil.pth"
+    weights.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
+                        + pickle.dumps({}, protocol=2) + payload)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_torch_state_dict(weights)
+    assert not marker.exists()
+
+
+def test_tensor_rebuild_handles_strides_and_offsets():
+    from training.torch_weights import _rebuild_tensor, _Storage
+
+    storage = _Storage("0", np.dtype("<f4"), 12, raw=np.arange(12, dtype=np.float32))
+    transposed = _rebuild_tensor(storage, 2, (3, 2), (1, 3), False, None)  # a (2, 3) block, transposed
+    np.testing.assert_array_equal(transposed.to_numpy(), np.arange(2, 8, dtype=np.float32).reshape(2, 3).T)
+    with pytest.raises(pickle.UnpicklingError, match="past its end"):
+        _rebuild_tensor(storage, 10, (4,), (1,)).to_numpy()
+
+
+# ------------------------------------------------------------------ committed demo models
+
+
+@pytest.mark.parametrize("key", ["A", "B"])
+def test_committed_demo_models_load_and_beat_chance(key, synthetic_dir):
+    path = REPO / "models" / "demo" / f"age_gender_{key}.keras"
+    if not path.is_file():
+        pytest.skip("demo models not generated yet (python -m training demo)")
+    assert path.stat().st_size < 1_000_000
+    from analysis.dataset import load_sample
+    from training.data import load_images
+    from training.train import validation_metrics
+
+    model = load_keras(path)
+    sample = load_sample(synthetic_dir).sample
+    images = load_images(sample["path"], model.input_shape[1:3], cache=False)
+    metrics = validation_metrics(model, images, sample)
+    assert metrics["gender_acc"] > 0.75
+    assert metrics["age_mae"] < 0.8 * np.mean(np.abs(sample["age"] - sample["age"].median()))

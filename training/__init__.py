@@ -1,0 +1,9 @@
+"""Training of the two age+gender models evaluated by this project.
+
+- Model A (:func:`training.models.make_model_a`): a CNN trained from scratch.
+- Model B (:func:`training.models.make_model_b`): a pretrained backbone (by default
+  EfficientNet-Lite0, :mod:`training.lite0`) fine-tuned in two phases.
+
+Run ``python -m training --help``. This package imports only ``analysis.constants``,
+``analysis.dataset`` and ``analysis.synthetic`` from the rest of the project.
+"""

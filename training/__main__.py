@@ -1,0 +1,7 @@
+"""``python -m training``: see training/cli.py and ``python -m training --help``."""
+
+import sys
+
+from training.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""Write a trained model and its records without ever leaving a half-written file.
+
+Every file is written under a hidden temporary name in the output folder
+(``.<name>.partial-<pid><suffix>``) and renamed into place only when complete, so a crash or an
+interrupt never leaves something that looks like a finished model or report. The model itself
+is written last: ``age_gender_<key>.keras`` appearing means all its records are there too.
+
+Files per model key K ("A" or "B"):
+    age_gender_K.keras   the model (Keras 3 format)
+    history_K.csv        one row per epoch
+    curves_K.png / .svg  learning curves
+    metrics_K.json       final validation metrics, configuration, split and timing
+    summary_K.txt        layer-by-layer model summary
+    split_K.csv          which image went to training and which to validation
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from training.curves import chart_png, chart_svg, learning_curves_chart
+
+
+def artifact_paths(out_dir, key: str) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {
+        "model": out / f"age_gender_{key}.keras",
+        "history": out / f"history_{key}.csv",
+        "curves_png": out / f"curves_{key}.png",
+        "curves_svg": out / f"curves_{key}.svg",
+        "metrics": out / f"metrics_{key}.json",
+        "summary": out / f"summary_{key}.txt",
+        "split": out / f"split_{key}.csv",
+    }
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path):
+    """Yield a temporary path next to `final`; rename it to `final` if the block succeeds.
+
+    The temporary name keeps the suffix (Keras insists on ``.keras``) but starts with a dot and
+    contains ``.partial-``, so it never looks like a finished file. On error it is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
+    try:
+        yield partial
+        os.replace(partial, final)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as partial:
+        partial.write_bytes(data)
+
+
+def model_summary_text(model) -> str:
+    """The Keras layer table, nested backbones expanded, with a trainable column."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), expand_nested=True, show_trainable=True)
+    return "\n".join(lines) + "\n"
+
+
+def write_artifacts(out_dir, key: str, model, history: pd.DataFrame, metrics: dict, split_table: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write all files for one trained model (model last). Returns the paths written."""
+    paths = artifact_paths(out_dir, key)
+    write_text(paths["history"], history.to_csv(index=False))
+    chart = learning_curves_chart(history, title=f"Model {key}: learning curves")
+    write_bytes(paths["curves_png"], chart_png(chart))
+    write_text(paths["curves_svg"], chart_svg(chart))
+    write_text(paths["metrics"], json.dumps(metrics, indent=2, default=_json_default) + "\n")
+    write_text(paths["summary"], model_summary_text(model))
+    if split_table is not None:
+        write_text(paths["split"], split_table.to_csv(index=False))
+    else:
+        paths.pop("split")
+    with atomic_path(paths["model"]) as partial:
+        inference_copy(model).save(partial)
+    return paths
+
+
+def inference_copy(model):
+    """The same network and weights without optimizer state (a third of the file size).
+
+    Keras 3 always saves a compiled model's optimizer variables; an evaluated model never needs them.
+    """
+    import keras
+
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()  # numpy scalars
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,169 @@
+"""Command line: ``python -m training --data DIR --out DIR`` and ``python -m training demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from analysis.constants import DEFAULT_SEED
+
+DESCRIPTION = """\
+Train the age+gender models on a labelled UTKFace-style folder (file names
+AGE_GENDER_RACE_DATETIME.jpg; searched recursively; unusable files are skipped and counted).
+
+  Model A  a CNN trained from scratch (shared conv trunk, age + gender heads)
+  Model B  a pretrained backbone fine-tuned in two phases: heads on the frozen backbone,
+           then the top part of the backbone unfrozen at a lower learning rate
+
+The folder is split into training and validation images (default 80/20, stratified by
+age band x gender, seeded). Never pass a test folder here: report test numbers with
+bench/train_benchmark.py or the analysis app.
+
+Each model is written to OUT as age_gender_<A|B>.keras (RGB 0-255 input, preprocessing
+inside, outputs `age` in years and `gender` = P(female)) together with history_<K>.csv,
+curves_<K>.png/.svg, metrics_<K>.json (validation metrics), summary_<K>.txt and
+split_<K>.csv. Files appear only when complete.
+"""
+
+EPILOG = """\
+backbones for Model B (--backbone):
+{backbones}
+
+--weights: "imagenet" (default; efficientnet_lite0 takes them from its pip package, the
+keras.applications backbones download them, which needs internet), "none" (random
+initialisation) or PATH to a local weights file (.pth for efficientnet_lite0, a Keras
+"notop" .h5 for the others).
+
+demo models:
+  python -m training demo --out models/demo
+  trains tiny A and B models on generated synthetic faces (analysis.synthetic), small
+  enough to commit, and records their metrics on a separate synthetic test set.
+
+examples:
+  python -m training --data ../shared/utkface/train_val --out models/
+  python -m training --data DIR --out models/ --model B --backbone mobilenet_v2 --weights mobilenet_v2_notop.h5
+"""
+
+
+def train_parser():
+    from training.models import DEFAULT_BACKBONE, describe_backbones
+    from training.train import MODEL_DEFAULTS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description=DESCRIPTION,
+        epilog=EPILOG.format(backbones=describe_backbones()), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a, b = MODEL_DEFAULTS["A"], MODEL_DEFAULTS["B"]
+    parser.add_argument("--data", required=True, type=Path, help="folder (or .zip) of labelled training images")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the models and their records")
+    parser.add_argument("--model", choices=["A", "B", "both"], default="both", help="which model to train (default: both)")
+    parser.add_argument("--epochs", type=int, help=f"maximum epochs; for B both phases together (default A {a['epochs']}, B {b['epochs']})")
+    parser.add_argument("--head-epochs", type=int, help="B only: epochs of phase 1, heads on the frozen backbone (default 3)")
+    parser.add_argument("--batch-size", type=int, help=f"images per step (default {a['batch_size']})")
+    parser.add_argument("--image-size", type=int, help=f"square input size in pixels (default A {a['image_size']}, B {b['image_size']})")
+    parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default A {a['learning_rate']:g}, B phase 1 {b['learning_rate']:g})")
+    parser.add_argument("--fine-tune-learning-rate", type=float, help="B only: peak learning rate of phase 2 (default 3e-4)")
+    parser.add_argument("--fine-tune-fraction", type=float, help="B only: top share of backbone layers unfrozen in phase 2 (default 0.5)")
+    parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {DEFAULT_BACKBONE}; list below)")
+    parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
+    parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")
+    parser.add_argument("--augment", type=float, help="augmentation strength, 0 = off (default 1)")
+    parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default 6)")
+    parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")
+    return parser
+
+
+def demo_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m training demo",
+        description="Train tiny demo models (A and B) on synthetic faces and write them to OUT.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("models/demo"), help="output folder (default models/demo)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if argv and argv[0] == "demo":
+        args = demo_parser().parse_args(argv[1:])
+        return run_demo(args)
+    args = train_parser().parse_args(argv)
+    return run_training(args)
+
+
+def run_training(args) -> int:
+    from training.data import read_split
+    from training.train import default_config, train_model
+
+    keys = ["A", "B"] if args.model == "both" else [args.model]
+    overrides = dict(
+        epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size, image_size=args.image_size,
+        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
+        fine_tune_fraction=args.fine_tune_fraction, backbone=args.backbone, weights=args.weights,
+        seed=args.seed, val_split=args.val_split, augment=args.augment, patience=args.patience,
+    )
+    try:
+        configs = [default_config(key, **overrides) for key in keys]
+        for config in configs:
+            _check_config(config)
+        split = read_split(args.data, args.val_split, args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(f"Data: {args.data} — {split.describe()}.")
+    if len(split.skipped):
+        print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in _reason_counts(split.skipped).items()))
+    _quiet_tensorflow()
+    for config in configs:
+        try:
+            result = train_model(config, split, args.out, cache=not args.no_cache)
+        except ValueError as exc:
+            raise SystemExit(f"error: Model {config.model_key}: {exc}") from exc
+        print(f"Model {config.model_key} written to {result.paths['model']}")
+    return 0
+
+
+def _check_config(config) -> None:
+    """Fail before any image is decoded when the configuration cannot work."""
+    from training.models import BACKBONES
+
+    if config.image_size < 32:
+        raise ValueError(f"--image-size must be at least 32 pixels, got {config.image_size}")
+    if config.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.model_key == "B":
+        if config.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {config.backbone!r}; choose one of: {', '.join(BACKBONES)}")
+        if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
+            raise ValueError(f"weights file not found: {config.weights} (give \"imagenet\", \"none\" or an existing file)")
+
+
+def _reason_counts(skipped) -> dict[str, int]:
+    return skipped["reason"].str.split(":").str[0].value_counts().to_dict()
+
+
+def _quiet_tensorflow() -> None:
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # retracing notices between the two phases are expected
+
+
+def run_demo(args) -> int:
+    from training.demo import make_demo_models
+
+    _quiet_tensorflow()
+    try:
+        results = make_demo_models(args.out, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    for key, metrics in results.items():
+        test = metrics["synthetic_test"]
+        print(textwrap.dedent(f"""\
+            Model {key}: {metrics['file']} ({metrics['file_bytes'] / 1024:.0f} KB) — synthetic test:
+              gender accuracy {test['gender_acc']:.3f}, age MAE {test['age_mae']:.1f} years (n={test['n']})"""))
+    return 0

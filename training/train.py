@@ -1,0 +1,306 @@
+"""Fit Model A or Model B on a train/validation split and write the model with its records.
+
+Model A trains in one phase. Model B trains in two: (1) the heads on a frozen backbone,
+(2) the top part of the backbone unfrozen at a lower learning rate, its BatchNorm layers kept
+frozen and in inference mode. Each phase uses AdamW with a warm-up + cosine learning-rate
+schedule and early stopping on the validation loss; the weights of the best validation epoch
+over all phases are restored at the end.
+
+Losses: Huber (or MAE) on age in years, binary cross-entropy (optionally label-smoothed) on
+gender; the age loss is weighted down so that both heads pull with similar strength.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.constants import DEFAULT_SEED
+from training.data import SplitSample, load_images, make_dataset, targets
+
+MODEL_KEYS = ("A", "B")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run. Sizes in pixels, rates per step."""
+
+    model_key: str = "A"
+    image_size: int = 112
+    epochs: int = 30  # maximum over all phases
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = DEFAULT_SEED
+    val_split: float = 0.2
+    augment: float = 1.0  # augmentation strength, 0 = off
+    dropout: float = 0.3
+    age_output: str = "linear"  # "linear": standardised years; "log": log-years
+    age_loss: str = "mae"  # "mae" or "huber", on years
+    huber_delta: float = 5.0  # years
+    # 1/AGE_SCALE_YEARS: the age gradient on the standardised output is then as large as the
+    # gender one (an age-dominated trunk learns gender slowly).
+    age_loss_weight: float = 0.05
+    label_smoothing: float = 0.0
+    patience: int = 6  # epochs without validation-loss improvement before stopping
+    warmup_epochs: float = 1.0
+    # Model A
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    convs_per_block: int = 1
+    pooling: str = "avg"
+    # Model B
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # "imagenet", "none" (random init) or a file path
+    head_epochs: int = 3  # phase 1 (frozen backbone); the rest of `epochs` is phase 2
+    fine_tune_fraction: float = 0.5  # top share of the backbone's layers unfrozen in phase 2
+    fine_tune_learning_rate: float = 3e-4
+    hidden_units: int = 128
+
+
+# Defaults per model, chosen on the validation split (see BENCHMARKS.md, "Training").
+MODEL_DEFAULTS: dict[str, dict] = {
+    "A": dict(image_size=112, epochs=30, batch_size=32, learning_rate=2e-3),
+    "B": dict(image_size=128, epochs=12, batch_size=32, learning_rate=1e-3, hidden_units=256),
+}
+
+
+def default_config(model_key: str, **overrides) -> TrainConfig:
+    """The default configuration of Model A or B, with `overrides` (None values are ignored)."""
+    if model_key not in MODEL_KEYS:
+        raise ValueError(f"unknown model {model_key!r}; choose A (CNN from scratch) or B (pretrained backbone)")
+    values = {**MODEL_DEFAULTS[model_key], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(model_key=model_key, **values)
+
+
+@dataclass
+class TrainResult:
+    model: object  # keras.Model
+    history: pd.DataFrame
+    metrics: dict
+    paths: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    epochs: int
+    learning_rate: float
+    backbone_fraction: float | None = None  # B only: share of backbone layers trainable
+
+
+def training_phases(config: TrainConfig) -> list[Phase]:
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {config.epochs}")
+    if config.model_key == "A":
+        return [Phase("train", config.epochs, config.learning_rate)]
+    head_epochs = min(config.head_epochs, config.epochs)
+    phases = [Phase("heads", head_epochs, config.learning_rate, 0.0)] if head_epochs > 0 else []
+    if config.epochs > head_epochs:
+        phases.append(Phase("fine-tune", config.epochs - head_epochs, config.fine_tune_learning_rate, config.fine_tune_fraction))
+    return phases
+
+
+def build_model(config: TrainConfig):
+    """(model, backbone or None) for a configuration; raises ValueError for bad backbone/weights."""
+    from training.models import make_backbone, make_model_a, make_model_b
+
+    size = (config.image_size, config.image_size)
+    if config.model_key == "A":
+        model = make_model_a(
+            size, widths=config.widths, convs_per_block=config.convs_per_block, augment=config.augment,
+            dropout=config.dropout, hidden_units=config.hidden_units, age_output=config.age_output,
+            pooling=config.pooling,
+        )
+        return model, None
+    backbone = make_backbone(config.backbone, size, config.weights)
+    model = make_model_b(
+        backbone, augment=config.augment, dropout=config.dropout, hidden_units=config.hidden_units,
+        age_output=config.age_output,
+    )
+    return model, backbone
+
+
+def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_epoch: int, epochs: int) -> None:
+    """AdamW with a linear warm-up then cosine decay over the phase; losses and metrics per head."""
+    import keras
+
+    steps = steps_per_epoch * epochs
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), steps // 2)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate / 10 if warmup else learning_rate,
+        decay_steps=max(steps - warmup, 1),
+        alpha=0.01,
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    if config.age_loss == "huber":
+        age_loss = keras.losses.Huber(delta=config.huber_delta)
+    elif config.age_loss == "mae":
+        age_loss = keras.losses.MeanAbsoluteError()
+    else:
+        raise ValueError(f"age_loss must be 'huber' or 'mae', got {config.age_loss!r}")
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+        loss={"age": age_loss, "gender": keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)},
+        loss_weights={"age": config.age_loss_weight, "gender": 1.0},
+        metrics={"age": [keras.metrics.MeanAbsoluteError(name="mae")], "gender": [keras.metrics.BinaryAccuracy(name="accuracy")]},
+    )
+
+
+def _callbacks(phase: Phase, config: TrainConfig, best, epoch_log):
+    import keras
+
+    return [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience),
+        keras.callbacks.TerminateOnNaN(),
+        best,
+        epoch_log,
+    ]
+
+
+def _make_best_weights():
+    import keras
+
+    class BestWeights(keras.callbacks.Callback):
+        """Keeps the weights of the epoch with the lowest validation loss, across phases."""
+
+        def __init__(self):
+            super().__init__()
+            self.best_loss = np.inf
+            self.best_epoch = -1
+            self.best_weights = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss = (logs or {}).get("val_loss")
+            if loss is not None and np.isfinite(loss) and loss < self.best_loss:
+                self.best_loss, self.best_epoch = float(loss), epoch
+                self.best_weights = self.model.get_weights()
+
+        def restore(self):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return BestWeights()
+
+
+def _make_epoch_log():
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        """Records the learning rate and the wall time of each epoch, with the phase name."""
+
+        def __init__(self):
+            super().__init__()
+            self.rows: list[dict] = []
+            self.phase = ""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            self.rows.append(
+                {"epoch": epoch + 1, "phase": self.phase, "learning_rate": float(rate),
+                 "seconds": time.perf_counter() - self.started, **{k: float(v) for k, v in (logs or {}).items()}}
+            )
+
+    return EpochLog()
+
+
+def validation_metrics(model, images: np.ndarray, table: pd.DataFrame, batch_size: int = 64) -> dict:
+    """Gender accuracy, age MAE and mean signed age error (years) of `model` on `images`."""
+    age_pred, p_female = predict_arrays(model, images, batch_size)
+    ages = table["age"].to_numpy(float)
+    genders = table["gender"].to_numpy(int)
+    return {
+        "n": int(len(table)),
+        "gender_acc": float(np.mean((p_female >= 0.5) == genders)),
+        "age_mae": float(np.mean(np.abs(age_pred - ages))),
+        "age_bias": float(np.mean(age_pred - ages)),
+    }
+
+
+def predict_arrays(model, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(age in years (n,), P(female) (n,)) for uint8 or float RGB images (n, h, w, 3)."""
+    outputs = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
+    if isinstance(outputs, dict):
+        age, gender = outputs["age"], outputs["gender"]
+    else:
+        age, gender = outputs
+    return np.asarray(age, float).reshape(-1), np.asarray(gender, float).reshape(-1)
+
+
+def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool = True, verbose: int | None = None, log=print) -> TrainResult:
+    """Train one model on `split` and write it with its history, curves, metrics and summary.
+
+    Nothing is written to `out_dir` until training has finished; each file appears atomically.
+    """
+    import keras
+
+    from training.artifacts import write_artifacts
+    from training.models import set_backbone_trainable
+
+    phases = training_phases(config)
+    keras.utils.set_random_seed(config.seed)
+    started = time.perf_counter()
+    size = (config.image_size, config.image_size)
+    log(f"Model {config.model_key}: decoding {len(split.train) + len(split.val)} images at {size[0]}x{size[1]} px")
+    x_train = load_images(split.train["path"], size, split.train["image_id"], cache=cache)
+    x_val = load_images(split.val["path"], size, split.val["image_id"], cache=cache)
+    train_data = make_dataset(x_train, targets(split.train), config.batch_size, training=True, seed=config.seed)
+    val_data = make_dataset(x_val, targets(split.val), config.batch_size, training=False)
+    steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
+
+    model, backbone = build_model(config)
+    best, epoch_log = _make_best_weights(), _make_epoch_log()
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2  # progress bar on a terminal, one line per epoch in a log
+    epoch = 0
+    for phase in phases:
+        if backbone is not None:
+            n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction)
+            log(f"Model B phase '{phase.name}': {n_trainable} backbone layers trainable, learning rate {phase.learning_rate:g}")
+        compile_model(model, config, phase.learning_rate, steps_per_epoch, phase.epochs)
+        epoch_log.phase = phase.name
+        history = model.fit(
+            train_data, validation_data=val_data, initial_epoch=epoch, epochs=epoch + phase.epochs,
+            callbacks=_callbacks(phase, config, best, epoch_log), verbose=verbose,
+            shuffle=False,  # the tf.data pipeline shuffles
+        )
+        epoch = epoch + len(history.epoch)
+        if model.stop_training and not np.isfinite(history.history.get("loss", [0])[-1]):
+            raise RuntimeError(f"Model {config.model_key}: the loss became NaN; try a lower --learning-rate")
+    best.restore()
+    seconds = time.perf_counter() - started
+
+    history_table = pd.DataFrame(epoch_log.rows)
+    val = validation_metrics(model, x_val, split.val)
+    log(f"Model {config.model_key}: best epoch {best.best_epoch + 1}, validation gender accuracy "
+        f"{val['gender_acc']:.3f}, age MAE {val['age_mae']:.2f} years ({seconds / 60:.1f} min)")
+    metrics = {
+        "model": config.model_key,
+        "validation": val,
+        "best_epoch": best.best_epoch + 1,
+        "epochs_run": epoch,
+        "phases": [asdict(p) for p in phases],
+        "training_seconds": round(seconds, 1),
+        "split": {"n_train": len(split.train), "n_val": len(split.val), "stratified_by": split.stratified_by, "seed": split.seed},
+        "config": asdict(config),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    paths = write_artifacts(out_dir, config.model_key, model, history_table, metrics, split.table())
+    return TrainResult(model=model, history=history_table, metrics=metrics, paths=paths)
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
