@@ -1,0 +1,120 @@
+"""Which images the Errors page shows: the ranking comes from `metrics.worst_errors`, this module
+only narrows it down to what the user filtered for. No streamlit import.
+
+Kinds of cases (keys of ERROR_KINDS):
+    age         the model's largest absolute age errors (years)
+    gender      images the model gendered wrongly, most confident first
+    both_wrong  images both models got wrong: wrong gender from both first, then by the smaller
+                of the two absolute age errors (so both are at least that far off)
+    disagree    the models disagree: different genders first, then by the age gap between them
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis import metrics
+from analysis.constants import ETHNICITIES, GENDERS
+
+ERROR_KINDS: dict[str, str] = {
+    "age": "Age: largest errors",
+    "gender": "Gender: wrong answers",
+    "both_wrong": "Both models wrong",
+    "disagree": "Models disagree",
+}
+TWO_MODEL_KINDS = ("both_wrong", "disagree")
+ALL_IMAGES = "all"
+_ATTRIBUTE_TITLES = {"age_band": "Age band", "gender": "Gender", "ethnicity": "Ethnicity"}
+
+
+def slice_options(preds: pd.DataFrame) -> dict[str, str]:
+    """Filter value -> label: "all", then "age_band=20–29", "gender=female", "ethnicity=Asian", ...
+
+    Only groups present in `preds` are offered.
+    """
+    options = {ALL_IMAGES: "All images"}
+    bands = preds["age_band"]
+    categories = bands.cat.categories if isinstance(bands.dtype, pd.CategoricalDtype) else sorted(bands.unique())
+    present = set(bands.astype(str))
+    for band in categories:
+        if str(band) in present:
+            options[f"age_band={band}"] = f"Age band {band}"
+    for attribute, names in (("gender", GENDERS), ("ethnicity", ETHNICITIES)):
+        for code in sorted(preds[attribute].unique()):
+            options[f"{attribute}={names[int(code)]}"] = f"{_ATTRIBUTE_TITLES[attribute]}: {names[int(code)]}"
+    return options
+
+
+def slice_mask(preds: pd.DataFrame, slice_label: str) -> np.ndarray:
+    """Boolean mask (n,) of the rows in the slice named like the keys of `slice_options`."""
+    if slice_label == ALL_IMAGES:
+        return np.ones(len(preds), dtype=bool)
+    attribute, _, value = slice_label.partition("=")
+    if attribute == "age_band":
+        return (preds["age_band"].astype(str) == value).to_numpy()
+    if attribute in ("gender", "ethnicity"):
+        names = GENDERS if attribute == "gender" else ETHNICITIES
+        if value not in names:
+            raise ValueError(f"unknown {attribute} {value!r}; use one of {names}")
+        return (preds[attribute] == names.index(value)).to_numpy()
+    raise ValueError(f"unknown slice {slice_label!r}; use 'all' or attribute=value (age_band, gender, ethnicity)")
+
+
+def select_cases(
+    preds: pd.DataFrame, *, kind: str, model: str, slice_label: str = ALL_IMAGES, min_error: float = 0.0, k: int = 12
+) -> pd.DataFrame:
+    """The k worst cases of `kind` for `model` in a slice, worst first.
+
+    Rows are `preds` rows plus metrics.add_error_columns and `score` (the ranking key).
+    `min_error` (years) drops age cases below it: the model's error for "age", the smaller of
+    both models' errors for "both_wrong", the gap between the models for "disagree"; gender
+    cases are kept whatever their age error.
+    """
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {tuple(ERROR_KINDS)}")
+    models = metrics.detect_models(preds)
+    if model not in models:
+        raise ValueError(f"model {model!r} has no predictions; models present: {models}")
+    if kind in TWO_MODEL_KINDS and len(models) < 2:
+        raise ValueError(f"'{ERROR_KINDS[kind]}' compares two models; load a model B first")
+    in_slice = preds[slice_mask(preds, slice_label)]
+    if in_slice.empty:
+        return preds.iloc[:0].assign(score=[])
+    other = next((m for m in models if m != model), None)
+
+    if kind == "age":
+        ranked = metrics.worst_errors(in_slice, "age", model, k=None)
+        keep = ranked[f"abs_age_err_{model}"] >= min_error
+    elif kind == "gender":
+        ranked = metrics.worst_errors(in_slice, "gender", model, k=None)
+        keep = pd.Series(True, index=ranked.index)
+    elif kind == "disagree":
+        ranked = metrics.worst_errors(in_slice, "disagreement", model, k=None, other=other)
+        age_gap = (ranked[f"age_pred_{model}"] - ranked[f"age_pred_{other}"]).abs()
+        keep = (ranked["disagreement"] == "gender") | (age_gap >= min_error)
+    else:
+        ranked = _both_wrong(in_slice, model, other)
+        keep = ranked["both_gender_wrong"] | (ranked["score"] >= min_error)
+    return ranked[keep.to_numpy()].head(k).reset_index(drop=True)
+
+
+def _both_wrong(preds: pd.DataFrame, model: str, other: str) -> pd.DataFrame:
+    """Both wrong on gender first (by `model`'s confidence), then by min(|age error| of both)."""
+    table = metrics.add_error_columns(preds, (model, other)).reset_index(drop=True)
+    gender_wrong = ~table[f"gender_correct_{model}"] & ~table[f"gender_correct_{other}"]
+    p = table[f"p_female_{model}"]
+    confidence = np.maximum(p, 1 - p)
+    smaller_age_error = np.minimum(table[f"abs_age_err_{model}"], table[f"abs_age_err_{other}"])
+    table["both_gender_wrong"] = gender_wrong.to_numpy()
+    table["score"] = np.where(gender_wrong, confidence, smaller_age_error)
+    order = np.lexsort((np.arange(len(table)), -table["score"].to_numpy(), ~gender_wrong.to_numpy()))
+    return table.iloc[order]
+
+
+def gender_name(code) -> str:
+    return GENDERS[int(code)]
+
+
+def ethnicity_name(code) -> str:
+    return ETHNICITIES[int(code)]

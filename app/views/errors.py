@@ -1,0 +1,153 @@
+"""Errors: a gallery of the worst cases, each with the face, the truth, both models' answers and
+Grad-CAM overlays showing where the chosen model looked for the chosen head."""
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from app import gallery, layout, state
+
+CARDS_PER_ROW = 2
+CARD_IMAGE_WIDTH = 128  # pixels on screen: the face and two overlays side by side in half the page
+TARGET_LABELS = {
+    "age_older": "Age: evidence for older",
+    "age_younger": "Age: evidence for younger",
+    "gender_female": "Gender: evidence for female",
+    "gender_male": "Gender: evidence for male",
+}
+
+
+@dataclass
+class GalleryFilter:
+    kind: str
+    model: str
+    slice_label: str
+    min_error: float
+    k: int
+
+
+@dataclass
+class GradcamChoice:
+    models: list[str]  # whose overlays to show
+    target: str
+    layers: dict[str, str]  # model -> layer
+
+
+def gallery_filter_ui(current) -> GalleryFilter:
+    evaluation = current.evaluation
+    slots = list(evaluation.models)
+    kinds = [k for k in gallery.ERROR_KINDS if len(slots) == 2 or k not in gallery.TWO_MODEL_KINDS]
+    options = state.slice_filter_options(current.run_key, evaluation.predictions)
+    for key, offered in (("error_kind", kinds), ("error_model", slots), ("error_slice", list(options))):
+        layout.forget_stale_choice(key, offered)
+    kind = st.segmented_control(
+        "Error type", kinds, format_func=gallery.ERROR_KINDS.get, key="error_kind", required=True, default="age"
+    )
+    first, second = st.columns([1, 1])
+    model = first.segmented_control(
+        "Model", slots, format_func=lambda s: f"{s}: {evaluation.models[s].name}", key="error_model",
+        required=True, default=slots[0],
+        help="Whose errors to rank (for the two-model types: whose confidence orders the cases).",
+    )
+    slice_label = second.selectbox("Slice", list(options), format_func=options.get, key="error_slice")
+    third, fourth = st.columns([3, 1])
+    min_error = third.slider(
+        "Minimum age error (years)", 0, 60, 0, key="error_min",
+        help="Drops age cases below it (for 'Models disagree': the age gap between the models). Gender cases stay.",
+    )
+    k = fourth.selectbox("Cases", [6, 12, 24], index=0, key="error_k")
+    return GalleryFilter(kind or "age", model or slots[0], slice_label, float(min_error), int(k))
+
+
+def gradcam_ui(current, kind: str) -> GradcamChoice | None:
+    evaluation = current.evaluation
+    slots = list(evaluation.models)
+    layout.forget_stale_choice("gradcam_models", slots)
+    with st.expander("Grad-CAM: where the model looked", expanded=True):
+        left, middle = st.columns([1, 2])
+        shown = left.segmented_control(
+            "Overlays for", slots, selection_mode="multi", default=slots, key="gradcam_models"
+        )
+        default_target = "gender_female" if kind == "gender" else "age_older"
+        target = middle.selectbox(
+            "Head and direction", list(TARGET_LABELS), index=list(TARGET_LABELS).index(default_target),
+            format_func=TARGET_LABELS.get, key=f"gradcam_target_{kind}",
+            help="Grad-CAM highlights the regions that push this output up: e.g. 'evidence for older' "
+            "shows what made the model's age estimate higher.",
+        )
+        layers = {}
+        columns = st.columns(max(1, len(shown or [])))
+        for column, slot in zip(columns, shown or []):
+            loaded = evaluation.models[slot]
+            candidates, default = state.gradcam_layers(loaded.cache_key(), target, loaded)
+            if not candidates:
+                column.caption(f"{slot}: no convolutional layer feeds this head, so no Grad-CAM.")
+                continue
+            layers[slot] = column.selectbox(
+                f"Layer of {slot}", candidates, index=candidates.index(default), key=f"gradcam_layer_{slot}_{target}",
+                help="The last layers give coarse, meaningful maps; earlier ones are finer but less specific.",
+            )
+    if not shown:
+        return None
+    return GradcamChoice(list(layers), target, layers)
+
+
+def render_gallery(current, rows, choice: GradcamChoice | None) -> None:
+    evaluation = current.evaluation
+    overlays = {}
+    if choice is not None:
+        ids, paths = tuple(rows["image_id"]), tuple(rows["path"])
+        for slot in choice.models:
+            loaded = evaluation.models[slot]
+            try:
+                with st.spinner(f"Grad-CAM for model {slot}…"):
+                    overlays[slot] = state.gradcam_overlays(
+                        loaded.cache_key(), choice.target, choice.layers[slot], ids, loaded, paths
+                    )
+            except ValueError as exc:
+                st.warning(f"No Grad-CAM for model {slot}: {exc}")
+    for start in range(0, len(rows), CARDS_PER_ROW):
+        columns = st.columns(CARDS_PER_ROW)
+        for column, (i, row) in zip(columns, rows.iloc[start : start + CARDS_PER_ROW].iterrows()):
+            with column:
+                render_card(row, list(evaluation.models), {slot: maps[i] for slot, maps in overlays.items()})
+
+
+def render_card(row, slots: list[str], overlays: dict) -> None:
+    with st.container(border=True):
+        images = [state.face_thumbnail(row["path"])] + list(overlays.values())
+        captions = ["face"] + [f"{slot}: Grad-CAM" for slot in overlays]
+        st.image(images, caption=captions, width=CARD_IMAGE_WIDTH)
+        truth = f"**True:** {int(row['age'])} y · {gallery.gender_name(row['gender'])} · {gallery.ethnicity_name(row['ethnicity'])}"
+        answers = [truth]
+        for slot in slots:
+            error = row[f"age_pred_{slot}"] - row["age"]
+            p_female = row[f"p_female_{slot}"]
+            predicted_gender = "female" if p_female >= 0.5 else "male"
+            right = ":green[✓]" if row[f"gender_correct_{slot}"] else ":red[✗]"
+            answers.append(
+                f"**{slot}:** {row[f'age_pred_{slot}']:.1f} y ({error:+.1f}) · {predicted_gender} {right} "
+                f"(P(female) {p_female:.2f})"
+            )
+        st.markdown("  \n".join(answers))
+        st.caption(row["file_name"])
+
+
+current = layout.require_evaluation()
+st.title("Errors")
+layout.render_setup_caption(current)
+chosen = gallery_filter_ui(current)
+try:
+    cases = state.gallery_rows(
+        current.run_key, chosen.kind, chosen.model, chosen.slice_label, chosen.min_error, chosen.k,
+        current.evaluation.predictions,
+    )
+except ValueError as exc:
+    st.warning(str(exc))
+    st.stop()
+gradcam_choice = gradcam_ui(current, chosen.kind)
+if cases.empty:
+    st.info("No case matches these filters. Lower the minimum error or pick another slice.")
+else:
+    st.caption(f"{len(cases)} case(s), worst first.")
+    render_gallery(current, cases, gradcam_choice)

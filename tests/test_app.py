@@ -1,0 +1,499 @@
+"""The Streamlit dashboard, driven headlessly with streamlit.testing.v1.AppTest.
+
+Every page on the built-in demo, filters, uploads (good and bad), two sessions side by side and the
+export download. The app's pure helpers (uploads, gallery, wording) are tested directly at the end.
+AppTest runs the app in this process, so Streamlit's caches carry over between tests: only the first
+test pays for loading TensorFlow and predicting the demo sample.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.constants import assign_age_bands
+
+APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+TIMEOUT = 180  # seconds per script run: the first one imports TensorFlow and predicts the demo sample
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+def _tiny_model(path: Path, *, mappable: bool = True, seed: int = 0) -> Path:
+    """A 32×32 conv model with outputs `age` and `gender` (or one unmappable 10-way output)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if mappable:
+        outputs = {
+            "age": keras.layers.Dense(1, name="age", bias_initializer=keras.initializers.Constant(30.0))(x),
+            "gender": keras.layers.Dense(1, activation="sigmoid", name="gender")(x),
+        }
+    else:
+        outputs = keras.layers.Dense(10, activation="softmax", name="scores")(x)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_models(tmp_path_factory):
+    """The committed demo models; tiny stand-ins (patched in) only while models/demo/ is empty."""
+    import analysis.__main__ as cli
+
+    if all((cli.DEMO_MODELS / f"age_gender_{key}.keras").exists() for key in "AB"):
+        yield cli.DEMO_MODELS
+        return
+    folder = tmp_path_factory.mktemp("demo_models")
+    for seed, key in enumerate("AB"):
+        _tiny_model(folder / f"age_gender_{key}.keras", seed=seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "DEMO_MODELS", folder)
+        yield folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unfreeze_gc_afterwards():
+    """The app gc.freeze()s the objects alive after its first evaluation (see app.state); give them
+    back to the collector so the rest of the test session sees an ordinary heap."""
+    import gc
+
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("upload_models")
+    return {
+        "good": _tiny_model(folder / "my_model.keras", seed=5),
+        "unmappable": _tiny_model(folder / "scores_only.keras", mappable=False),
+    }
+
+
+def new_app():
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+
+
+def uploader(at, name: str):
+    """The uploader `name` (its key gets a new suffix each time an upload is accepted)."""
+    rounds = at.session_state["upload_round"] if "upload_round" in at.session_state else {}
+    return at.file_uploader(key=f"{name}_{rounds.get(name, 0)}")
+
+
+def upload(at, name: str, file_name: str, data: bytes):
+    uploader(at, name).set_value((file_name, data, "application/octet-stream"))
+    return at.run()
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def model_name(at, slot: str) -> str | None:
+    choice = at.session_state["models"][slot]
+    return None if choice is None else choice.name
+
+
+def assert_headlines(at, n_models: int = 2) -> None:
+    """The Overview shows gender accuracy and age MAE for each model."""
+    labels = [m.label for m in at.metric]
+    assert labels.count("Gender accuracy") == n_models and labels.count("Age MAE") == n_models, labels
+
+
+def zip_with_names(names_and_bytes: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in names_and_bytes.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def declared_zip_bomb() -> bytes:
+    """A tiny zip whose central directory claims ~8 GB of images (over the 4 GiB unpack limit)."""
+    data = bytearray(zip_with_names({f"2{i}_0_0_20170101.jpg": b"x" for i in range(2)}))
+    start = 0
+    while (position := data.find(b"PK\x01\x02", start)) != -1:
+        data[position + 24 : position + 28] = (0xF0000000).to_bytes(4, "little")  # uncompressed size
+        start = position + 4
+    return bytes(data)
+
+
+# ---------------------------------------------------------------- the demo and every page
+
+
+def test_demo_opens_on_the_overview_and_says_it_is_a_demo():
+    at = new_app()
+    assert_clean(at)
+    assert "built-in demo" in texts(at.info) and "Held-out sample" in texts(at.info)
+    assert_headlines(at)
+    markdown = texts(at.markdown)
+    assert "A vs B on the same images" in markdown
+    assert "on age" in markdown and "Wilcoxon" in markdown and "on gender" in markdown and "McNemar" in markdown
+    assert "Worst slices" in markdown and "Calibration" in markdown
+    assert "300 images read · 0 skipped" in texts(at.sidebar.caption)
+    assert model_name(at, "A") == "demo A" and model_name(at, "B") == "demo B"
+
+
+@pytest.mark.parametrize(
+    ("page", "expected"),
+    [
+        ("views/slices.py", "Fairness gaps"),
+        ("views/errors.py", "True:"),
+        ("views/export.py", "Report bundle"),
+    ],
+)
+def test_every_page_renders_on_the_demo(page, expected):
+    at = new_app()
+    at.switch_page(page).run()
+    assert_clean(at)
+    assert expected in texts(at.markdown)
+    assert "built-in demo" in texts(at.info)
+
+
+def test_filters_change_the_view_without_predicting_again(monkeypatch):
+    import analysis.predict
+
+    calls = []
+    real = analysis.predict.predict_sample
+    monkeypatch.setattr(analysis.predict, "predict_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    at = new_app()
+    at.switch_page("views/slices.py").run()
+    predicted = len(calls)
+    at.button_group(key="slice_by").set_value("ethnicity").run()
+    assert_clean(at)
+    slice_rows = at.dataframe[0].value
+    assert set(slice_rows["slice"]) <= {"White", "Black", "Asian", "Indian", "Others"}
+    at.toggle(key="hide_small").set_value(True).run()
+    assert (at.dataframe[0].value["n"] >= 30).all()
+    at.button_group(key="slice_by").set_value("age_band×gender").run()
+    assert_clean(at)
+
+    at.switch_page("views/errors.py").run()
+    at.button_group(key="error_kind").set_value("gender").run()
+    assert_clean(at)
+    cards = [m.value for m in at.markdown if m.value.startswith("**True:**")]
+    assert cards and all(":red[✗]" in card.split("**B:**")[0] for card in cards)  # A got each one wrong
+    at.selectbox(key="error_slice").set_value("gender=female").run()
+    cards = [m.value for m in at.markdown if m.value.startswith("**True:**")]
+    assert all("· female ·" in card.split("\n")[0] for card in cards)
+    at.button_group(key="error_kind").set_value("age").run()
+    at.slider(key="error_min").set_value(60).run()
+    assert_clean(at)
+    assert len(calls) == predicted  # no model ran for any of these reruns
+
+
+def test_errors_page_shows_gradcam_overlays_with_a_selectable_layer():
+    at = new_app()
+    at.switch_page("views/errors.py").run()
+    images = at.get("image")
+    assert images, "no images on the Errors page"
+    captions = [caption for element in images for caption in element.captions]
+    assert "A: Grad-CAM" in captions and "B: Grad-CAM" in captions
+    layer_a = at.selectbox(key="gradcam_layer_A_age_older")
+    assert layer_a.value == layer_a.options[-1]  # the default is the last feature map
+    layer_a.set_value(layer_a.options[0]).run()
+    assert_clean(at)
+    at.selectbox(key="gradcam_target_age").set_value("gender_female").run()
+    assert_clean(at)
+
+
+# ---------------------------------------------------------------- uploads, paths and bad inputs
+
+
+def test_upload_a_model_into_slot_a(model_files):
+    at = new_app()
+    upload(at, "model_A", "my_model.keras", model_files["good"].read_bytes())
+    assert_clean(at)
+    assert model_name(at, "A") == "my_model.keras"
+    assert "Loaded my_model.keras as model A" in texts(at.sidebar.success)
+    assert_headlines(at)
+    assert "my_model.keras" in texts(at.markdown)
+    assert "This is the built-in demo" not in texts(at.info)
+    assert "Partly the built-in demo:** the sample and model B are" in texts(at.info)
+
+
+def test_candidate_becomes_b_and_swap_exchanges_the_models(model_files):
+    at = new_app()
+    upload(at, "candidate", "candidate.keras", model_files["good"].read_bytes())
+    assert_clean(at)
+    assert model_name(at, "B") == "candidate.keras" and model_name(at, "A") == "demo A"
+    assert "compared against baseline A (demo A)" in texts(at.sidebar.success)
+    at.button(key="swap").click().run()
+    assert_clean(at)
+    assert model_name(at, "A") == "candidate.keras" and model_name(at, "B") == "demo A"
+    at.button(key="remove_B").click().run()
+    assert_clean(at)
+    assert model_name(at, "B") is None
+    assert_headlines(at, n_models=1)
+    assert "Load a model B" in texts(at.caption)
+
+
+def test_model_and_sample_from_local_paths(model_files, synthetic_dir):
+    at = new_app()
+    at.text_input(key="path_B").input(str(model_files["good"])).run()
+    assert_clean(at)
+    assert model_name(at, "B") == "my_model.keras"
+    at.text_input(key="sample_path").input(str(synthetic_dir)).run()
+    assert_clean(at)
+    assert "120 images read" in texts(at.sidebar.caption)
+    assert "120 images evaluated" in texts(at.caption)
+    at.text_input(key="sample_path").input("/no/such/folder").run()
+    assert "sample not found" in texts(at.sidebar.error) and "still using" in texts(at.sidebar.error)
+    assert "120 images evaluated" in texts(at.caption)  # the previous sample stays
+
+
+def test_upload_a_zipped_sample(synthetic_dir):
+    at = new_app()
+    files = {f"faces/{p.name}": p.read_bytes() for p in sorted(Path(synthetic_dir).iterdir())[:60]}
+    files["faces/badly named.jpg"] = files[next(iter(files))]  # a face whose name carries no labels
+    upload(at, "sample_zip", "faces.zip", zip_with_names(files))
+    assert_clean(at)
+    assert "60 images read · 1 skipped" in texts(at.sidebar.caption)
+    assert "60 images evaluated" in texts(at.caption)
+    assert at.session_state["sample"].origin == "upload"
+    at.button(key="demo_sample").click().run()
+    assert "300 images read" in texts(at.sidebar.caption)
+
+
+@pytest.mark.parametrize(
+    ("target", "file_name", "content", "message"),
+    [
+        ("model_A", "junk.keras", b"\x00\x01 not a model at all", "is not a Keras model"),
+        ("model_A", "weights.h5", b"hello, I am text", "not an HDF5 file"),
+        ("model_A", "faces.txt", b"some text", "is not a model file"),
+        ("candidate", "notes.keras", zip_with_names({"a.txt": b"x"}), "not a Keras model"),
+        ("sample_zip", "faces.txt", b"some text", "is not a .zip file"),
+        ("sample_zip", "corrupt.zip", b"PK\x03\x04" + bytes(range(256)) * 4, "zip"),
+        ("sample_zip", "bomb.zip", declared_zip_bomb(), "would unpack to"),
+        ("sample_zip", "empty.zip", b"", "is empty"),
+    ],
+    ids=["random-bytes", "text-as-h5", "wrong-type-model", "zip-without-config", "wrong-type-sample",
+         "corrupt-zip", "zip-bomb", "empty-file"],
+)
+def test_a_bad_upload_shows_a_message_in_place_and_keeps_what_was_loaded(target, file_name, content, message):
+    at = new_app()
+    upload(at, target, file_name, content)
+    assert_clean(at)
+    errors = texts(at.sidebar.error)
+    assert message in errors, errors
+    assert model_name(at, "A") == "demo A" and model_name(at, "B") == "demo B"
+    assert "300 images read" in texts(at.sidebar.caption)
+    assert_headlines(at)
+
+
+def test_an_unmappable_model_can_be_retried_with_overrides(model_files):
+    at = new_app()
+    upload(at, "model_B", "scores_only.keras", model_files["unmappable"].read_bytes())
+    assert_clean(at)
+    assert "Need two outputs" in texts(at.sidebar.error) and "still demo B" in texts(at.sidebar.error)
+    assert model_name(at, "B") == "demo B"
+    assert_headlines(at)
+    # The retry form for the failed file is offered; a second failure is explained the same way.
+    retry = [b for b in at.sidebar.button if b.label == "Apply and reload"]
+    assert retry
+    at.sidebar.text_input[[t.label for t in at.sidebar.text_input].index("Age output")].input("scores")
+    retry[-1].click().run()
+    assert_clean(at)
+    assert model_name(at, "B") == "demo B"
+    assert at.session_state["pending"]["B"].overrides == (("age_output", "scores"),)
+
+
+def test_overrides_reload_the_model_with_the_given_preprocessing():
+    at = new_app()
+    form_selects = [s for s in at.sidebar.selectbox if s.label == "Preprocessing"]
+    form_selects[0].set_value("rgb_0_1")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    assert_clean(at)
+    assert at.session_state["models"]["A"].overrides == (("preprocessing", "rgb_0_1"),)
+    assert "loaded with preprocessing = rgb_0_1" in texts(at.sidebar.success)
+    assert "rgb_0_1 (set by you)" in texts(at.sidebar.caption)
+    assert_headlines(at)
+
+
+def test_two_sessions_do_not_see_each_others_uploads(model_files):
+    from analysis.dataset import default_cache_dir
+
+    first, second = new_app(), new_app()
+    upload(first, "model_A", "my_model.keras", model_files["good"].read_bytes())
+    second.run()
+    assert model_name(first, "A") == "my_model.keras"
+    assert model_name(second, "A") == "demo A"
+    first_id, second_id = first.session_state["session_id"], second.session_state["session_id"]
+    assert first_id != second_id
+    saved = Path(first.session_state["models"]["A"].path)
+    assert saved.is_relative_to(default_cache_dir() / "uploads" / first_id)
+    assert not (default_cache_dir() / "uploads" / second_id).exists()
+
+
+def test_without_demo_models_the_app_explains_how_to_start(tmp_path, monkeypatch):
+    import analysis.__main__ as cli
+
+    monkeypatch.setattr(cli, "DEMO_MODELS", tmp_path)
+    at = new_app()
+    assert_clean(at)
+    assert "No model to evaluate" in texts(at.error)
+    assert model_name(at, "A") is None
+    assert "No model. Drop a .keras or .h5 file" in texts(at.sidebar.caption)
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_builds_and_serves_the_report_zip(monkeypatch):
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    served: dict[str, bytes] = {}
+    real = MemoryMediaFileStorage.load_and_get_id
+
+    def remember(self, path_or_data, mimetype, kind, filename=None):
+        if filename:
+            served[filename] = path_or_data
+        return real(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", remember)
+    at = new_app()
+    at.switch_page("views/export.py").run()
+    assert_clean(at)
+    table_buttons = [b.label for b in at.get("download_button")]
+    assert any(label.startswith("slices.csv") for label in table_buttons)
+    assert any(label.startswith("predictions.csv · 300 rows") for label in table_buttons)
+    assert pd.read_csv(io.BytesIO(served["slices.csv"]))["slice_by"].iloc[0] == "overall"
+    assert served["age_scatter.png" if "age_scatter.png" in served else "overall.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+    at.toggle(key="bundle_gradcam").set_value(False).run()  # Grad-CAM grids are tested on the Errors page
+    at.button(key="build_bundle").click().run()
+    assert_clean(at)
+    assert any(b.label.startswith("Download facecheck_report.zip") for b in at.get("download_button"))
+    with zipfile.ZipFile(io.BytesIO(served["facecheck_report.zip"])) as archive:
+        names = archive.namelist()
+        provenance = next(n for n in names if n.endswith("provenance.json"))
+        assert any(n.endswith("tables/slices.csv") for n in names)
+        assert any(n.endswith(".png") for n in names)
+        assert b"sample" in archive.read(provenance)
+
+
+# ---------------------------------------------------------------- the pure helpers
+
+
+def test_uploads_are_checked_and_kept_per_session(tmp_path):
+    from app import uploads
+
+    good = b"PK\x03\x04" + b"rest"
+    first, second = "a" * 32, "b" * 32
+    saved = uploads.save_upload(first, "sample", "../../etc/x y.zip", good)
+    assert saved.path.parent.parent.parent == uploads.session_upload_dir(first)
+    assert saved.path.name == "x_y.zip" and saved.path.read_bytes() == good
+    again = uploads.save_upload(first, "sample", "x y.zip", good)
+    assert again.path == saved.path and again.sha256 == saved.sha256
+    other = uploads.save_upload(second, "sample", "x y.zip", good)
+    assert other.path != saved.path and other.path.is_relative_to(uploads.session_upload_dir(second))
+    with pytest.raises(ValueError, match="32 hex digits"):
+        uploads.session_upload_dir("../../somewhere")
+    with pytest.raises(uploads.UploadError, match="limit is 512 MB"):
+        uploads.check_model_upload("big.keras", good, 513 * 1024**2)
+    with pytest.raises(uploads.UploadError, match="no config.json"):
+        uploads.save_upload(first, "model", "fake.keras", zip_with_names({"weights.bin": b"0"}))
+
+
+def test_stale_upload_folders_are_pruned():
+    from app import uploads
+
+    old, fresh = uploads.session_upload_dir("c" * 32), uploads.session_upload_dir("d" * 32)
+    for folder in (old, fresh):
+        (folder / "model").mkdir(parents=True, exist_ok=True)
+        (folder / "model" / "m.keras").write_bytes(b"x")
+    past = time.time() - 3 * 24 * 3600
+    for path in (old / "model" / "m.keras", old / "model", old):
+        os.utime(path, (past, past))
+    removed = uploads.prune_stale_uploads(max_age_hours=24)
+    assert old in removed and not old.exists() and fresh.exists()
+
+
+def _predictions(n: int = 400, seed: int = 1) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    table = pd.DataFrame(
+        {
+            "image_id": [f"{i:04d}" for i in range(n)],
+            "path": [f"/faces/{i}.jpg" for i in range(n)],
+            "file_name": [f"{i}.jpg" for i in range(n)],
+            "age": rng.integers(1, 90, n),
+            "gender": rng.integers(0, 2, n),
+            "ethnicity": rng.integers(0, 5, n),
+        }
+    )
+    table["age_band"] = assign_age_bands(table["age"])
+    for key in "AB":
+        table[f"age_pred_{key}"] = table["age"] + rng.normal(0, 10, n)
+        table[f"p_female_{key}"] = np.clip(0.7 * table["gender"] + rng.uniform(0, 0.45, n), 0, 1)
+    return table
+
+
+def test_gallery_selects_the_cases_the_filters_describe():
+    from app import gallery
+
+    preds = _predictions()
+    error_a = (preds["age_pred_A"] - preds["age"]).abs()
+    wrong_a = (preds["p_female_A"] >= 0.5) != (preds["gender"] == 1)
+    wrong_b = (preds["p_female_B"] >= 0.5) != (preds["gender"] == 1)
+
+    age = gallery.select_cases(preds, kind="age", model="A", min_error=15, k=500)
+    expected = error_a[error_a >= 15].sort_values(ascending=False, kind="stable")
+    assert list(age["image_id"]) == list(preds.loc[expected.index, "image_id"])
+
+    women = gallery.select_cases(preds, kind="gender", model="A", slice_label="gender=female", k=500)
+    assert set(women["image_id"]) == set(preds.loc[wrong_a & (preds["gender"] == 1), "image_id"])
+
+    both = gallery.select_cases(preds, kind="both_wrong", model="A", min_error=12, k=500)
+    both_gender = both[both["both_gender_wrong"]]
+    assert set(both_gender["image_id"]) == set(preds.loc[wrong_a & wrong_b, "image_id"])
+    assert both["both_gender_wrong"].tolist() == sorted(both["both_gender_wrong"], reverse=True)
+    age_part = both[~both["both_gender_wrong"]]
+    assert (np.minimum(age_part["abs_age_err_A"], age_part["abs_age_err_B"]) >= 12).all()
+
+    disagree = gallery.select_cases(preds, kind="disagree", model="A", min_error=5, k=500)
+    gaps = (disagree["age_pred_A"] - disagree["age_pred_B"]).abs()
+    assert ((disagree["disagreement"] == "gender") | (gaps >= 5)).all()
+
+    without_others = preds[preds["ethnicity"] != 4]
+    assert gallery.select_cases(without_others, kind="age", model="A", slice_label="ethnicity=Others").empty
+
+    options = gallery.slice_options(preds)
+    assert options["all"] == "All images" and "age_band=20–29" in options and "ethnicity=Asian" in options
+    with pytest.raises(ValueError, match="compares two models"):
+        gallery.select_cases(preds.drop(columns=["age_pred_B", "p_female_B"]), kind="disagree", model="A")
+
+
+def test_comparisons_read_as_plain_sentences():
+    from app import wording
+
+    row = {
+        "age_mae_A": 8.2, "age_mae_B": 6.4, "age_mae_delta": -1.8, "age_mae_delta_lo": -2.3, "age_mae_delta_hi": -1.3,
+        "wilcoxon_p": 0.0002, "gender_acc_A": 0.91, "gender_acc_B": 0.912, "gender_acc_delta": 0.002,
+        "only_A_correct": 10, "only_B_correct": 11, "mcnemar_p": 0.83,
+    }  # fmt: skip
+    assert wording.age_comparison(row).startswith("**B is 1.80 years better on age** than A")
+    assert "p < 0.001" in wording.age_comparison(row)
+    gender = wording.gender_comparison(row)
+    assert gender.startswith("No clear difference on gender: B is 0.2 points more accurate")
+    assert "p = 0.830" in gender and "only A right on 10 images, only B on 11" in gender
+    assert wording.ci_text(0.9, 0.95, "percent") == "95% CI 90.0%–95.0%"
+    assert wording.slice_name("age_band×gender", "20–29 × female") == "age 20–29 × female"
+    assert wording.slice_name("ethnicity", "Asian") == "Asian"
