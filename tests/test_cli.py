@@ -44,6 +44,12 @@ def test_evaluate_two_models_writes_tables_that_match_sklearn(model_files, synth
     preds = pd.read_csv(out / "tables" / "predictions.csv")
     summary = json.loads((out / "summary.json").read_text())
     assert len(preds) == 120 and summary["n_images"] == 120
+    # The headline CIs come from the resamples asked for and equal the overall rows of slices.csv.
+    assert summary["bootstrap_resamples"] == 200
+    overall = pd.read_csv(out / "tables" / "slices.csv").query("slice_by == 'overall'").set_index("model")
+    for key in ("A", "B"):
+        assert summary["models"][key]["age_mae_ci"] == pytest.approx(
+            [overall.loc[key, "age_mae_lo"], overall.loc[key, "age_mae_hi"]])
     for key in ("A", "B"):
         gender_pred = (preds[f"p_female_{key}"] >= 0.5).astype(int)
         assert summary["models"][key]["gender_acc"] == pytest.approx(accuracy_score(preds["gender"], gender_pred))
