@@ -139,6 +139,7 @@ OURS = r"""
 import os, sys, time, resource
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 sys.path.insert(0, sys.argv[3])
+import keras  # imported before the clock starts, as in the naive script
 t = time.perf_counter()
 from analysis.dataset import load_sample
 from analysis.models import load_model

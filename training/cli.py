@@ -66,13 +66,13 @@ def train_parser():
     parser.add_argument("--image-size", type=int, help=f"square input size in pixels (default A {a['image_size']}, B {b['image_size']})")
     parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default A {a['learning_rate']:g}, B phase 1 {b['learning_rate']:g})")
     parser.add_argument("--fine-tune-learning-rate", type=float, help="B only: peak learning rate of phase 2 (default 3e-4)")
-    parser.add_argument("--fine-tune-fraction", type=float, help="B only: top share of backbone layers unfrozen in phase 2 (default 0.5)")
+    parser.add_argument("--fine-tune-fraction", type=float, help="B only: top share of backbone layers unfrozen in phase 2 (default 1: all but BatchNorm)")
     parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {DEFAULT_BACKBONE}; list below)")
     parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
     parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")
     parser.add_argument("--augment", type=float, help="augmentation strength, 0 = off (default 1)")
-    parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default 6)")
+    parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default A 6, B 8)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     return parser
 

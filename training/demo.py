@@ -25,7 +25,7 @@ DEMO_TEST_IMAGES = 300
 
 DEMO_CONFIGS = {
     # A: three conv blocks, 16-32-64 channels.
-    "A": dict(image_size=DEMO_IMAGE_SIZE, widths=(16, 32, 64), hidden_units=32, epochs=25, batch_size=32,
+    "A": dict(image_size=DEMO_IMAGE_SIZE, widths=(16, 32, 64), convs_per_block=1, hidden_units=32, epochs=25, batch_size=32,
               learning_rate=3e-3, augment=0.5, patience=8),
     # B: the tiny randomly initialised backbone, nested and fine-tuned in the two phases.
     "B": dict(image_size=DEMO_IMAGE_SIZE, backbone="tiny", weights="none", hidden_units=32, epochs=25,
