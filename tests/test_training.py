@@ -279,7 +279,7 @@ def test_augmentation_only_when_training(trained):
 
 def test_model_b_with_converted_lite0_weights(synthetic_dir, tmp_path):
     run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--epochs", 2, "--head-epochs", 1,
-            "--image-size", 64, "--batch-size", 16, "--no-cache")
+            "--image-size", 64, "--batch-size", 16, "--no-cache", "--fine-tune-fraction", 0.5)
     model = load_keras(tmp_path / "age_gender_B.keras")
     backbone = model.get_layer("efficientnet_lite0")
     from training.lite0 import default_weights_path
@@ -287,8 +287,10 @@ def test_model_b_with_converted_lite0_weights(synthetic_dir, tmp_path):
 
     state = load_torch_state_dict(default_weights_path())
     stem = backbone.get_layer("stem_conv").get_weights()[0]
-    # phase 2 unfroze only the top half: the stem keeps the ImageNet weights exactly
+    # phase 2 unfroze only the top half: the stem keeps the ImageNet weights exactly, the head moved
     np.testing.assert_array_equal(stem, np.transpose(state["_conv_stem.weight"], (2, 3, 1, 0)))
+    head = backbone.get_layer("head_conv").get_weights()[0]
+    assert not np.allclose(head, np.transpose(state["_conv_head.weight"], (2, 3, 1, 0)))
     assert list(pd.read_csv(tmp_path / "history_B.csv")["phase"]) == ["heads", "fine-tune"]
 
 
