@@ -471,7 +471,7 @@ def reliability_chart(
         alt.Tooltip("model_label:N", title="Model"), alt.Tooltip("mean_p_female:Q", format=".2f", title="Mean P(female)"),
         alt.Tooltip("frac_female:Q", format=".2f", title="Observed share"), alt.Tooltip("n:Q", title="Images"),
     ]
-    size = alt.Size("n:Q", title="Images in bin", scale=alt.Scale(range=[20, 220], zero=False), legend=alt.Legend(orient="bottom"))
+    size = alt.Size("n:Q", title="Images in bin", scale=alt.Scale(range=[20, 220], zero=False), legend=alt.Legend(orient="right"))
     diagonal = alt.Chart(data).mark_rule(color="black", strokeDash=[2, 3]).encode(
         x=alt.datum(0), y=alt.datum(0), x2=alt.datum(1), y2=alt.datum(1)
     )
