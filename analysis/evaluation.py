@@ -101,5 +101,5 @@ def evaluate(
     if run.predictions.empty:
         raise ValueError("no image of the sample could be decoded; see the skipped list")
     tables = compute_tables(run.predictions, models.keys(), n_boot=n_boot, seed=seed)
-    summary = metrics.summary(run.predictions, tuple(models), n_boot=n_boot, seed=seed)
+    summary = metrics.summary(run.predictions, tuple(models), n_boot=n_boot, seed=seed, tables=tables)
     return Evaluation(sample, models, scores, run, tables, summary)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from itertools import product
 
 import numpy as np
@@ -708,15 +708,21 @@ def summary(
     n_boot: int = 1000,
     seed: int = DEFAULT_SEED,
     confidence: float = 0.95,
+    tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> dict:
     """Headline numbers for summary.json: per model overall gender_acc, age_mae, age_bias with
     [lo, hi] CIs and the gender ECE; with two models also the overall paired comparison (b - a).
 
     Values are plain Python floats/ints (NaN -> None); the CIs equal the overall rows of
-    slice_table / compare_table with the same seed.
+    slice_table / compare_table with the same seed. `tables` = the "slices" (and "comparison")
+    tables already computed from `preds` with these n_boot, seed and confidence: their overall
+    rows are read instead of bootstrapping again.
     """
     models = check_predictions(preds, models)
-    overall = slice_table(preds, models, n_boot=n_boot, seed=seed, confidence=confidence, slices=("overall",))
+    if tables is not None:
+        overall = tables["slices"][tables["slices"]["slice_by"] == "overall"]
+    else:
+        overall = slice_table(preds, models, n_boot=n_boot, seed=seed, confidence=confidence, slices=("overall",))
     out = {
         "n_images": int(len(preds)),
         "confidence": float(confidence),
@@ -735,7 +741,11 @@ def summary(
         out["models"][m] = entry
     if len(models) == 2:
         a, b = models
-        row = compare_table(preds, a, b, n_boot=n_boot, seed=seed, confidence=confidence, slices=("overall",)).iloc[0]
+        if tables is not None and "comparison" in tables:
+            comparison = tables["comparison"][tables["comparison"]["slice_by"] == "overall"]
+        else:
+            comparison = compare_table(preds, a, b, n_boot=n_boot, seed=seed, confidence=confidence, slices=("overall",))
+        row = comparison.iloc[0]
         out["comparison"] = {"a": a, "b": b} | {
             key: _plain(value) for key, value in row.items() if key not in SLICE_ID_COLUMNS
         }

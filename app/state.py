@@ -371,7 +371,7 @@ def metric_tables(run_key: str, keys: tuple[str, ...], n_boot: int, seed: int, _
     from analysis.evaluation import compute_tables
 
     tables = compute_tables(_predictions, keys, n_boot=n_boot, seed=seed)
-    summary = metrics.summary(_predictions, keys, n_boot=n_boot, seed=seed)
+    summary = metrics.summary(_predictions, keys, n_boot=n_boot, seed=seed, tables=tables)
     return {"tables": tables, "summary": summary}
 
 

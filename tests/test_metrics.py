@@ -490,6 +490,10 @@ def test_summary_is_json_and_matches_the_tables(preds):
     assert result["comparison"]["mcnemar_p"] == pytest.approx(comparison["mcnemar_p"])
     assert result["comparison"]["age_mae_delta_lo"] == pytest.approx(comparison["age_mae_delta_lo"])
     assert type(result["comparison"]["only_A_correct"]) is int
+    # Read from the full tables (no second bootstrap), the summary is the same to the last digit.
+    from analysis.evaluation import compute_tables
+
+    assert metrics.summary(preds, ("A", "B"), n_boot=200, seed=1, tables=compute_tables(preds, "AB", n_boot=200, seed=1)) == result
     single = metrics.summary(preds.drop(columns=["age_pred_B", "p_female_B"]), n_boot=50)
     assert list(single["models"]) == ["A"] and "comparison" not in single
 
