@@ -263,6 +263,80 @@ def test_analysis_loader_maps_our_models_without_hints(trained, key):
     np.testing.assert_allclose(np.ravel(p_female), reference[1].ravel(), rtol=1e-4)
 
 
+def test_age_distribution_soft_labels():
+    from scipy.stats import norm
+
+    from training.models import age_bin_centers, age_distribution_targets
+
+    labels = age_distribution_targets([[30.0], [0.0], [116.0], [47.5]], sigma=3.0)
+    centers = age_bin_centers()
+    assert labels.shape == (4, 117) and centers[0] == 0 and centers[-1] == 116
+    np.testing.assert_allclose(labels.sum(axis=1), 1.0, rtol=1e-6)
+    expected = norm.pdf(centers, loc=30.0, scale=3.0)
+    np.testing.assert_allclose(labels[0], expected / expected.sum(), rtol=1e-5, atol=1e-9)
+    assert (labels * centers).sum(axis=1)[0] == pytest.approx(30.0, abs=1e-3)
+    assert labels[1].argmax() == 0 and labels[2].argmax() == 116  # truncated at the ends
+    assert labels[3, 47] == pytest.approx(labels[3, 48], rel=1e-6)  # half-way between two bins
+    with pytest.raises(ValueError, match="sigma"):
+        age_distribution_targets([30.0], sigma=0)
+
+
+def test_bins_age_head_trains_saves_and_maps(synthetic_dir, tmp_path):
+    """--age-head bins: fitted with a third (distribution) output, saved with only age and gender,
+    age = expectation of the saved softmax over whole years."""
+    import keras
+
+    from analysis.models import load_model
+
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "A", "--epochs", 1, "--image-size", 32,
+            "--age-head", "bins", "--no-cache")
+    history = pd.read_csv(tmp_path / "history_A.csv")
+    assert {"age_distribution_loss", "val_age_distribution_loss"} <= set(history.columns)
+    model = load_keras(tmp_path / "age_gender_A.keras")
+    assert model.output_names == ["age", "gender"]
+    images = np.random.default_rng(2).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    probe = keras.Model(model.inputs, [model.get_layer("age_distribution").output, model.outputs[0]])
+    distribution, age = (np.asarray(t) for t in probe(images, training=False))
+    np.testing.assert_allclose(distribution.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(age[:, 0], distribution @ np.arange(117.0), rtol=1e-4)
+    loaded = load_model(tmp_path / "age_gender_A.keras")
+    assert (loaded.mapping.age_kind, loaded.mapping.gender_kind) == ("regression", "sigmoid")
+    assert not loaded.user_settings
+    pixels = images.astype(np.uint8)
+    mapped_age, _ = loaded.predict_batch(pixels)
+    np.testing.assert_allclose(np.ravel(mapped_age), np.asarray(probe(pixels.astype(np.float32), training=False)[1])[:, 0], rtol=1e-4)
+
+
+def test_mixup_blends_images_and_every_target_with_the_same_weight():
+    from training.data import make_dataset
+
+    values = np.arange(16, dtype=np.float32) * 10.0  # image i is flat with value values[i]
+    images = np.broadcast_to(values[:, None, None, None], (16, 4, 4, 3)).astype(np.uint8)
+    labels = {
+        "age": values.reshape(-1, 1),
+        "gender": (values / 150.0).reshape(-1, 1),
+        "age_distribution": np.stack([values / 150.0, 1 - values / 150.0], axis=1),
+    }
+    batches = list(make_dataset(images, labels, 8, training=True, seed=1, mixup=0.4).take(2))
+    batches += list(make_dataset(images, labels, 8, training=True, seed=1, mixup=0.4).take(2))
+    mixed = []
+    for x, y in batches[:2]:
+        x = np.asarray(x)
+        flat = x.reshape(len(x), -1)
+        np.testing.assert_allclose(flat, flat[:, :1].repeat(flat.shape[1], axis=1), atol=1e-4)  # still flat
+        pixel = flat[:, 0]
+        np.testing.assert_allclose(np.asarray(y["age"])[:, 0], pixel, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(y["gender"])[:, 0], pixel / 150.0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y["age_distribution"]).sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y["age_distribution"])[:, 0], pixel / 150.0, atol=1e-5)
+        mixed.extend(pixel)
+    assert not set(np.round(mixed, 3)) <= set(values)  # some images really were blended
+    for (x1, _), (x2, _) in zip(batches[:2], batches[2:]):  # seeded: the same again
+        np.testing.assert_array_equal(np.asarray(x1), np.asarray(x2))
+    plain = list(make_dataset(images, labels, 8, training=False, mixup=0.4))  # never on validation
+    np.testing.assert_array_equal(np.concatenate([np.asarray(x) for x, _ in plain]), images.astype(np.float32))
+
+
 def test_augmentation_only_when_training(trained):
     model = load_keras(trained / "age_gender_A.keras")
     images = np.random.default_rng(1).uniform(0, 255, (4, 48, 48, 3)).astype(np.float32)

@@ -72,6 +72,12 @@ def train_parser():
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
     parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")
     parser.add_argument("--augment", type=float, help="augmentation strength, 0 = off (default 1)")
+    parser.add_argument(
+        "--age-head", choices=["linear", "log", "bins"],
+        help="age output: 'linear' regression in years, 'log' regression in log-years, or 'bins' = softmax "
+        "over whole years trained on a Gaussian soft label, age = its expectation (default A "
+        f"{a.get('age_output', 'linear')}, B {b.get('age_output', 'linear')})",
+    )
     parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default A 6, B 8)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     return parser
@@ -107,6 +113,7 @@ def run_training(args) -> int:
         learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
         fine_tune_fraction=args.fine_tune_fraction, backbone=args.backbone, weights=args.weights,
         seed=args.seed, val_split=args.val_split, augment=args.augment, patience=args.patience,
+        age_output=args.age_head,
     )
     try:
         configs = [default_config(key, **overrides) for key in keys]

@@ -150,10 +150,16 @@ def targets(table: pd.DataFrame) -> dict[str, np.ndarray]:
     }
 
 
-def make_dataset(images: np.ndarray, labels: dict[str, np.ndarray], batch_size: int, *, training: bool, seed: int = DEFAULT_SEED):
-    """A batched tf.data pipeline of (float32 RGB 0–255 images, {"age", "gender"} targets).
+def make_dataset(
+    images: np.ndarray, labels: dict[str, np.ndarray], batch_size: int, *, training: bool,
+    seed: int = DEFAULT_SEED, mixup: float = 0.0,
+):
+    """A batched tf.data pipeline of (float32 RGB 0–255 images, {"age", "gender", ...} targets).
 
     Training pipelines reshuffle every epoch (seeded); validation pipelines keep the order.
+    mixup > 0 (training only): each batch is blended with a reversed copy of itself,
+    x = λ·x + (1 − λ)·x_reversed with one λ ~ Beta(mixup, mixup) per image, and every target
+    (age in years, gender, soft age labels) blended with the same λ.
     """
     import tensorflow as tf
 
@@ -162,4 +168,24 @@ def make_dataset(images: np.ndarray, labels: dict[str, np.ndarray], batch_size: 
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if training and mixup > 0:
+        generator = tf.random.Generator.from_seed(seed)
+        dataset = dataset.map(lambda x, y: _mixup(x, y, mixup, generator))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _mixup(images, labels: dict, alpha: float, generator):
+    """Blend a batch with its reverse; λ ~ Beta(alpha, alpha) per image from two Gamma draws."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    g1 = tf.random.stateless_gamma([n], generator.make_seeds(1)[:, 0], alpha)
+    g2 = tf.random.stateless_gamma([n], generator.make_seeds(1)[:, 0], alpha)
+    lam = g1 / (g1 + g2)
+
+    def blend(t):
+        shape = tf.concat([[n], tf.ones([tf.rank(t) - 1], tf.int32)], axis=0)
+        weight = tf.cast(tf.reshape(lam, shape), t.dtype)
+        return weight * t + (1 - weight) * tf.reverse(t, axis=[0])
+
+    return blend(images), {key: blend(value) for key, value in labels.items()}

@@ -19,11 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 # Mean and spread of UTKFace ages in years: the age output starts at the mean, on a unit scale.
 AGE_PRIOR_YEARS = 33.0
 AGE_SCALE_YEARS = 20.0
+# "bins" age head: one class per whole year 0..AGE_MAX_YEARS (UTKFace goes to 116).
+AGE_MAX_YEARS = 116
+AGE_DISTRIBUTION = "age_distribution"  # name of the softmax layer of the "bins" age head
 # BatchNorm moving-average momentum for the layers we train from scratch. Keras' 0.99 needs
 # ~500 steps to forget its initial statistics; a short run on a few thousand images has only a
 # few hundred, and validation then runs on stale statistics.
@@ -48,13 +52,42 @@ def add_augmentation(x, strength: float = 1.0, seed: int | None = None):
     return x
 
 
+def age_bin_centers() -> np.ndarray:
+    """Ages (years, float32) of the classes of the "bins" age head: 0, 1, ..., AGE_MAX_YEARS."""
+    return np.arange(AGE_MAX_YEARS + 1, dtype=np.float32)
+
+
+def age_distribution_targets(ages, sigma: float) -> np.ndarray:
+    """Soft labels for the "bins" age head: a Gaussian of width `sigma` years around each age,
+    discretised on the bin centres and normalised; shape (n, AGE_MAX_YEARS + 1), float32."""
+    ages = np.asarray(ages, dtype=np.float64).reshape(-1, 1)
+    if sigma <= 0:
+        raise ValueError(f"age label sigma must be positive, got {sigma}")
+    logits = -0.5 * ((age_bin_centers()[None, :] - ages) / sigma) ** 2
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def with_age_distribution(model: keras.Model) -> keras.Model:
+    """The training view of a model with a "bins" age head: same layers and weights, plus the
+    softmax over ages as a third output (the saved model keeps only age and gender)."""
+    return keras.Model(model.inputs, list(model.outputs) + [model.get_layer(AGE_DISTRIBUTION).output], name=model.name)
+
+
+def has_age_distribution(model: keras.Model) -> bool:
+    return any(layer.name == AGE_DISTRIBUTION for layer in model.layers)
+
+
 def add_heads(features, hidden_units: int = 128, dropout: float = 0.3, age_output: str = "linear"):
     """Age and gender heads on a pooled feature vector (batch, channels).
 
     age_output: "linear" -> a Dense unit predicts standardised age and a Rescaling layer turns it
     into years (AGE_PRIOR_YEARS + AGE_SCALE_YEARS * u), so the unit works on a scale of about 1;
     "log" -> a Dense unit predicts log(years) and an exponential activation turns it into years
-    (errors scale with age, ages stay positive).
+    (errors scale with age, ages stay positive);
+    "bins" -> a softmax over whole years 0..AGE_MAX_YEARS (layer ``age_distribution``) and a fixed,
+    non-trainable Dense layer that takes its expectation (label-distribution learning: training
+    also fits the distribution to a Gaussian around the true age, see :func:`age_distribution_targets`).
     Returns [age (batch, 1) years, gender (batch, 1) P(female)].
     """
     x = layers.Dropout(dropout, name="head_dropout")(features)
@@ -63,11 +96,22 @@ def add_heads(features, hidden_units: int = 128, dropout: float = 0.3, age_outpu
     if age_output == "log":
         age = layers.Dense(1, bias_initializer=keras.initializers.Constant(math.log(AGE_PRIOR_YEARS)), name="log_age")(age)
         age = layers.Activation("exponential", name="age")(age)
+    elif age_output == "bins":
+        centers = age_bin_centers()
+        # Starts as a broad Gaussian around the prior age instead of uniform over 0..116.
+        prior = -0.5 * ((centers - AGE_PRIOR_YEARS) / AGE_SCALE_YEARS) ** 2
+        age = layers.Dense(len(centers), bias_initializer=keras.initializers.Constant(prior), name="age_logits")(age)
+        age = layers.Softmax(name=AGE_DISTRIBUTION)(age)
+        expectation = layers.Dense(
+            1, use_bias=False, trainable=False, name="age",
+            kernel_initializer=keras.initializers.Constant(centers.reshape(-1, 1)),
+        )
+        age = expectation(age)
     elif age_output == "linear":
         age = layers.Dense(1, name="age_standardized")(age)
         age = layers.Rescaling(AGE_SCALE_YEARS, offset=AGE_PRIOR_YEARS, name="age")(age)
     else:
-        raise ValueError(f"age_output must be 'log' or 'linear', got {age_output!r}")
+        raise ValueError(f"age_output must be 'linear', 'log' or 'bins', got {age_output!r}")
     gender = layers.Dense(1, activation="sigmoid", name="gender")(gender)
     return [age, gender]
 

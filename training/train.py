@@ -41,13 +41,16 @@ class TrainConfig:
     val_split: float = 0.2
     augment: float = 1.0  # augmentation strength, 0 = off
     dropout: float = 0.3
-    age_output: str = "linear"  # "linear": standardised years; "log": log-years
+    age_output: str = "linear"  # "linear": standardised years; "log": log-years; "bins": softmax over years
+    age_label_sigma: float = 3.0  # "bins": width (years) of the Gaussian soft label around the true age
+    age_distribution_loss_weight: float = 1.0  # "bins": weight of the cross-entropy on the soft label
     age_loss: str = "mae"  # "mae" or "huber", on years
     huber_delta: float = 5.0  # years
     # 1/AGE_SCALE_YEARS: the age gradient on the standardised output is then as large as the
     # gender one (an age-dominated trunk learns gender slowly).
     age_loss_weight: float = 0.05
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta(α, α) parameter of mixup on training batches, 0 = off
     patience: int = 6  # epochs without validation-loss improvement before stopping
     warmup_epochs: float = 1.0
     # Model A
@@ -137,6 +140,8 @@ def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_ep
     """AdamW with a linear warm-up then cosine decay over the phase; losses and metrics per head."""
     import keras
 
+    from training.models import AGE_DISTRIBUTION
+
     steps = steps_per_epoch * epochs
     warmup = min(int(config.warmup_epochs * steps_per_epoch), steps // 2)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -152,12 +157,29 @@ def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_ep
         age_loss = keras.losses.MeanAbsoluteError()
     else:
         raise ValueError(f"age_loss must be 'huber' or 'mae', got {config.age_loss!r}")
+    losses = {"age": age_loss, "gender": keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)}
+    weights = {"age": config.age_loss_weight, "gender": 1.0}
+    if len(model.outputs) == 3:  # training view of a "bins" age head (see training_view)
+        losses[AGE_DISTRIBUTION] = keras.losses.CategoricalCrossentropy()
+        weights[AGE_DISTRIBUTION] = config.age_distribution_loss_weight
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
-        loss={"age": age_loss, "gender": keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)},
-        loss_weights={"age": config.age_loss_weight, "gender": 1.0},
+        loss=losses,
+        loss_weights=weights,
         metrics={"age": [keras.metrics.MeanAbsoluteError(name="mae")], "gender": [keras.metrics.BinaryAccuracy(name="accuracy")]},
     )
+
+
+def training_view(model, config: TrainConfig, table: pd.DataFrame):
+    """(model to fit, its targets for `table`): the model itself with {"age", "gender"}, or for a
+    "bins" age head the model with its age distribution as a third output and Gaussian soft labels."""
+    from training.models import AGE_DISTRIBUTION, age_distribution_targets, has_age_distribution, with_age_distribution
+
+    labels = targets(table)
+    if not has_age_distribution(model):
+        return model, labels
+    labels[AGE_DISTRIBUTION] = age_distribution_targets(labels["age"], config.age_label_sigma)
+    return with_age_distribution(model), labels
 
 
 def _callbacks(phase: Phase, config: TrainConfig, best, epoch_log):
@@ -260,11 +282,12 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     log(f"Model {config.model_key}: decoding {len(split.train) + len(split.val)} images at {size[0]}x{size[1]} px")
     x_train = load_images(split.train["path"], size, split.train["image_id"], cache=cache)
     x_val = load_images(split.val["path"], size, split.val["image_id"], cache=cache)
-    train_data = make_dataset(x_train, targets(split.train), config.batch_size, training=True, seed=config.seed)
-    val_data = make_dataset(x_val, targets(split.val), config.batch_size, training=False)
     steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
 
     model, backbone = build_model(config)
+    fitted, train_labels = training_view(model, config, split.train)
+    train_data = make_dataset(x_train, train_labels, config.batch_size, training=True, seed=config.seed, mixup=config.mixup)
+    val_data = make_dataset(x_val, training_view(model, config, split.val)[1], config.batch_size, training=False)
     best, epoch_log = _make_best_weights(), _make_epoch_log()
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2  # progress bar on a terminal, one line per epoch in a log
@@ -273,15 +296,15 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         if backbone is not None:
             n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction)
             log(f"Model B phase '{phase.name}': {n_trainable} backbone layers trainable, learning rate {phase.learning_rate:g}")
-        compile_model(model, config, phase.learning_rate, steps_per_epoch, phase.epochs)
+        compile_model(fitted, config, phase.learning_rate, steps_per_epoch, phase.epochs)
         epoch_log.phase = phase.name
-        history = model.fit(
+        history = fitted.fit(
             train_data, validation_data=val_data, initial_epoch=epoch, epochs=epoch + phase.epochs,
             callbacks=_callbacks(phase, config, best, epoch_log), verbose=verbose,
             shuffle=False,  # the tf.data pipeline shuffles
         )
         epoch = epoch + len(history.epoch)
-        if model.stop_training and not np.isfinite(history.history.get("loss", [0])[-1]):
+        if fitted.stop_training and not np.isfinite(history.history.get("loss", [0])[-1]):
             raise RuntimeError(f"Model {config.model_key}: the loss became NaN; try a lower --learning-rate")
     best.restore()
     seconds = time.perf_counter() - started
