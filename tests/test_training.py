@@ -307,6 +307,39 @@ def test_bins_age_head_trains_saves_and_maps(synthetic_dir, tmp_path):
     np.testing.assert_allclose(np.ravel(mapped_age), np.asarray(probe(pixels.astype(np.float32), training=False)[1])[:, 0], rtol=1e-4)
 
 
+def test_clean_phase_trains_without_augmentation_and_keeps_it_in_the_saved_model(synthetic_dir, tmp_path, monkeypatch):
+    """--clean-epochs 1: the last epoch fits a view of the model that skips the augmentation
+    layers, at a tenth of the learning rate; the saved model still has them (identity at inference)."""
+    import keras
+
+    from training import models
+
+    views = []
+    original = models.training_view
+
+    def spy(model, augment=True):
+        view = original(model, augment)
+        views.append((augment, {layer.name for layer in view.layers}))
+        return view
+
+    monkeypatch.setattr(models, "training_view", spy)
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "A", "--epochs", 3, "--clean-epochs", 1,
+            "--image-size", 32, "--no-cache")
+    assert [augment for augment, _ in views] == [True, False]
+    assert any(name.startswith("aug_") for name in views[0][1])
+    assert not any(name.startswith("aug_") for name in views[1][1]) and "block0_conv0" in views[1][1]
+    history = pd.read_csv(tmp_path / "history_A.csv")
+    assert history["phase"].tolist() == ["train", "train", "clean"]
+    metrics = json.loads((tmp_path / "metrics_A.json").read_text())
+    assert [(p["name"], p["epochs"], p["augment"]) for p in metrics["phases"]] == [("train", 2, True), ("clean", 1, False)]
+    assert metrics["phases"][1]["learning_rate"] == pytest.approx(metrics["phases"][0]["learning_rate"] / 10)
+    model = load_keras(tmp_path / "age_gender_A.keras")
+    assert isinstance(model.get_layer("aug_flip"), keras.layers.RandomFlip)
+    with pytest.raises(SystemExit, match="clean epochs"):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path / "x"), "--model", "A", "--epochs", "2", "--clean-epochs", "2"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_mixup_blends_images_and_every_target_with_the_same_weight():
     from training.data import make_dataset
 

@@ -78,6 +78,12 @@ def train_parser():
         "over whole years trained on a Gaussian soft label, age = its expectation (default A "
         f"{a.get('age_output', 'linear')}, B {b.get('age_output', 'linear')})",
     )
+    parser.add_argument(
+        "--clean-epochs", type=int,
+        help="the last N of the epochs train without augmentation at a tenth of the learning rate, so the "
+        f"model ends on the kind of pixels it sees at inference (default A {a.get('clean_epochs', 0)}, "
+        f"B {b.get('clean_epochs', 0)})",
+    )
     parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default A 6, B 8)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     return parser
@@ -113,7 +119,7 @@ def run_training(args) -> int:
         learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
         fine_tune_fraction=args.fine_tune_fraction, backbone=args.backbone, weights=args.weights,
         seed=args.seed, val_split=args.val_split, augment=args.augment, patience=args.patience,
-        age_output=args.age_head,
+        age_output=args.age_head, clean_epochs=args.clean_epochs,
     )
     try:
         configs = [default_config(key, **overrides) for key in keys]
@@ -138,11 +144,13 @@ def run_training(args) -> int:
 def _check_config(config) -> None:
     """Fail before any image is decoded when the configuration cannot work."""
     from training.models import BACKBONES
+    from training.train import training_phases
 
     if config.image_size < 32:
         raise ValueError(f"--image-size must be at least 32 pixels, got {config.image_size}")
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {config.batch_size}")
+    training_phases(config)  # epochs and clean epochs
     if config.model_key == "B":
         if config.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {config.backbone!r}; choose one of: {', '.join(BACKBONES)}")

@@ -34,6 +34,9 @@ AGE_DISTRIBUTION = "age_distribution"  # name of the softmax layer of the "bins"
 BN_MOMENTUM = 0.9
 
 
+AUGMENTATION_PREFIX = "aug_"  # names of the augmentation layers
+
+
 def add_augmentation(x, strength: float = 1.0, seed: int | None = None):
     """Random flip, small rotation/zoom/translation and brightness/contrast on RGB 0–255 images.
 
@@ -68,10 +71,21 @@ def age_distribution_targets(ages, sigma: float) -> np.ndarray:
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def with_age_distribution(model: keras.Model) -> keras.Model:
-    """The training view of a model with a "bins" age head: same layers and weights, plus the
-    softmax over ages as a third output (the saved model keeps only age and gender)."""
-    return keras.Model(model.inputs, list(model.outputs) + [model.get_layer(AGE_DISTRIBUTION).output], name=model.name)
+def training_view(model: keras.Model, augment: bool = True) -> keras.Model:
+    """The model to fit: the same layers and weights as `model`, with
+    - a "bins" age head's softmax as a third output (the saved model keeps only age and gender);
+    - with augment=False, its input after the augmentation layers (they are skipped).
+    Returns `model` itself when neither applies."""
+    outputs = list(model.outputs)
+    if has_age_distribution(model):
+        outputs.append(model.get_layer(AGE_DISTRIBUTION).output)
+    augmentation = [layer for layer in model.layers if layer.name.startswith(AUGMENTATION_PREFIX)]
+    inputs = model.inputs
+    if not augment and augmentation:
+        inputs = augmentation[-1].output  # the layers are chained in order, see add_augmentation
+    if inputs is model.inputs and len(outputs) == len(model.outputs):
+        return model
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 def has_age_distribution(model: keras.Model) -> bool:
