@@ -38,10 +38,20 @@ def phase_boundaries(history: pd.DataFrame) -> list[float]:
     return [float(history.loc[i, "epoch"]) - 0.5 for i in starts]
 
 
+def phase_starts(history: pd.DataFrame) -> pd.DataFrame:
+    """(epoch = x position of the boundary, phase = name of the phase that starts there)."""
+    epochs = phase_boundaries(history)
+    if not epochs:
+        return pd.DataFrame({"epoch": [], "phase": []})
+    names = history["phase"][history["phase"].ne(history["phase"].shift())].iloc[1:]
+    return pd.DataFrame({"epoch": epochs, "phase": names.astype(str).to_list()})
+
+
 def learning_curves_chart(history: pd.DataFrame, title: str = "") -> alt.HConcatChart:
-    """One panel per metric, training vs validation per epoch; dashed rule at each phase start."""
+    """One panel per metric, training vs validation per epoch; dashed rule at each phase start,
+    labelled with the phase's name (B: "fine-tune"; "clean" for the epochs without augmentation)."""
     table = curves_table(history)
-    boundaries = pd.DataFrame({"epoch": phase_boundaries(history)})
+    boundaries = phase_starts(history)
     panels = []
     for _column, panel in PANELS:
         data = table[table["panel"] == panel]
@@ -61,12 +71,12 @@ def learning_curves_chart(history: pd.DataFrame, title: str = "") -> alt.HConcat
             rule = (
                 alt.Chart(boundaries)
                 .mark_rule(strokeDash=[5, 4], color="gray")
-                .encode(x="epoch:Q", tooltip=alt.value("fine-tuning starts"))
+                .encode(x="epoch:Q", tooltip=alt.Tooltip("phase:N", title="phase starting"))
             )
             label = (
                 alt.Chart(boundaries)
                 .mark_text(align="left", dx=3, dy=-90, color="gray", fontSize=10)
-                .encode(x="epoch:Q", text=alt.value("fine-tune"))
+                .encode(x="epoch:Q", text="phase:N")
             )
             lines = alt.layer(lines, rule, label)
         panels.append(lines)
