@@ -330,6 +330,7 @@ def test_clean_phase_trains_without_augmentation_and_keeps_it_in_the_saved_model
     assert not any(name.startswith("aug_") for name in views[1][1]) and "block0_conv0" in views[1][1]
     history = pd.read_csv(tmp_path / "history_A.csv")
     assert history["phase"].tolist() == ["train", "train", "clean"]
+    assert ">clean<" in (tmp_path / "curves_A.svg").read_text()  # the boundary is labelled with the phase
     metrics = json.loads((tmp_path / "metrics_A.json").read_text())
     assert [(p["name"], p["epochs"], p["augment"]) for p in metrics["phases"]] == [("train", 2, True), ("clean", 1, False)]
     assert metrics["phases"][1]["learning_rate"] == pytest.approx(metrics["phases"][0]["learning_rate"] / 10)
@@ -338,6 +339,19 @@ def test_clean_phase_trains_without_augmentation_and_keeps_it_in_the_saved_model
     with pytest.raises(SystemExit, match="clean epochs"):
         main(["--data", str(synthetic_dir), "--out", str(tmp_path / "x"), "--model", "A", "--epochs", "2", "--clean-epochs", "2"])
     assert not (tmp_path / "x").exists()
+
+
+def test_default_clean_epochs_shrink_with_short_runs_but_an_explicit_value_is_kept():
+    from training.train import MODEL_DEFAULTS, default_config, training_phases
+
+    full = MODEL_DEFAULTS["A"]["clean_epochs"]
+    assert full > 0 and default_config("A").clean_epochs == full
+    assert default_config("A", epochs=1).clean_epochs == 0
+    assert default_config("A", epochs=8).clean_epochs == min(full, 2)
+    assert default_config("A", epochs=8, clean_epochs=5).clean_epochs == 5
+    assert [p.augment for p in training_phases(default_config("A", epochs=8))] == [True] + [False] * (min(full, 2) > 0)
+    with pytest.raises(ValueError, match="clean epochs"):
+        training_phases(default_config("A", epochs=3, clean_epochs=3))
 
 
 def test_mixup_blends_images_and_every_target_with_the_same_weight():
