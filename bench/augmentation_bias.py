@@ -25,12 +25,12 @@ import pandas as pd  # noqa: E402
 
 from training.data import load_images  # noqa: E402
 from training.models import AUGMENTATION_PREFIX  # noqa: E402
+from training.train import validation_metrics  # noqa: E402
 
 
-def scores(model, images, ages, genders) -> str:
-    age, p_female = (np.asarray(o).reshape(-1) for o in model.predict(images, batch_size=128, verbose=0))
-    error = age - ages
-    return f"gender {np.mean((p_female >= 0.5) == genders):.3f}  MAE {np.mean(np.abs(error)):.2f}  bias {np.mean(error):+.2f}"
+def scores(model, images, table) -> str:
+    metrics = validation_metrics(model, images, table)
+    return f"gender {metrics['gender_acc']:.3f}  MAE {metrics['age_mae']:.2f}  bias {metrics['age_bias']:+.2f}"
 
 
 def augmented(layers, images, batch: int = 256) -> np.ndarray:
@@ -55,14 +55,13 @@ def main(argv=None) -> int:
     split = pd.read_csv(args.model.with_name(f"split_{key}.csv"))
     table = split[split["subset"] == args.subset].iloc[:: args.every]
     images = load_images([args.data / name for name in table["file_name"]], model.input_shape[1:3], cache=False).astype(np.float32)
-    ages, genders = table["age"].to_numpy(float), table["gender"].to_numpy(int)
     layers = [layer for layer in model.layers if layer.name.startswith(AUGMENTATION_PREFIX)]
     print(f"{args.model.name}: {len(table)} {args.subset} images")
-    print(f"  {'clean':<18} {scores(model, images, ages, genders)}")
+    print(f"  {'clean':<18} {scores(model, images, table)}")
     for layer in layers:
-        print(f"  {layer.name:<18} {scores(model, augmented([layer], images), ages, genders)}")
+        print(f"  {layer.name:<18} {scores(model, augmented([layer], images), table)}")
     if layers:
-        print(f"  {'all augmentation':<18} {scores(model, augmented(layers, images), ages, genders)}")
+        print(f"  {'all augmentation':<18} {scores(model, augmented(layers, images), table)}")
     return 0
 
 

@@ -8,6 +8,7 @@ Drawing is separate from training: :func:`learning_curves_chart` takes the histo
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 # (history column without the "val_" prefix, panel title)
@@ -30,21 +31,14 @@ def curves_table(history: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def phase_boundaries(history: pd.DataFrame) -> list[float]:
-    """Epochs (x positions, between two epochs) where a new training phase starts."""
-    if "phase" not in history or history["phase"].nunique() < 2:
-        return []
-    starts = history.index[history["phase"].ne(history["phase"].shift())][1:]
-    return [float(history.loc[i, "epoch"]) - 0.5 for i in starts]
-
-
 def phase_starts(history: pd.DataFrame) -> pd.DataFrame:
-    """(epoch = x position of the boundary, phase = name of the phase that starts there)."""
-    epochs = phase_boundaries(history)
-    if not epochs:
+    """Where a new training phase starts: epoch = x position of the boundary (between two
+    epochs), phase = name of the phase that starts there. Empty with fewer than two phases."""
+    if "phase" not in history or history["phase"].nunique() < 2:
         return pd.DataFrame({"epoch": [], "phase": []})
-    names = history["phase"][history["phase"].ne(history["phase"].shift())].iloc[1:]
-    return pd.DataFrame({"epoch": epochs, "phase": names.astype(str).to_list()})
+    phase = history["phase"].astype(str)
+    starts = phase.ne(phase.shift()) & (np.arange(len(phase)) > 0)
+    return pd.DataFrame({"epoch": history.loc[starts, "epoch"].astype(float) - 0.5, "phase": phase[starts]}).reset_index(drop=True)
 
 
 def learning_curves_chart(history: pd.DataFrame, title: str = "") -> alt.HConcatChart:

@@ -46,12 +46,12 @@ def add_augmentation(x, strength: float = 1.0, seed: int | None = None):
     if strength <= 0:
         return x
     s = float(strength)
-    x = layers.RandomFlip("horizontal", seed=seed, name="aug_flip")(x)
-    x = layers.RandomRotation(0.03 * s, fill_mode="reflect", seed=seed, name="aug_rotation")(x)  # ±11° at s=1
-    x = layers.RandomZoom(0.1 * s, fill_mode="reflect", seed=seed, name="aug_zoom")(x)
-    x = layers.RandomTranslation(0.06 * s, 0.06 * s, fill_mode="reflect", seed=seed, name="aug_translation")(x)
-    x = layers.RandomBrightness(0.15 * s, value_range=(0, 255), seed=seed, name="aug_brightness")(x)
-    x = layers.RandomContrast(0.2 * s, value_range=(0, 255), seed=seed, name="aug_contrast")(x)
+    x = layers.RandomFlip("horizontal", seed=seed, name=f"{AUGMENTATION_PREFIX}flip")(x)
+    x = layers.RandomRotation(0.03 * s, fill_mode="reflect", seed=seed, name=f"{AUGMENTATION_PREFIX}rotation")(x)  # ±11° at s=1
+    x = layers.RandomZoom(0.1 * s, fill_mode="reflect", seed=seed, name=f"{AUGMENTATION_PREFIX}zoom")(x)
+    x = layers.RandomTranslation(0.06 * s, 0.06 * s, fill_mode="reflect", seed=seed, name=f"{AUGMENTATION_PREFIX}translation")(x)
+    x = layers.RandomBrightness(0.15 * s, value_range=(0, 255), seed=seed, name=f"{AUGMENTATION_PREFIX}brightness")(x)
+    x = layers.RandomContrast(0.2 * s, value_range=(0, 255), seed=seed, name=f"{AUGMENTATION_PREFIX}contrast")(x)
     return x
 
 

@@ -191,7 +191,7 @@ def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_ep
         raise ValueError(f"age_loss must be 'huber' or 'mae', got {config.age_loss!r}")
     losses = {"age": age_loss, "gender": keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)}
     weights = {"age": config.age_loss_weight, "gender": 1.0}
-    if len(model.outputs) == 3:  # training view of a "bins" age head (see training_view)
+    if AGE_DISTRIBUTION in model.output_names:  # training view of a "bins" age head (see training_view)
         losses[AGE_DISTRIBUTION] = keras.losses.CategoricalCrossentropy()
         weights[AGE_DISTRIBUTION] = config.age_distribution_loss_weight
     model.compile(
