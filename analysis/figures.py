@@ -551,7 +551,8 @@ def find_history(model_path) -> Path | None:
 
 
 def _phase_starts(histories: Mapping[str, pd.DataFrame], names) -> pd.DataFrame:
-    """Epochs where a model's training `phase` changes (model, model_label, epoch, phase)."""
+    """Epochs where a model's training `phase` changes (model, model_label, epoch, phase, boundary):
+    `epoch` is the first epoch of the new phase, `boundary` the x position between the two epochs."""
     rows = []
     for key, history in histories.items():
         if history is None or "phase" not in history or "epoch" not in history:
@@ -559,15 +560,19 @@ def _phase_starts(histories: Mapping[str, pd.DataFrame], names) -> pd.DataFrame:
         phase = history["phase"].astype(str)
         changed = phase.ne(phase.shift()) & (np.arange(len(phase)) > 0)
         for epoch, name in zip(history.loc[changed, "epoch"], phase[changed]):
-            rows.append({"model": key, "model_label": model_label(key, names), "epoch": epoch, "phase": name})
-    return pd.DataFrame(rows, columns=["model", "model_label", "epoch", "phase"])
+            rows.append({"model": key, "model_label": model_label(key, names), "epoch": epoch, "phase": name,
+                         "boundary": float(epoch) - 0.5})
+    return pd.DataFrame(rows, columns=["model", "model_label", "epoch", "phase", "boundary"])
 
 
-def learning_curves_chart(histories: Mapping[str, pd.DataFrame], names: Mapping[str, str] | None = None) -> alt.HConcatChart:
+def learning_curves_chart(
+    histories: Mapping[str, pd.DataFrame], names: Mapping[str, str] | None = None, title: str = "Learning curves"
+) -> alt.HConcatChart:
     """Training (thin, faded) and validation (thick) curves per epoch for each model.
 
     `histories` maps model key to its history table (one row per epoch). A dotted vertical
-    rule marks where a new training `phase` starts (e.g. B's fine-tuning).
+    rule between two epochs marks where a new training `phase` starts (e.g. B's "fine-tune",
+    "clean" for epochs without augmentation), labelled with that phase's name.
     """
     table = history_table(histories)
     if table.empty:
@@ -594,14 +599,16 @@ def learning_curves_chart(histories: Mapping[str, pd.DataFrame], names: Mapping[
         )
         layer = [lines]
         if not starts.empty:
-            layer.append(alt.Chart(starts).mark_rule(strokeDash=[2, 3], color="grey").encode(
-                x="epoch:Q", tooltip=["model_label:N", alt.Tooltip("phase:N", title="Phase starts")]))
+            boundaries = alt.Chart(starts).encode(x="boundary:Q")
+            layer.append(boundaries.mark_rule(strokeDash=[2, 3], color="grey").encode(
+                tooltip=["model_label:N", alt.Tooltip("phase:N", title="Phase starts")]))
+            layer.append(boundaries.mark_text(align="left", baseline="top", dx=3, y=2, color="grey", fontSize=10).encode(text="phase:N"))
         panels.append(alt.layer(*layer).properties(width=230, height=190, title=panel))
     notes = ["Thick lines: validation; thin faded lines: training."]
     if not starts.empty:
         which = ", ".join(f"model {r.model} starts '{r.phase}' at epoch {r.epoch}" for r in starts.itertuples())
         notes.append(f"Dotted vertical line: a new training phase ({which}).")
-    return alt.hconcat(*panels).properties(title=_title("Learning curves", *notes))
+    return alt.hconcat(*panels).properties(title=_title(title, *notes))
 
 
 # ------------------------------------------------------------------ rendering

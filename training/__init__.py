@@ -2,8 +2,9 @@
 
 - Model A (:func:`training.models.make_model_a`): a CNN trained from scratch.
 - Model B (:func:`training.models.make_model_b`): a pretrained backbone (by default
-  EfficientNet-Lite, :mod:`training.lite`) fine-tuned in two phases.
+  EfficientNet-Lite2, :mod:`training.lite`) fine-tuned in two phases.
 
 Run ``python -m training --help``. This package imports only ``analysis.constants``,
-``analysis.dataset`` and ``analysis.synthetic`` from the rest of the project.
+``analysis.dataset``, ``analysis.synthetic`` and ``analysis.figures`` (learning curves) from the rest
+of the project.
 """

@@ -8,7 +8,7 @@ is written last: ``age_gender_<key>.keras`` appearing means all its records are 
 Files per model key K ("A" or "B"):
     age_gender_K.keras   the model (Keras 3 format)
     history_K.csv        one row per epoch
-    curves_K.png / .svg  learning curves
+    curves_K.png / .svg  learning curves (drawn by analysis.figures, as in the app)
     metrics_K.json       final validation metrics, configuration, split and timing
     summary_K.txt        layer-by-layer model summary
     split_K.csv          which image went to training and which to validation
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from training.curves import chart_png, chart_svg, learning_curves_chart
+from analysis.figures import chart_png, chart_svg, learning_curves_chart
 
 
 def artifact_paths(out_dir, key: str) -> dict[str, Path]:
@@ -78,7 +78,7 @@ def write_artifacts(out_dir, key: str, model, history: pd.DataFrame, metrics: di
     """Write all files for one trained model (model last). Returns the paths written."""
     paths = artifact_paths(out_dir, key)
     write_text(paths["history"], history.to_csv(index=False))
-    chart = learning_curves_chart(history, title=f"Model {key}: learning curves")
+    chart = learning_curves_chart({key: history}, title=f"Model {key}: learning curves")
     write_bytes(paths["curves_png"], chart_png(chart))
     write_text(paths["curves_svg"], chart_svg(chart))
     write_text(paths["metrics"], json.dumps(metrics, indent=2, default=_json_default) + "\n")
