@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from training.data import load_images  # noqa: E402
-from training.models import AUGMENTATION_PREFIX  # noqa: E402
+from training.models import augmentation_layers  # noqa: E402
 from training.train import validation_metrics  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     split = pd.read_csv(args.model.with_name(f"split_{key}.csv"))
     table = split[split["subset"] == args.subset].iloc[:: args.every]
     images = load_images([args.data / name for name in table["file_name"]], model.input_shape[1:3], cache=False).astype(np.float32)
-    layers = [layer for layer in model.layers if layer.name.startswith(AUGMENTATION_PREFIX)]
+    layers = augmentation_layers(model)
     print(f"{args.model.name}: {len(table)} {args.subset} images")
     print(f"  {'clean':<18} {scores(model, images, table)}")
     for layer in layers:

@@ -1,7 +1,7 @@
 """Training-step and prediction time of Model B with each EfficientNet-Lite backbone.
 
-Builds Model B exactly as training does (augmentation, nested backbone, "bins" heads, the whole
-backbone trainable but BatchNorm), on random pixels, and times one training epoch of 4000 images
+Builds Model B exactly as training does (`train.build_model` with the default settings, backbone
+trainable as in the fine-tuning phase), on random pixels, and times one training epoch of 4000 images
 (extrapolated from `--steps` batches of 32 after a warm-up) and the prediction of 1000 images
 (batch 64, warm). No weights are needed: random initialisation costs the same.
 
@@ -23,24 +23,16 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from training.models import (  # noqa: E402
-    AGE_DISTRIBUTION,
-    age_distribution_targets,
-    make_backbone,
-    make_model_b,
-    set_backbone_trainable,
-    training_view,
-)
-from training.train import compile_model, default_config  # noqa: E402
+from training.models import AGE_DISTRIBUTION, age_distribution_targets, set_backbone_trainable, training_view  # noqa: E402
+from training.train import build_model, compile_model, default_config  # noqa: E402
 
 TRAIN_IMAGES, BATCH = 4000, 32
 
 
 def measure(backbone_name: str, size: int, steps: int) -> dict:
-    config = default_config("B", backbone=backbone_name, image_size=size)
-    backbone = make_backbone(backbone_name, (size, size), weights="none")
-    model = make_model_b(backbone, hidden_units=config.hidden_units, age_output=config.age_output)
-    set_backbone_trainable(backbone, 1.0)
+    config = default_config("B", backbone=backbone_name, image_size=size, weights="none")
+    model, backbone = build_model(config)
+    set_backbone_trainable(backbone, config.fine_tune_fraction)  # the fine-tuning phase
     view = training_view(model)
     compile_model(view, config, config.fine_tune_learning_rate, steps_per_epoch=steps, epochs=1)
     rng = np.random.default_rng(0)

@@ -65,7 +65,7 @@ def train_parser():
     parser.add_argument("--batch-size", type=int, help=f"images per step (default {a['batch_size']})")
     parser.add_argument("--image-size", type=int, help=f"square input size in pixels (default A {a['image_size']}, B {b['image_size']})")
     parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default A {a['learning_rate']:g}, B phase 1 {b['learning_rate']:g})")
-    parser.add_argument("--fine-tune-learning-rate", type=float, help="B only: peak learning rate of phase 2 (default 3e-4)")
+    parser.add_argument("--fine-tune-learning-rate", type=float, help=f"B only: peak learning rate of phase 2 (default {TrainConfig.fine_tune_learning_rate:g})")
     parser.add_argument("--fine-tune-fraction", type=float, help="B only: top share of backbone layers unfrozen in phase 2 (default 1: all but BatchNorm)")
     parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {TrainConfig.backbone}; list below)")
     parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
@@ -80,7 +80,8 @@ def train_parser():
     )
     parser.add_argument(
         "--clean-epochs", type=int,
-        help="the last N of the epochs train without augmentation at a tenth of the learning rate, so the "
+        help="the last N of the epochs train without augmentation at "
+        f"{TrainConfig.clean_learning_rate_factor:g}× the learning rate, so the "
         f"model ends on the kind of pixels it sees at inference (default A {a.get('clean_epochs', 0)}, "
         f"B {b.get('clean_epochs', 0)})",
     )

