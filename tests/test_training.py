@@ -224,6 +224,43 @@ def test_fine_tuning_unfreezes_the_top_of_nested_backbones_but_not_batchnorm():
     assert any(layer.trainable for layer in leaves[-10:])
 
 
+def test_stochastic_depth_drops_whole_residual_branches_only_in_training(tmp_path, synthetic_dir):
+    """drop_connect: one Dropout per residual block, rate rising linearly with depth, a single
+    draw per image; identity at inference; the frozen BatchNorm statistics do not move."""
+    import keras
+
+    from training.lite import block_specs
+    from training.models import make_backbone, make_model_b, set_backbone_trainable
+
+    backbone = make_backbone("efficientnet_lite0", (64, 64), "none", drop_connect=0.2)
+    specs = block_specs(0)
+    residual = [i for i, (_k, c_in, c_out, _e, stride) in enumerate(specs) if stride == 1 and c_in == c_out]
+    drops = {layer.name: layer for layer in backbone.layers if layer.name.endswith("_drop")}
+    assert sorted(drops) == sorted(f"block{i}_drop" for i in residual)
+    for i in residual:
+        assert drops[f"block{i}_drop"].rate == pytest.approx(0.2 * i / len(specs))
+        assert drops[f"block{i}_drop"].noise_shape == (None, 1, 1, 1)
+    model = make_model_b(backbone, augment=0)
+    plain = make_model_b(make_backbone("efficientnet_lite0", (64, 64), "none"), augment=0)
+    plain.set_weights(model.get_weights())
+    images = np.random.default_rng(0).uniform(0, 255, (6, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model(images)[0]), np.asarray(plain(images)[0]), rtol=1e-5, atol=1e-4)
+    features = keras.Model(model.inputs, model.get_layer("pool").output)
+    assert np.abs(np.asarray(features(images, training=True)) - np.asarray(features(images, training=True))).max() > 1e-3
+    set_backbone_trainable(backbone, 1.0)
+    statistics = [np.asarray(v).copy() for v in backbone.get_layer("block5_dw_bn").non_trainable_weights]
+    model.compile(optimizer="adam", loss={"age": "mae", "gender": "binary_crossentropy"})
+    model.fit(images, {"age": np.full(6, 30.0), "gender": np.ones(6)}, epochs=1, verbose=0)
+    for before, after in zip(statistics, backbone.get_layer("block5_dw_bn").non_trainable_weights):
+        np.testing.assert_array_equal(before, np.asarray(after))
+    model.save(tmp_path / "m.keras")
+    reloaded = load_keras(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(reloaded(images)[1]), np.asarray(model(images)[1]), rtol=1e-5)
+    with pytest.raises(SystemExit, match="drop-connect"):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path / "x"), "--model", "B", "--drop-connect", "1"])
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------ trained models
 
 
@@ -362,6 +399,7 @@ def test_clean_phase_trains_without_augmentation_and_keeps_it_in_the_saved_model
     metrics = json.loads((tmp_path / "metrics_A.json").read_text())
     assert [(p["name"], p["epochs"], p["augment"]) for p in metrics["phases"]] == [("train", 2, True), ("clean", 1, False)]
     assert metrics["phases"][1]["learning_rate"] == pytest.approx(metrics["phases"][0]["learning_rate"] / 10)
+    assert metrics["best_epoch"] == 3  # the clean epoch is the result, whatever the earlier losses
     model = load_keras(tmp_path / "age_gender_A.keras")
     assert isinstance(model.get_layer("aug_flip"), keras.layers.RandomFlip)
     with pytest.raises(SystemExit, match="clean epochs"):
@@ -380,6 +418,46 @@ def test_default_clean_epochs_shrink_with_short_runs_but_an_explicit_value_is_ke
     assert [p.augment for p in training_phases(default_config("A", epochs=8))] == [True] + [False] * (min(full, 2) > 0)
     with pytest.raises(ValueError, match="clean epochs"):
         training_phases(default_config("A", epochs=3, clean_epochs=3))
+
+
+def test_bfloat16_trunk_trains_and_saves_a_float32_model(synthetic_dir, tmp_path):
+    """--precision bfloat16: the trunk trains in mixed bfloat16, the saved model is its float32
+    twin with the trained weights, and the validation metrics are that saved model's."""
+    from sklearn.metrics import accuracy_score, mean_absolute_error
+
+    from training.data import load_images
+
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "A", "--epochs", 2, "--image-size", 32,
+            "--precision", "bfloat16", "--no-cache")
+    metrics = json.loads((tmp_path / "metrics_A.json").read_text())
+    assert metrics["training_precision"] == "bfloat16" and metrics["config"]["precision"] == "bfloat16"
+    model = load_keras(tmp_path / "age_gender_A.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert np.abs(model.get_layer("block0_bn0").moving_mean.numpy()).max() > 0  # trained statistics, not a fresh init
+    split = pd.read_csv(tmp_path / "split_A.csv")
+    val = split[split["subset"] == "val"]
+    images = load_images([synthetic_dir / name for name in val["file_name"]], (32, 32), cache=False)
+    age, p_female = (np.asarray(t).reshape(-1) for t in model.predict(images.astype(np.float32), verbose=0))
+    assert metrics["validation"]["gender_acc"] == pytest.approx(accuracy_score(val["gender"], p_female >= 0.5))
+    assert metrics["validation"]["age_mae"] == pytest.approx(mean_absolute_error(val["age"], age), rel=1e-5)
+
+
+def test_precision_auto_follows_the_cpu_and_bfloat16_is_refused_for_model_b(tmp_path, monkeypatch, synthetic_dir):
+    from training import train
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert train.cpu_has_bfloat16(flags)
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16x amx_tile\n")
+    assert not train.cpu_has_bfloat16(flags)
+    assert not train.cpu_has_bfloat16(tmp_path / "missing")
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: has_bf16)
+        assert train.trunk_precision(train.default_config("A")) == ("bfloat16" if has_bf16 else "float32")
+        assert train.trunk_precision(train.default_config("B", precision="auto")) == "float32"
+    with pytest.raises(SystemExit, match="Model A only"):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path / "x"), "--model", "B", "--precision", "bfloat16"])
+    assert not (tmp_path / "x").exists()
 
 
 def test_mixup_blends_images_and_every_target_with_the_same_weight():

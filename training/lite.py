@@ -99,8 +99,11 @@ def _conv_bn(x, filters, kernel, stride, name, activation=True):
     return x
 
 
-def _mbconv(x, index, kernel, c_in, c_out, expand, stride):
-    """Mobile inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project (+ identity skip)."""
+def _mbconv(x, index, kernel, c_in, c_out, expand, stride, drop_rate=0.0):
+    """Mobile inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project (+ identity skip).
+
+    drop_rate > 0: stochastic depth — in training, the residual branch of a whole image is
+    dropped with that probability (Dropout with one noise value per image), as EfficientNet trains."""
     name = f"block{index}"
     inputs = x
     if expand != 1:
@@ -110,6 +113,8 @@ def _mbconv(x, index, kernel, c_in, c_out, expand, stride):
     x = layers.ReLU(max_value=6.0, name=f"{name}_dw_relu6")(x)
     x = _conv_bn(x, c_out, 1, 1, f"{name}_project", activation=False)
     if stride == 1 and c_in == c_out:
+        if drop_rate > 0:
+            x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
         x = layers.Add(name=f"{name}_add")([x, inputs])
     return x
 
@@ -120,6 +125,7 @@ def make_efficientnet_lite(
     include_top: bool = True,
     weights: str | Path | None = None,
     name: str | None = None,
+    drop_connect: float = 0.0,
 ) -> keras.Model:
     """EfficientNet-Lite`variant` (0, 1 or 2) taking RGB 0–255 floats of `input_shape` = (height, width, 3).
 
@@ -127,6 +133,9 @@ def make_efficientnet_lite(
     include_top: True -> 1000 ImageNet logits (softmax probabilities); False -> the 1280-channel
     feature map (batch, h/32, w/32, 1280) for use as a backbone.
     weights: None (random init), "imagenet" (the pip package's file) or a path to a ``.pth``.
+    drop_connect: stochastic-depth rate of the last block; block i of n drops its residual branch
+    with probability drop_connect * i / n (EfficientNet's schedule; 0 = off). Active only when the
+    model is called in training mode.
     """
     specs = block_specs(variant)  # validates the variant
     if input_shape is None:
@@ -137,7 +146,7 @@ def make_efficientnet_lite(
     x = layers.Rescaling(1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD, name="rescaling")(inputs)
     x = _conv_bn(x, STEM_CHANNELS, 3, 2, "stem")
     for index, (kernel, c_in, c_out, expand, stride) in enumerate(specs):
-        x = _mbconv(x, index, kernel, c_in, c_out, expand, stride)
+        x = _mbconv(x, index, kernel, c_in, c_out, expand, stride, drop_connect * index / len(specs))
     x = _conv_bn(x, HEAD_CHANNELS, 1, 1, "head")
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)

@@ -36,6 +36,8 @@ AGE_DISTRIBUTION = "age_distribution"  # name of the softmax layer of the "bins"
 BN_MOMENTUM = 0.9
 
 
+PRECISIONS = ("float32", "bfloat16")  # Model A's trunk, see make_model_a
+
 AUGMENTATION_PREFIX = "aug_"  # names of the augmentation layers
 
 
@@ -137,11 +139,12 @@ def add_heads(features, hidden_units: int = 128, dropout: float = 0.3, age_outpu
     return [age, gender]
 
 
-def conv_bn_relu(x, filters: int, prefix: str, suffix: str = ""):
-    """3x3 convolution (no bias), BatchNorm, ReLU; layers named <prefix>_conv<suffix> etc."""
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv{suffix}")(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn{suffix}")(x)
-    return layers.ReLU(name=f"{prefix}_relu{suffix}")(x)
+def conv_bn_relu(x, filters: int, prefix: str, suffix: str = "", dtype=None):
+    """3x3 convolution (no bias), BatchNorm, ReLU; layers named <prefix>_conv<suffix> etc.
+    dtype: the layers' dtype policy (None = the global one)."""
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv{suffix}", dtype=dtype)(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn{suffix}", dtype=dtype)(x)
+    return layers.ReLU(name=f"{prefix}_relu{suffix}", dtype=dtype)(x)
 
 
 def make_model_a(
@@ -153,6 +156,7 @@ def make_model_a(
     hidden_units: int = 128,
     age_output: str = "linear",
     pooling: str = "avg",
+    precision: str = "float32",
     name: str = "age_gender_A",
 ) -> keras.Model:
     """Model A: a from-scratch CNN, shared convolutional trunk and two heads.
@@ -160,19 +164,26 @@ def make_model_a(
     Trunk: per width, `convs_per_block` × (3x3 conv, BatchNorm, ReLU) then 2x2 max-pooling.
     pooling: "avg" = global average pooling; "flatten" keeps the spatial layout of the last
     feature map (faces are aligned, so *where* a feature is carries information).
+    precision: "float32", or "bfloat16" = the trunk computes in bfloat16 with float32 weights
+    (Keras "mixed_bfloat16"; the input, augmentation and heads stay float32) — 1.4× faster
+    training on CPUs with bfloat16 instructions. Rebuild with "float32" and copy the weights
+    to save a model that runs the same everywhere (see training.train).
     image_size = (height, width) in pixels.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    trunk = "mixed_bfloat16" if precision == "bfloat16" else None
     inputs = keras.Input(shape=(int(image_size[0]), int(image_size[1]), 3), name="image")
     x = add_augmentation(inputs, augment)
     x = layers.Rescaling(1.0 / 255, name="rescaling")(x)
     for block, filters in enumerate(widths):
         for conv in range(convs_per_block):
-            x = conv_bn_relu(x, filters, f"block{block}", str(conv))
-        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+            x = conv_bn_relu(x, filters, f"block{block}", str(conv), dtype=trunk)
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool", dtype=trunk)(x)
     if pooling == "avg":
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
+        x = layers.GlobalAveragePooling2D(name="pool", dtype=trunk)(x)
     elif pooling == "flatten":
-        x = layers.Flatten(name="flatten")(x)
+        x = layers.Flatten(name="flatten", dtype=trunk)(x)
     else:
         raise ValueError(f"pooling must be 'avg' or 'flatten', got {pooling!r}")
     return keras.Model(inputs, add_heads(x, hidden_units, dropout, age_output), name=name)
@@ -222,7 +233,7 @@ def describe_backbones() -> str:
     return "\n".join(f"  {name:<20} {spec.description}" for name, spec in BACKBONES.items())
 
 
-def make_backbone(name: str, image_size, weights: str | None = "imagenet") -> keras.Model:
+def make_backbone(name: str, image_size, weights: str | None = "imagenet", drop_connect: float = 0.0) -> keras.Model:
     """A backbone sub-model taking RGB 0–255 floats (batch, h, w, 3) -> feature map (batch, h', w', c).
 
     weights: "imagenet", None or "none" (random init) or a path to a local weights file (``.pth`` for
@@ -239,7 +250,8 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet") -> ke
     if weights is not None and weights != "imagenet" and not Path(weights).is_file():
         raise ValueError(f"weights file not found: {weights}")
     if spec.lite_variant is not None:
-        return make_efficientnet_lite(spec.lite_variant, input_shape, include_top=False, weights=weights, name=name)
+        return make_efficientnet_lite(spec.lite_variant, input_shape, include_top=False, weights=weights, name=name,
+                                      drop_connect=drop_connect)
     if name == "tiny":
         if weights is not None:
             raise ValueError("the 'tiny' backbone has no pretrained weights; use --weights none")
@@ -295,14 +307,18 @@ def make_model_b(
     age_output: str = "linear",
     name: str = "age_gender_B",
 ) -> keras.Model:
-    """Model B: augmentation -> backbone (nested, training=False) -> pooling -> two heads.
+    """Model B: augmentation -> backbone (nested) -> pooling -> two heads.
 
     The backbone is called with training=False so its BatchNorm layers stay in inference mode
-    even when the backbone is unfrozen for fine-tuning (Keras transfer-learning guide).
+    even when the backbone is unfrozen for fine-tuning (Keras transfer-learning guide) — unless
+    it has stochastic-depth layers (``*_drop``), which must see the training flag: then it is
+    called with the flag, and its BatchNorm layers, kept frozen by set_backbone_trainable, run in
+    inference mode all the same (a frozen Keras 3 BatchNormalization always does).
     """
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
     x = add_augmentation(inputs, augment)
-    x = backbone(x, training=False)
+    stochastic = any(layer.name.endswith("_drop") for layer in _leaf_layers(backbone))
+    x = backbone(x) if stochastic else backbone(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, add_heads(x, hidden_units, dropout, age_output), name=name)
 

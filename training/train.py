@@ -5,7 +5,8 @@ Model A trains in one phase. Model B trains in two: (1) the heads on a frozen ba
 frozen and in inference mode. Each phase uses AdamW with a warm-up + cosine learning-rate
 schedule and early stopping on the validation loss; the weights of the best validation epoch
 over all phases are restored at the end. Optionally a last "clean" phase (clean_epochs) starts
-from the best weights so far and trains without the augmentation layers at a lower rate.
+from the best weights so far and trains without the augmentation layers at a lower rate; then
+the best epoch of the clean phase is the result.
 
 Losses: Huber (or MAE) on age in years, binary cross-entropy (optionally label-smoothed) on
 gender; the age loss is weighted down so that both heads pull with similar strength. With the
@@ -15,6 +16,7 @@ Optional mixup on the training batches.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -66,12 +68,16 @@ class TrainConfig:
     widths: tuple[int, ...] = (32, 64, 128, 256)
     convs_per_block: int = 1
     pooling: str = "avg"
+    # "float32", "bfloat16" (the trunk computes in bfloat16, weights stay float32; the saved
+    # model is float32) or "auto" = bfloat16 when the CPU has bfloat16 instructions.
+    precision: str = "float32"
     # Model B
     backbone: str = "efficientnet_lite2"
     weights: str = "imagenet"  # "imagenet", "none" (random init) or a file path
     head_epochs: int = 3  # phase 1 (frozen backbone); the rest of `epochs` is phase 2
     fine_tune_fraction: float = 0.5  # top share of the backbone's layers unfrozen in phase 2
     fine_tune_learning_rate: float = 3e-4
+    drop_connect: float = 0.0  # stochastic depth in EfficientNet-Lite backbones (rate of the last block)
     hidden_units: int = 128
 
 
@@ -83,18 +89,21 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # clean epochs at the end: val MAE 6.02 against 6.55 (the clean epochs remove a +2.3-year bias
     # on unaugmented faces); flatten instead of global pooling was worse (6.26, 90.1%). 36 epochs
     # instead of 24: 91.5% / 5.68 against 90.7% / 6.02, in 13.3 min (training accuracy stays
-    # at validation level: the network is not overfitting, more steps still pay).
+    # at validation level: the network is not overfitting, more steps still pay). bfloat16 trunk
+    # where the CPU has it: 90.9% / 5.57 in 10.9 min instead of 13.3 (44 epochs: no better).
     "A": dict(image_size=64, convs_per_block=2, epochs=36, batch_size=32, learning_rate=2e-3,
-              age_output="bins", clean_epochs=3),
+              age_output="bins", clean_epochs=3, precision="auto"),
     # EfficientNet-Lite0 at 160 px, the whole backbone fine-tuned (BatchNorm frozen): ahead of
     # 128 px with the top half (val 92.8% / 6.12) and 192 px with the top half (93.1% / 6.01).
     # With the linear age head, 24 epochs: 93.7% / 5.71 in 25 min, best epoch 14. With the
     # "bins" head and 3 clean epochs, 20 epochs: 92.4% / 5.27 in 21 min (age better, Wilcoxon
     # p = 1e-6 on the validation errors; gender not significantly different, McNemar p = 0.10).
     # EfficientNet-Lite2 (TrainConfig.backbone) in its place: 93.0% / 5.25 in 23 min — deeper and
-    # wider, yet at 160 px hardly slower on 2 cores (62 s vs 53 s an epoch).
+    # wider, yet at 160 px hardly slower on 2 cores (62 s vs 53 s an epoch). Stochastic depth 0.2
+    # (and the clean phase's best epoch as the result): 92.9% / 5.10 — age better on the same
+    # images (Wilcoxon p = 0.012), gender the same (McNemar p = 1.0, 19 vs 18 discordant).
     "B": dict(image_size=160, epochs=20, batch_size=32, learning_rate=1e-3, hidden_units=256,
-              fine_tune_fraction=1.0, patience=8, age_output="bins", clean_epochs=3),
+              fine_tune_fraction=1.0, patience=8, age_output="bins", clean_epochs=3, drop_connect=0.2),
 }
 
 
@@ -152,6 +161,29 @@ def training_phases(config: TrainConfig) -> list[Phase]:
     return phases
 
 
+def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo") -> bool:
+    """True when the CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16,
+    read from /proc/cpuinfo; False where that file does not exist)."""
+    try:
+        flags = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def trunk_precision(config: TrainConfig) -> str:
+    """The precision Model A's trunk trains in ("float32" or "bfloat16"); Model B is float32:
+    Model B trained about 2× slower in bfloat16 on our CPU (bench/precision_speed.py), Model A's
+    trunk of plain convolutions 1.15–1.4× faster."""
+    if config.precision == "auto":
+        return "bfloat16" if config.model_key == "A" and cpu_has_bfloat16() else "float32"
+    if config.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {config.precision!r}")
+    if config.model_key == "B" and config.precision != "float32":
+        raise ValueError("bfloat16 is for Model A only (Model B trains about 2x slower in it)")
+    return config.precision
+
+
 def build_model(config: TrainConfig):
     """(model, backbone or None) for a configuration; raises ValueError for bad backbone/weights."""
     from training.models import make_backbone, make_model_a, make_model_b
@@ -161,10 +193,10 @@ def build_model(config: TrainConfig):
         model = make_model_a(
             size, widths=config.widths, convs_per_block=config.convs_per_block, augment=config.augment,
             dropout=config.dropout, hidden_units=config.hidden_units, age_output=config.age_output,
-            pooling=config.pooling,
+            pooling=config.pooling, precision=trunk_precision(config),
         )
         return model, None
-    backbone = make_backbone(config.backbone, size, config.weights)
+    backbone = make_backbone(config.backbone, size, config.weights, drop_connect=config.drop_connect)
     model = make_model_b(
         backbone, augment=config.augment, dropout=config.dropout, hidden_units=config.hidden_units,
         age_output=config.age_output,
@@ -332,7 +364,12 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
             n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction)
             log(f"Model B phase '{phase.name}': {n_trainable} backbone layers trainable, learning rate {phase.learning_rate:g}")
         if not phase.augment:
-            best.restore()  # the clean phase polishes the best weights so far, not the last ones
+            # The clean phase polishes the best weights so far, and its own best epoch is the
+            # result: the validation loss is mostly the soft-label cross-entropy, which hardly sees
+            # the augmentation bias these epochs remove (Model B with stochastic depth had its
+            # lowest loss before them, 3.768 vs 3.777, though they took its MAE from 5.25 to 5.10).
+            best.restore()
+            best = _make_best_weights(model)
         fitted = training_view(model, augment=phase.augment)
         compile_model(fitted, config, phase.learning_rate, steps_per_epoch, phase.epochs)
         epoch_log.phase = phase.name
@@ -345,6 +382,11 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         if fitted.stop_training and not np.isfinite(history.history.get("loss", [0])[-1]):
             raise RuntimeError(f"Model {config.model_key}: the loss became NaN; try a lower --learning-rate")
     best.restore()
+    precision = trunk_precision(config)
+    if precision != "float32":  # save (and measure) the float32 twin: it runs the same on any machine
+        trained = model
+        model, _ = build_model(replace(config, precision="float32"))
+        model.set_weights(trained.get_weights())
     seconds = time.perf_counter() - started
 
     history_table = pd.DataFrame(epoch_log.rows)
@@ -358,6 +400,7 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         "epochs_run": epoch,
         "phases": [asdict(p) for p in phases],
         "training_seconds": round(seconds, 1),
+        "training_precision": precision,
         "split": {"n_train": len(split.train), "n_val": len(split.val), "stratified_by": split.stratified_by, "seed": split.seed},
         "config": asdict(config),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
