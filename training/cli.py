@@ -49,7 +49,7 @@ examples:
 
 
 def train_parser():
-    from training.models import describe_backbones
+    from training.models import PRECISIONS, describe_backbones
     from training.train import MODEL_DEFAULTS, TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -92,9 +92,9 @@ def train_parser():
         f"B {b.get('clean_epochs', 0)})",
     )
     parser.add_argument(
-        "--precision", choices=["auto", "float32", "bfloat16"],
+        "--precision", choices=["auto", *PRECISIONS],
         help="A only: bfloat16 computes the CNN trunk in bfloat16 (weights and the saved model stay "
-        "float32), 1.4x faster on CPUs with bfloat16 instructions and much slower on others; auto "
+        "float32), 1.2x faster on CPUs with bfloat16 instructions and much slower on others; auto "
         "(default for A) uses it when /proc/cpuinfo lists avx512_bf16 or amx_bf16",
     )
     parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default A 6, B 8)")

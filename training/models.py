@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from training.lite import LITE_VARIANTS, make_efficientnet_lite
+from training.lite import LITE_VARIANTS, STOCHASTIC_DEPTH_SUFFIX, make_efficientnet_lite
 
 # Mean and spread of UTKFace ages in years: the age output starts at the mean, on a unit scale.
 AGE_PRIOR_YEARS = 33.0
@@ -165,7 +165,7 @@ def make_model_a(
     pooling: "avg" = global average pooling; "flatten" keeps the spatial layout of the last
     feature map (faces are aligned, so *where* a feature is carries information).
     precision: "float32", or "bfloat16" = the trunk computes in bfloat16 with float32 weights
-    (Keras "mixed_bfloat16"; the input, augmentation and heads stay float32) — 1.4× faster
+    (Keras "mixed_bfloat16"; the input, augmentation and heads stay float32) — 1.15–1.4× faster
     training on CPUs with bfloat16 instructions. Rebuild with "float32" and copy the weights
     to save a model that runs the same everywhere (see training.train).
     image_size = (height, width) in pixels.
@@ -311,13 +311,13 @@ def make_model_b(
 
     The backbone is called with training=False so its BatchNorm layers stay in inference mode
     even when the backbone is unfrozen for fine-tuning (Keras transfer-learning guide) — unless
-    it has stochastic-depth layers (``*_drop``), which must see the training flag: then it is
+    it has stochastic-depth layers (training.lite), which must see the training flag: then it is
     called with the flag, and its BatchNorm layers, kept frozen by set_backbone_trainable, run in
     inference mode all the same (a frozen Keras 3 BatchNormalization always does).
     """
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
     x = add_augmentation(inputs, augment)
-    stochastic = any(layer.name.endswith("_drop") for layer in _leaf_layers(backbone))
+    stochastic = any(layer.name.endswith(STOCHASTIC_DEPTH_SUFFIX) for layer in _leaf_layers(backbone))
     x = backbone(x) if stochastic else backbone(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, add_heads(x, hidden_units, dropout, age_output), name=name)

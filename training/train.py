@@ -177,8 +177,10 @@ def trunk_precision(config: TrainConfig) -> str:
     trunk of plain convolutions 1.15–1.4× faster."""
     if config.precision == "auto":
         return "bfloat16" if config.model_key == "A" and cpu_has_bfloat16() else "float32"
-    if config.precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be auto, float32 or bfloat16, got {config.precision!r}")
+    from training.models import PRECISIONS
+
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, {' or '.join(PRECISIONS)}, got {config.precision!r}")
     if config.model_key == "B" and config.precision != "float32":
         raise ValueError("bfloat16 is for Model A only (Model B trains about 2x slower in it)")
     return config.precision
