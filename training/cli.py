@@ -50,7 +50,7 @@ examples:
 
 def train_parser():
     from training.models import PRECISIONS, describe_backbones
-    from training.train import MODEL_DEFAULTS, TrainConfig
+    from training.train import BFLOAT16_CPU_FLAGS, MODEL_DEFAULTS, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="python -m training", description=DESCRIPTION,
@@ -95,7 +95,7 @@ def train_parser():
         "--precision", choices=["auto", *PRECISIONS],
         help="A only: bfloat16 computes the CNN trunk in bfloat16 (weights and the saved model stay "
         "float32), 1.2x faster on CPUs with bfloat16 instructions and much slower on others; auto "
-        "(default for A) uses it when /proc/cpuinfo lists avx512_bf16 or amx_bf16",
+        f"(default for A) uses it when /proc/cpuinfo lists {' or '.join(BFLOAT16_CPU_FLAGS)}",
     )
     parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default A 6, B 8)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")

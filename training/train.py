@@ -16,7 +16,6 @@ Optional mixup on the training batches.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -161,14 +160,16 @@ def training_phases(config: TrainConfig) -> list[Phase]:
     return phases
 
 
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 bfloat16 dot-product instructions, as /proc/cpuinfo names them
+
+
 def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo") -> bool:
-    """True when the CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16,
-    read from /proc/cpuinfo; False where that file does not exist)."""
+    """True when /proc/cpuinfo lists one of BFLOAT16_CPU_FLAGS; False where that file does not exist."""
     try:
-        flags = Path(cpuinfo).read_text(errors="replace")
+        words = set(Path(cpuinfo).read_text(errors="replace").split())
     except OSError:
         return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    return not words.isdisjoint(BFLOAT16_CPU_FLAGS)
 
 
 def trunk_precision(config: TrainConfig) -> str:
