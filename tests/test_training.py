@@ -187,6 +187,15 @@ def test_help_explains_the_options(capsys):
     for option in ("--data", "--out", "--model", "--epochs", "--batch-size", "--image-size", "--backbone",
                    "--weights", "--seed", "--val-split", "efficientnet_lite0", "demo"):
         assert option in text
+    # The defaults it states are the ones training uses (they were once written into the help by hand).
+    from training.train import default_config
+
+    a, b = default_config("A"), default_config("B")
+    words = " ".join(text.split())
+    for stated in (f"(default A {a.epochs}, B {b.epochs})", f"phase 2 (default {b.fine_tune_learning_rate:g})",
+                   f"(default A {a.patience}, B {b.patience})", f"BatchNorm excepted (default {b.fine_tune_fraction:g})",
+                   f"frozen backbone (default {b.head_epochs})", f"(default {b.backbone};"):
+        assert stated in words
 
 
 def test_failed_save_leaves_no_model_file(tmp_path, monkeypatch):

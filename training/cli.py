@@ -50,46 +50,46 @@ examples:
 
 def train_parser():
     from training.models import PRECISIONS, describe_backbones
-    from training.train import BFLOAT16_CPU_FLAGS, MODEL_DEFAULTS, TrainConfig
+    from training.train import BFLOAT16_CPU_FLAGS, default_config
 
     parser = argparse.ArgumentParser(
         prog="python -m training", description=DESCRIPTION,
         epilog=EPILOG.format(backbones=describe_backbones()), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    a, b = MODEL_DEFAULTS["A"], MODEL_DEFAULTS["B"]
+    a, b = default_config("A"), default_config("B")  # the defaults the help states
     parser.add_argument("--data", required=True, type=Path, help="folder (or .zip) of labelled training images")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the models and their records")
     parser.add_argument("--model", choices=["A", "B", "both"], default="both", help="which model to train (default: both)")
-    parser.add_argument("--epochs", type=int, help=f"maximum epochs; for B both phases together (default A {a['epochs']}, B {b['epochs']})")
-    parser.add_argument("--head-epochs", type=int, help="B only: epochs of phase 1, heads on the frozen backbone (default 3)")
-    parser.add_argument("--batch-size", type=int, help=f"images per step (default {a['batch_size']})")
-    parser.add_argument("--image-size", type=int, help=f"square input size in pixels (default A {a['image_size']}, B {b['image_size']})")
-    parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default A {a['learning_rate']:g}, B phase 1 {b['learning_rate']:g})")
-    parser.add_argument("--fine-tune-learning-rate", type=float, help=f"B only: peak learning rate of phase 2 (default {TrainConfig.fine_tune_learning_rate:g})")
-    parser.add_argument("--fine-tune-fraction", type=float, help="B only: top share of backbone layers unfrozen in phase 2 (default 1: all but BatchNorm)")
+    parser.add_argument("--epochs", type=int, help=f"maximum epochs; for B both phases together (default A {a.epochs}, B {b.epochs})")
+    parser.add_argument("--head-epochs", type=int, help=f"B only: epochs of phase 1, heads on the frozen backbone (default {b.head_epochs})")
+    parser.add_argument("--batch-size", type=int, help=f"images per step (default {a.batch_size})")
+    parser.add_argument("--image-size", type=int, help=f"square input size in pixels (default A {a.image_size}, B {b.image_size})")
+    parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default A {a.learning_rate:g}, B phase 1 {b.learning_rate:g})")
+    parser.add_argument("--fine-tune-learning-rate", type=float, help=f"B only: peak learning rate of phase 2 (default {b.fine_tune_learning_rate:g})")
+    parser.add_argument("--fine-tune-fraction", type=float, help=f"B only: top share of backbone layers unfrozen in phase 2, BatchNorm excepted (default {b.fine_tune_fraction:g})")
     parser.add_argument(
         "--drop-connect", type=float,
         help="B with an efficientnet_lite<N> backbone: stochastic depth, the probability that the "
         "deepest block skips its residual branch for an image while training, rising from 0 in the first "
-        f"(default {b.get('drop_connect', TrainConfig.drop_connect):g}; other backbones ignore it)",
+        f"(default {b.drop_connect:g}; other backbones ignore it)",
     )
-    parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {TrainConfig.backbone}; list below)")
+    parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {b.backbone}; list below)")
     parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
     parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")
-    parser.add_argument("--augment", type=float, help="augmentation strength, 0 = off (default 1)")
+    parser.add_argument("--augment", type=float, help=f"augmentation strength, 0 = off (default {a.augment:g})")
     parser.add_argument(
         "--age-head", choices=["linear", "log", "bins"],
         help="age output: 'linear' regression in years, 'log' regression in log-years, or 'bins' = softmax "
         "over whole years trained on a Gaussian soft label, age = its expectation (default A "
-        f"{a.get('age_output', 'linear')}, B {b.get('age_output', 'linear')})",
+        f"{a.age_output}, B {b.age_output})",
     )
     parser.add_argument(
         "--clean-epochs", type=int,
         help="the last N of the epochs train without augmentation at "
-        f"{TrainConfig.clean_learning_rate_factor:g}× the learning rate, so the "
-        f"model ends on the kind of pixels it sees at inference (default A {a.get('clean_epochs', 0)}, "
-        f"B {b.get('clean_epochs', 0)})",
+        f"{a.clean_learning_rate_factor:g}× the learning rate, so the "
+        f"model ends on the kind of pixels it sees at inference (default A {a.clean_epochs}, "
+        f"B {b.clean_epochs})",
     )
     parser.add_argument(
         "--precision", choices=["auto", *PRECISIONS],
@@ -97,7 +97,7 @@ def train_parser():
         "float32), 1.2x faster on CPUs with bfloat16 instructions and much slower on others; auto "
         f"(default for A) uses it when /proc/cpuinfo lists {' or '.join(BFLOAT16_CPU_FLAGS)}",
     )
-    parser.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default A 6, B 8)")
+    parser.add_argument("--patience", type=int, help=f"early stopping: epochs without validation improvement (default A {a.patience}, B {b.patience})")
     parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")
     return parser
 
