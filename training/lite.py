@@ -42,7 +42,6 @@ HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3
 # The official Lite preprocessing: (x - 127) / 128 per channel.
 INPUT_MEAN, INPUT_STD = 127.0, 128.0
-STOCHASTIC_DEPTH_SUFFIX = "_drop"  # names of the stochastic-depth Dropout layers: block<i>_drop
 
 
 def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
@@ -115,7 +114,7 @@ def _mbconv(x, index, kernel, c_in, c_out, expand, stride, drop_rate=0.0):
     x = _conv_bn(x, c_out, 1, 1, f"{name}_project", activation=False)
     if stride == 1 and c_in == c_out:
         if drop_rate > 0:
-            x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{name}{STOCHASTIC_DEPTH_SUFFIX}")(x)
+            x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
         x = layers.Add(name=f"{name}_add")([x, inputs])
     return x
 

@@ -8,8 +8,8 @@ Both are self-describing, so ``analysis.models.load_model`` needs no hints:
 - only built-in layers (no Lambda, no custom classes), so ``safe_mode`` loading works.
 
 Model A is a small CNN trained from scratch. Model B puts heads on a pretrained backbone
-(a nested sub-model, always called with ``training=False`` so its BatchNorm layers keep their
-ImageNet statistics) and is fine-tuned in two phases by :mod:`training.train`.
+(a nested sub-model whose BatchNorm layers stay frozen in inference mode, keeping their ImageNet
+statistics; see make_model_b) and is fine-tuned in two phases by :mod:`training.train`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from training.lite import LITE_VARIANTS, STOCHASTIC_DEPTH_SUFFIX, make_efficientnet_lite
+from training.lite import LITE_VARIANTS, make_efficientnet_lite
 
 # Mean and spread of UTKFace ages in years: the age output starts at the mean, on a unit scale.
 AGE_PRIOR_YEARS = 33.0
@@ -311,13 +311,14 @@ def make_model_b(
 
     The backbone is called with training=False so its BatchNorm layers stay in inference mode
     even when the backbone is unfrozen for fine-tuning (Keras transfer-learning guide) — unless
-    it has stochastic-depth layers (training.lite), which must see the training flag: then it is
-    called with the flag, and its BatchNorm layers, kept frozen by set_backbone_trainable, run in
+    it has Dropout layers (stochastic depth: training.lite with drop_connect > 0, and the
+    keras.applications EfficientNets' own), which must see the training flag: then it is called
+    with the flag, and its BatchNorm layers, kept frozen by set_backbone_trainable, run in
     inference mode all the same (a frozen Keras 3 BatchNormalization always does).
     """
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
     x = add_augmentation(inputs, augment)
-    stochastic = any(layer.name.endswith(STOCHASTIC_DEPTH_SUFFIX) for layer in _leaf_layers(backbone))
+    stochastic = any(isinstance(layer, layers.Dropout) for layer in _leaf_layers(backbone))
     x = backbone(x) if stochastic else backbone(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, add_heads(x, hidden_units, dropout, age_output), name=name)
