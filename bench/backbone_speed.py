@@ -1,10 +1,11 @@
-"""Training-step and prediction time of Model B with each EfficientNet-Lite backbone.
+"""Training-step and prediction time of Model B with each offline backbone (dlib's face ResNet, EfficientNet-Lite0/1/2).
 
 Builds Model B exactly as training does (`train.build_model` with the default settings, backbone
 trainable as in the fine-tuning phase), on random pixels, and times one training epoch of 4000 images
 (extrapolated from `--steps` batches of 32 after a warm-up) and the prediction of 1000 images
 (batch 64, warm). No weights are needed: random initialisation costs the same.
 
+    python bench/backbone_speed.py              # each backbone at its default image size
     python bench/backbone_speed.py --size 160
 """
 
@@ -61,16 +62,16 @@ def time_model(config, steps: int) -> dict:
     }
 
 
-def measure(backbone_name: str, size: int, steps: int) -> dict:
-    config = default_config("B", backbone=backbone_name, image_size=size, weights="none")
+def measure(backbone_name: str, size: int | None, steps: int) -> dict:
+    config = default_config("B", backbone=backbone_name, image_size=size, weights="none")  # None: its default
     return {"backbone": backbone_name, **time_model(config, steps)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=160, help="image size in pixels (default 160)")
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: each backbone's default)")
     parser.add_argument("--steps", type=int, default=12, help="timed training batches (default 12)")
-    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    parser.add_argument("--backbones", nargs="+", default=["dlib_face_resnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
     args = parser.parse_args()
     for name in args.backbones:
         print(json.dumps(measure(name, args.size, args.steps)), flush=True)

