@@ -232,8 +232,19 @@ def candidate_layers(loaded, target: str | None = None) -> list[str]:
     return [site.path for site in _sites(loaded) if site.feeds & heads]
 
 
+# The default layer is the last map at least this many cells high and wide (when there is one):
+# a 2x2 map (dlib's face ResNet at 150 px) can only say which quadrant mattered.
+MIN_DEFAULT_SIDE = 3
+
+
+def _side(site: _Site) -> float:
+    known = [d for d in site.shape[:2] if d is not None]
+    return min(known) if known else float("inf")
+
+
 def default_layer(loaded, target: str | None = None) -> str:
-    """The last spatial feature map feeding the `target`'s head (both heads when None).
+    """The last spatial feature map feeding the `target`'s head (both heads when None), skipping
+    maps smaller than MIN_DEFAULT_SIDE cells on a side when a larger one feeds the head too.
 
     Raises ValueError when the model has no spatial feature map (e.g. a Dense-only model).
     """
@@ -247,7 +258,8 @@ def default_layer(loaded, target: str | None = None) -> str:
     for heads in wanted:
         feeding = [site for site in sites if heads <= site.feeds]
         if feeding:
-            return feeding[-1].path
+            large = [site for site in feeding if _side(site) >= MIN_DEFAULT_SIDE]
+            return (large or feeding)[-1].path
     raise ValueError(
         f"model {loaded.name!r} has no spatial feature map (a layer with a 4-D output whose height and "
         "width are > 1, after a learned layer) feeding its "

@@ -313,6 +313,24 @@ def test_candidates_and_default_layer(flat):
     assert G.default_layer(flat, "age_older") == "c2"
 
 
+def test_default_layer_skips_a_map_too_small_to_localise(tmp_path):
+    """32 px -> c1 32x32 -> c2 4x4 -> c3 2x2: the default is c2 (a 2x2 map only names a quadrant);
+    with no map of 3x3 or more feeding the heads, the last map is still the default."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=8, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="c3")(x)
+    loaded = save_and_load(keras.Model(inputs, heads(x), name="shrinking"), tmp_path, "shrinking")
+    assert G.candidate_layers(loaded) == ["c1", "c2", "c3"]
+    assert G.default_layer(loaded) == "c2" and G.default_layer(loaded, "age_older") == "c2"
+    assert G.gradcam(loaded, np.zeros((1, SIZE, SIZE, 3), np.uint8), "gender_female", resize=False).shape == (1, 4, 4)
+
+    small = keras.Input((8, 8, 3))
+    y = keras.layers.Conv2D(4, 3, strides=4, padding="same", activation="relu", name="only")(small)
+    loaded = save_and_load(keras.Model(small, heads(y), name="tiny_map"), tmp_path, "tiny_map")
+    assert G.default_layer(loaded) == "only"  # 2x2, but the only map there is
+
+
 def nested_model(sequential: bool = False):
     """Rescaling -> backbone (one layer holding c1, pool, c2) -> GAP -> heads."""
     if sequential:
