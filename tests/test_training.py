@@ -191,10 +191,14 @@ def test_help_explains_the_options(capsys):
     from training.train import default_config
 
     a, b = default_config("A"), default_config("B")
+    lite = default_config("B", backbone="efficientnet_lite2")
     words = " ".join(text.split())
     for stated in (f"(default A {a.epochs}, B {b.epochs})", f"phase 2 (default {b.fine_tune_learning_rate:g})",
                    f"(default A {a.patience}, B {b.patience})", f"BatchNorm excepted (default {b.fine_tune_fraction:g})",
-                   f"frozen backbone (default {b.head_epochs})", f"(default {b.backbone};"):
+                   f"frozen backbone (default {b.head_epochs})", f"(default {b.backbone};",
+                   f"(default {lite.drop_connect:g}; other backbones ignore it)",
+                   f"(efficientnet_lite<N>: {lite.image_size} px, {lite.epochs} epochs, {lite.head_epochs} of heads, "
+                   f"fine-tuning rate {lite.fine_tune_learning_rate:g})"):
         assert stated in words
 
 
@@ -429,6 +433,23 @@ def test_default_clean_epochs_shrink_with_short_runs_but_an_explicit_value_is_ke
         training_phases(default_config("A", epochs=3, clean_epochs=3))
 
 
+def test_each_backbone_brings_its_own_defaults_unless_given():
+    from training.train import BACKBONE_DEFAULTS, MODEL_DEFAULTS, default_config
+
+    b = default_config("B")
+    assert b.backbone == MODEL_DEFAULTS["B"]["backbone"] == "dlib_face_resnet"
+    assert (b.image_size, b.head_epochs, b.fine_tune_learning_rate) == (150, 8, 3e-5)
+    lite = default_config("B", backbone="efficientnet_lite2")
+    assert (lite.image_size, lite.epochs, lite.fine_tune_learning_rate, lite.drop_connect) == (160, 20, 3e-4, 0.2)
+    # explicit values win over the backbone's, and a backbone without its own uses B's
+    assert default_config("B", backbone="efficientnet_lite2", image_size=128, drop_connect=0.0).image_size == 128
+    assert default_config("B", backbone="efficientnet_lite2", drop_connect=0.0).drop_connect == 0.0
+    mobile = default_config("B", backbone="mobilenet_v2")
+    assert "mobilenet_v2" not in BACKBONE_DEFAULTS
+    assert (mobile.image_size, mobile.fine_tune_learning_rate) == (MODEL_DEFAULTS["B"]["image_size"], MODEL_DEFAULTS["B"]["fine_tune_learning_rate"])
+    assert default_config("A").image_size == MODEL_DEFAULTS["A"]["image_size"]  # A has no backbone
+
+
 def test_bfloat16_trunk_trains_and_saves_a_float32_model(synthetic_dir, tmp_path):
     """--precision bfloat16: the trunk trains in mixed bfloat16, the saved model is its float32
     twin with the trained weights, and the validation metrics are that saved model's."""
@@ -514,10 +535,11 @@ def test_augmentation_only_when_training(trained):
 
 
 def test_model_b_with_converted_lite_weights(synthetic_dir, tmp_path):
-    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--epochs", 2, "--head-epochs", 1,
-            "--image-size", 64, "--batch-size", 16, "--no-cache", "--fine-tune-fraction", 0.5)
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--backbone", "efficientnet_lite2",
+            "--epochs", 2, "--head-epochs", 1, "--image-size", 64, "--batch-size", 16, "--no-cache",
+            "--fine-tune-fraction", 0.5)
     model = load_keras(tmp_path / "age_gender_B.keras")
-    backbone = model.get_layer("efficientnet_lite2")  # the default backbone
+    backbone = model.get_layer("efficientnet_lite2")
     from training.lite import default_weights_path
     from training.torch_weights import load_torch_state_dict
 

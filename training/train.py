@@ -71,7 +71,7 @@ class TrainConfig:
     # model is float32) or "auto" = bfloat16 when the CPU has bfloat16 instructions.
     precision: str = "float32"
     # Model B
-    backbone: str = "efficientnet_lite2"
+    backbone: str = "dlib_face_resnet"
     weights: str = "imagenet"  # "imagenet", "none" (random init) or a file path
     head_epochs: int = 3  # phase 1 (frozen backbone); the rest of `epochs` is phase 2
     fine_tune_fraction: float = 0.5  # top share of the backbone's layers unfrozen in phase 2
@@ -92,31 +92,53 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # where the CPU has it: 90.9% / 5.57 in 10.9 min instead of 13.3 (44 epochs: no better).
     "A": dict(image_size=64, convs_per_block=2, epochs=36, batch_size=32, learning_rate=2e-3,
               age_output="bins", clean_epochs=3, precision="auto"),
-    # EfficientNet-Lite0 at 160 px, the whole backbone fine-tuned (BatchNorm frozen): ahead of
-    # 128 px with the top half (val 92.8% / 6.12) and 192 px with the top half (93.1% / 6.01).
-    # With the linear age head, 24 epochs: 93.7% / 5.71 in 25 min, best epoch 14. With the
-    # "bins" head and 3 clean epochs, 20 epochs: 92.4% / 5.27 in 21 min (age better, Wilcoxon
-    # p = 1e-6 on the validation errors; gender not significantly different, McNemar p = 0.10).
-    # EfficientNet-Lite2 (TrainConfig.backbone) in its place: 93.0% / 5.25 in 23 min — deeper and
-    # wider, yet at 160 px hardly slower on 2 cores (62 s vs 53 s an epoch). Stochastic depth 0.2
-    # (and the clean phase's best epoch as the result): 92.9% / 5.10 — age better on the same
-    # images (Wilcoxon p = 0.012), gender the same (McNemar p = 1.0, 19 vs 18 discordant).
-    # Fine-tuning at 3e-4 (TrainConfig): 1e-3 gave the same (92.9% / 5.10), 6e-4 led by 0.7 points
-    # with seed 0 (93.6% / 5.05) and trailed by 0.4 with seed 1 (92.2% / 5.36 vs 92.6% / 5.26).
-    "B": dict(image_size=160, epochs=20, batch_size=32, learning_rate=1e-3, hidden_units=256,
-              fine_tune_fraction=1.0, patience=8, age_output="bins", clean_epochs=3, drop_connect=0.2),
+    # Model B, whatever the backbone: the whole backbone fine-tuned (BatchNorm frozen), the
+    # "bins" age head, 3 clean epochs with the clean phase's best epoch as the result. The
+    # backbone's own settings are in BACKBONE_DEFAULTS.
+    "B": dict(backbone="dlib_face_resnet", image_size=160, epochs=20, head_epochs=3, batch_size=32,
+              learning_rate=1e-3, fine_tune_learning_rate=3e-4, hidden_units=256, fine_tune_fraction=1.0,
+              patience=8, age_output="bins", clean_epochs=3, drop_connect=0.0),
+}
+
+_LITE_DEFAULTS = dict(image_size=160, epochs=20, head_epochs=3, fine_tune_learning_rate=3e-4, drop_connect=0.2)
+# Model B's settings that depend on the backbone (applied unless given explicitly).
+BACKBONE_DEFAULTS: dict[str, dict] = {
+    # dlib's face-recognition ResNet at its native 150 px: val 94.5% / 4.69 in 11 min with 24
+    # epochs (8 of heads: its features are already good for gender, 92.3% with the backbone
+    # frozen), against 92.9% / 5.10 for Lite2 in 24 min. It needs a fine-tuning rate 10x lower
+    # than Lite2: at 3e-4 validation gender fell from 92.1% to 85.5% in the first fine-tuning
+    # epoch (its BatchNorms are folded into fixed affine layers: nothing renormalises).
+    "dlib_face_resnet": dict(image_size=150, epochs=24, head_epochs=8, fine_tune_learning_rate=3e-5),
+    # EfficientNet-Lite0 at 160 px, the whole backbone fine-tuned: ahead of 128 px with the top
+    # half (val 92.8% / 6.12) and 192 px with the top half (93.1% / 6.01). With the linear age
+    # head, 24 epochs: 93.7% / 5.71 in 25 min, best epoch 14. With the "bins" head and 3 clean
+    # epochs, 20 epochs: 92.4% / 5.27 in 21 min (age better, Wilcoxon p = 1e-6 on the validation
+    # errors; gender not significantly different, McNemar p = 0.10). EfficientNet-Lite2 in its
+    # place: 93.0% / 5.25 in 23 min — deeper and wider, yet at 160 px hardly slower on 2 cores
+    # (62 s vs 53 s an epoch). Stochastic depth 0.2 (and the clean phase's best epoch as the
+    # result): 92.9% / 5.10 — age better on the same images (Wilcoxon p = 0.012), gender the same
+    # (McNemar p = 1.0, 19 vs 18 discordant). Fine-tuning at 3e-4: 1e-3 gave the same (92.9% /
+    # 5.10), 6e-4 led by 0.7 points with seed 0 (93.6% / 5.05) and trailed by 0.4 with seed 1
+    # (92.2% / 5.36 vs 92.6% / 5.26).
+    **{f"efficientnet_lite{v}": _LITE_DEFAULTS for v in (0, 1, 2)},
 }
 
 
 def default_config(model_key: str, **overrides) -> TrainConfig:
     """The default configuration of Model A or B, with `overrides` (None values are ignored).
 
+    For B, the chosen backbone's settings (BACKBONE_DEFAULTS) come between the model's defaults
+    and the overrides: `backbone="efficientnet_lite2"` alone gives Lite2's tuned settings.
+
     Unless clean_epochs is given, the default number of clean epochs is capped at a quarter of
     the epochs (so `epochs=2` trains two ordinary epochs)."""
     if model_key not in MODEL_KEYS:
         raise ValueError(f"unknown model {model_key!r}; choose A (CNN from scratch) or B (pretrained backbone)")
     given = {k: v for k, v in overrides.items() if v is not None}
-    values = {**MODEL_DEFAULTS[model_key], **given}
+    values = dict(MODEL_DEFAULTS[model_key])
+    if model_key == "B":
+        values.update(BACKBONE_DEFAULTS.get(given.get("backbone", values["backbone"]), {}))
+    values.update(given)
     if "clean_epochs" not in given:
         epochs = values.get("epochs", TrainConfig.epochs)
         values["clean_epochs"] = min(values.get("clean_epochs", TrainConfig.clean_epochs), epochs // 4)
