@@ -104,6 +104,17 @@ def test_reader_refuses_other_and_broken_files(tmp_path):
     junk.write_bytes(b"\x80\x02}q\x00" + bytes(range(256)) * 40)  # the start of a pickle
     with pytest.raises(ValueError, match="junk.dat as dlib's face-recognition network"):
         read_dlib_network(junk)
+    # hostile numbers: a float beyond float64's range, a tensor claiming 2^62 values
+    start = b"\x01\x01\x01\x0dloss_metric_2"
+    overflow = tmp_path / "overflow.dat"
+    overflow.write_bytes(start + b"\x08" + b"\xff" * 8 + b"\x02" + (1990).to_bytes(2, "little"))
+    with pytest.raises(ValueError, match="overflow.dat.*out of range"):
+        read_dlib_network(overflow)
+    marker = real.index(b"\x05con_4") + 6  # the first convolution's parameter tensor
+    giant = tmp_path / "giant.dat"
+    giant.write_bytes(real[:marker] + b"\x01\x02" + b"\x08" + (2**62).to_bytes(8, "little") + b"\x01\x01" * 3 + real[marker:])
+    with pytest.raises(ValueError, match="giant.dat.*ends early"):
+        read_dlib_network(giant)
     huge = tmp_path / "huge.dat"
     with open(huge, "wb") as handle:
         handle.truncate(65 * 2**20)  # sparse: no disk used

@@ -27,6 +27,7 @@ bench/dlib_reference.py and tests/test_dlib_face.py):
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,10 @@ class _Reader:
         mantissa, exponent = self.integer(), self.integer()
         if abs(exponent) > 2000:  # dlib's codes for inf / nan
             raise ValueError(f"non-finite number at byte {self.pos}")
-        return float(mantissa) * 2.0 ** exponent
+        try:
+            return math.ldexp(float(mantissa), exponent)
+        except OverflowError:
+            raise ValueError(f"number out of range at byte {self.pos}") from None
 
     def string(self, limit: int = 64) -> str:
         size = self.integer()
