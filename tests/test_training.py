@@ -434,7 +434,10 @@ def test_default_clean_epochs_shrink_with_short_runs_but_an_explicit_value_is_ke
 
 
 def test_each_backbone_brings_its_own_defaults_unless_given():
+    from training.lite import LITE_VARIANTS
     from training.train import BACKBONE_DEFAULTS, MODEL_DEFAULTS, default_config
+
+    assert {f"efficientnet_lite{v}" for v in LITE_VARIANTS} < set(BACKBONE_DEFAULTS)
 
     b = default_config("B")
     assert b.backbone == MODEL_DEFAULTS["B"]["backbone"] == "dlib_face_resnet"
