@@ -197,6 +197,7 @@ def test_help_explains_the_options(capsys):
                    f"(default A {a.patience}, B {b.patience})", f"BatchNorm excepted (default {b.fine_tune_fraction:g})",
                    f"frozen backbone (default {b.head_epochs})", f"(default {b.backbone};",
                    f"(default {lite.drop_connect:g}; other backbones ignore it)",
+                   f"0 keeps every image (default {b.drop_contradicted:g} with {b.backbone}, {lite.drop_contradicted:g} with",
                    f"(efficientnet_lite<N>: {lite.image_size} px, {lite.epochs} epochs, {lite.head_epochs} of heads, "
                    f"fine-tuning rate {lite.fine_tune_learning_rate:g})"):
         assert stated in words
@@ -291,7 +292,8 @@ def test_cli_writes_models_history_and_figures(trained):
         metrics = json.loads((trained / f"metrics_{key}.json").read_text())
         assert metrics["validation"]["n"] == 24
         assert 0 <= metrics["validation"]["gender_acc"] <= 1 and metrics["validation"]["age_mae"] > 0
-        assert metrics["split"] == {"n_train": 96, "n_val": 24, "stratified_by": metrics["split"]["stratified_by"], "seed": 0}
+        assert metrics["split"] == {"n_train": 96, "n_val": 24, "stratified_by": metrics["split"]["stratified_by"], "seed": 0,
+                                    "n_left_out": 0}
     assert not [p for p in trained.iterdir() if p.name.startswith(".")]  # no partial files left
 
 
@@ -441,8 +443,9 @@ def test_each_backbone_brings_its_own_defaults_unless_given():
 
     b = default_config("B")
     assert b.backbone == MODEL_DEFAULTS["B"]["backbone"] == "dlib_face_resnet"
-    assert (b.image_size, b.head_epochs, b.fine_tune_learning_rate) == (150, 8, 3e-5)
+    assert (b.image_size, b.head_epochs, b.fine_tune_learning_rate, b.drop_contradicted) == (150, 8, 3e-5, 0.95)
     lite = default_config("B", backbone="efficientnet_lite2")
+    assert lite.drop_contradicted == 0 == default_config("A").drop_contradicted  # checked on dlib's features only
     assert (lite.image_size, lite.epochs, lite.fine_tune_learning_rate, lite.drop_connect) == (160, 20, 3e-4, 0.2)
     # explicit values win over the backbone's, and a backbone without its own uses B's
     assert default_config("B", backbone="efficientnet_lite2", image_size=128, drop_connect=0.0).image_size == 128
@@ -451,6 +454,81 @@ def test_each_backbone_brings_its_own_defaults_unless_given():
     assert "mobilenet_v2" not in BACKBONE_DEFAULTS
     assert (mobile.image_size, mobile.fine_tune_learning_rate) == (MODEL_DEFAULTS["B"]["image_size"], MODEL_DEFAULTS["B"]["fine_tune_learning_rate"])
     assert default_config("A").image_size == MODEL_DEFAULTS["A"]["image_size"]  # A has no backbone
+
+
+def _probe_images(genders: np.ndarray, rng, channels: int = 12) -> np.ndarray:
+    """4x4 "images" of `channels` channels, 8 of which are +1 for women and -1 for men (plus
+    noise), the rest noise: a backbone that passes them through has features that tell gender."""
+    values = rng.normal(0, 0.3, (len(genders), channels))
+    values[:, :8] += np.where(genders == 1, 1.0, -1.0)[:, None]
+    return np.repeat(np.repeat(values[:, None, None, :], 4, axis=1), 4, axis=2).astype(np.float32)
+
+
+def test_gender_label_probe_finds_the_flipped_labels():
+    import keras
+
+    from training.train import gender_label_probe
+
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 2, 300)
+    images = _probe_images(true, rng)
+    flipped = np.zeros(300, bool)
+    flipped[[3, 50, 120, 201, 299]] = True
+    labels = np.where(flipped, 1 - true, true)
+    backbone = keras.Sequential([keras.Input(images.shape[1:]), keras.layers.Identity()])
+    p_other = gender_label_probe(backbone, images, labels, seed=0)
+    np.testing.assert_array_equal(p_other >= 0.95, flipped)  # exactly the hand-flipped labels
+    assert p_other[~flipped].max() < 0.5  # every right label is judged right
+    assert gender_label_probe(backbone, images[:6], np.array([0, 0, 0, 0, 0, 1]), seed=0) is None  # one woman
+
+
+def test_contradicted_labels_are_left_out_and_recorded(synthetic_dir, tmp_path, monkeypatch):
+    import training.train as train_module
+
+    sizes, judged = [], []
+
+    def probe(backbone, images, genders, seed, batch_size=64):
+        judged.append(len(images))
+        p_other = np.zeros(len(images))
+        p_other[[0, 5, 9]] = 0.99
+        p_other[7] = 0.949  # just below the threshold: kept
+        return p_other
+
+    real_make_dataset = train_module.make_dataset
+
+    def make_dataset(images, *args, **kwargs):
+        sizes.append(len(images))
+        return real_make_dataset(images, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "gender_label_probe", probe)
+    monkeypatch.setattr(train_module, "make_dataset", make_dataset)
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--backbone", "efficientnet_lite0",
+            "--epochs", 1, "--head-epochs", 1, "--clean-epochs", 0, "--image-size", 32, "--batch-size", 16,
+            "--no-cache", "--drop-contradicted", 0.95)
+    split = pd.read_csv(tmp_path / "split_B.csv")
+    train = split[split.subset == "train"].reset_index(drop=True)
+    assert judged == [len(train)]
+    assert sorted(np.flatnonzero(train.left_out)) == [0, 5, 9]
+    assert not split[split.subset == "val"].left_out.any()
+    assert sizes == [len(train) - 3, int((split.subset == "val").sum())]  # training images, validation images
+    assert json.loads((tmp_path / "metrics_B.json").read_text())["split"]["n_left_out"] == 3
+
+
+def test_labels_are_not_checked_without_pretrained_features(synthetic_dir, tmp_path, capsys):
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--backbone", "tiny", "--weights", "none",
+            "--epochs", 1, "--head-epochs", 1, "--clean-epochs", 0, "--image-size", 32, "--no-cache",
+            "--drop-contradicted", 0.95)
+    assert "gender labels not checked (the backbone has no pretrained features" in capsys.readouterr().out
+    split = pd.read_csv(tmp_path / "split_B.csv")
+    assert len(split) == 120 and not split.left_out.any()
+    assert json.loads((tmp_path / "metrics_B.json").read_text())["split"]["n_left_out"] == 0
+
+
+def test_drop_contradicted_must_be_off_or_a_confident_probability(synthetic_dir, tmp_path):
+    for bad in (0.3, 1.5, -0.1):
+        with pytest.raises(SystemExit, match="--drop-contradicted must be 0"):
+            main(["--data", str(synthetic_dir), "--out", str(tmp_path), "--model", "B", "--drop-contradicted", str(bad)])
+    assert not list(tmp_path.iterdir())
 
 
 def test_bfloat16_trunk_trains_and_saves_a_float32_model(synthetic_dir, tmp_path):

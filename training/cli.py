@@ -81,6 +81,14 @@ def train_parser():
         f"{b.backbone}'s; another backbone brings its own unless given (efficientnet_lite<N>: {lite.image_size} px, "
         f"{lite.epochs} epochs, {lite.head_epochs} of heads, fine-tuning rate {lite.fine_tune_learning_rate:g})",
     )
+    parser.add_argument(
+        "--drop-contradicted", type=float, metavar="P",
+        help="B only: before training, a logistic regression on the pretrained backbone's features, fitted "
+        "on the other four fifths of the training images, gives each image the probability that its gender "
+        "label is wrong; images at P or above are left out of training (they are mostly mislabelled in "
+        f"UTKFace) and marked left_out in split_B.csv; 0 keeps every image (default {b.drop_contradicted:g} "
+        f"with {b.backbone}, {lite.drop_contradicted:g} with the other backbones)",
+    )
     parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
     parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")
@@ -140,7 +148,7 @@ def run_training(args) -> int:
         fine_tune_fraction=args.fine_tune_fraction, backbone=args.backbone, weights=args.weights,
         seed=args.seed, val_split=args.val_split, augment=args.augment, patience=args.patience,
         age_output=args.age_head, clean_epochs=args.clean_epochs, precision=args.precision,
-        drop_connect=args.drop_connect,
+        drop_connect=args.drop_connect, drop_contradicted=args.drop_contradicted,
     )
     try:
         configs = [default_config(key, **overrides) for key in keys]
@@ -175,6 +183,8 @@ def _check_config(config) -> None:
     trunk_precision(config)
     if not 0 <= config.drop_connect < 1:
         raise ValueError(f"--drop-connect must be at least 0 and below 1, got {config.drop_connect:g}")
+    if config.drop_contradicted and not 0.5 <= config.drop_contradicted <= 1:
+        raise ValueError(f"--drop-contradicted must be 0 (off) or a probability from 0.5 to 1, got {config.drop_contradicted:g}")
     if config.model_key == "B":
         if config.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {config.backbone!r}; choose one of: {', '.join(BACKBONES)}")

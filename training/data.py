@@ -45,11 +45,14 @@ class SplitSample:
             f"({len(self.val) / n:.0%}, {stratified}, seed {self.seed})"
         )
 
-    def table(self) -> pd.DataFrame:
-        """One row per image: image_id, file_name, age, gender, ethnicity, subset ("train"/"val")."""
+    def table(self, left_out=None) -> pd.DataFrame:
+        """One row per image: image_id, file_name, age, gender, ethnicity, subset ("train"/"val"),
+        left_out (True for the training images `left_out`, a mask over `train`, names)."""
         columns = ["image_id", "file_name", "age", "gender", "ethnicity"]
+        left_out = np.zeros(len(self.train), bool) if left_out is None else np.asarray(left_out, bool)
         return pd.concat(
-            [self.train[columns].assign(subset="train"), self.val[columns].assign(subset="val")],
+            [self.train[columns].assign(subset="train", left_out=left_out),
+             self.val[columns].assign(subset="val", left_out=False)],
             ignore_index=True,
         )
 
