@@ -11,7 +11,7 @@ Files per model key K ("A" or "B"):
     curves_K.png / .svg  learning curves (drawn by analysis.figures, as in the app)
     metrics_K.json       final validation metrics, configuration, split and timing
     summary_K.txt        layer-by-layer model summary
-    split_K.csv          which image went to training and which to validation
+    split_K.csv          which image went to training and which to validation, and which were left out
 """
 
 from __future__ import annotations
