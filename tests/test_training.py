@@ -467,7 +467,7 @@ def _probe_images(genders: np.ndarray, rng, channels: int = 12) -> np.ndarray:
 def test_gender_label_probe_finds_the_flipped_labels():
     import keras
 
-    from training.train import gender_label_probe
+    from training.train import MIN_PROBE_IMAGES_PER_GENDER, gender_label_probe
 
     rng = np.random.default_rng(0)
     true = rng.integers(0, 2, 300)
@@ -479,39 +479,64 @@ def test_gender_label_probe_finds_the_flipped_labels():
     p_other = gender_label_probe(backbone, images, labels, seed=0)
     np.testing.assert_array_equal(p_other >= 0.95, flipped)  # exactly the hand-flipped labels
     assert p_other[~flipped].max() < 0.5  # every right label is judged right
-    assert gender_label_probe(backbone, images[:6], np.array([0, 0, 0, 0, 0, 1]), seed=0) is None  # one woman
+    # too few of one gender for a probe (its prior alone would contradict them): not checked
+    few = np.r_[np.zeros(200, int), np.ones(MIN_PROBE_IMAGES_PER_GENDER - 1, int)]
+    assert gender_label_probe(backbone, _probe_images(few, rng), few, seed=0) is None
 
 
-def test_contradicted_labels_are_left_out_and_recorded(synthetic_dir, tmp_path, monkeypatch):
+def _train_b_with_probe(synthetic_dir, out, monkeypatch, contradicted: list[int]):
+    """Train B (Lite0, one epoch) with a stand-in probe that contradicts the training images at
+    the positions `contradicted` (P = 0.99) and, just below the threshold, the one at 7. Returns
+    the (images, targets) each make_dataset call got."""
     import training.train as train_module
 
-    sizes, judged = [], []
+    datasets = []
 
-    def probe(backbone, images, genders, seed, batch_size=64):
-        judged.append(len(images))
+    def probe(backbone, images, genders, seed, chunk=512):
         p_other = np.zeros(len(images))
-        p_other[[0, 5, 9]] = 0.99
-        p_other[7] = 0.949  # just below the threshold: kept
+        p_other[contradicted] = 0.99
+        p_other[7] = 0.949
         return p_other
 
     real_make_dataset = train_module.make_dataset
 
-    def make_dataset(images, *args, **kwargs):
-        sizes.append(len(images))
-        return real_make_dataset(images, *args, **kwargs)
+    def make_dataset(images, labels, *args, **kwargs):
+        datasets.append((images, labels))
+        return real_make_dataset(images, labels, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "gender_label_probe", probe)
     monkeypatch.setattr(train_module, "make_dataset", make_dataset)
-    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--backbone", "efficientnet_lite0",
+    run_cli("--data", synthetic_dir, "--out", out, "--model", "B", "--backbone", "efficientnet_lite0",
             "--epochs", 1, "--head-epochs", 1, "--clean-epochs", 0, "--image-size", 32, "--batch-size", 16,
             "--no-cache", "--drop-contradicted", 0.95)
+    return datasets
+
+
+def test_contradicted_labels_are_left_out_and_recorded(synthetic_dir, tmp_path, monkeypatch):
+    datasets = _train_b_with_probe(synthetic_dir, tmp_path, monkeypatch, [0, 5])
     split = pd.read_csv(tmp_path / "split_B.csv")
     train = split[split.subset == "train"].reset_index(drop=True)
-    assert judged == [len(train)]
-    assert sorted(np.flatnonzero(train.left_out)) == [0, 5, 9]
+    assert sorted(np.flatnonzero(train.left_out)) == [0, 5]
     assert not split[split.subset == "val"].left_out.any()
-    assert sizes == [len(train) - 3, int((split.subset == "val").sum())]  # training images, validation images
-    assert json.loads((tmp_path / "metrics_B.json").read_text())["split"]["n_left_out"] == 3
+    (train_images, train_labels), (val_images, _) = datasets
+    kept = train.drop(index=[0, 5])
+    assert len(train_images) == len(kept) and len(val_images) == int((split.subset == "val").sum())
+    # the labels were filtered in step with the images
+    np.testing.assert_array_equal(np.ravel(train_labels["gender"]), kept.gender.to_numpy())
+    np.testing.assert_allclose(np.ravel(train_labels["age"]), kept.age.to_numpy())
+    assert json.loads((tmp_path / "metrics_B.json").read_text())["split"]["n_left_out"] == 2
+
+
+def test_label_check_stands_down_when_it_contradicts_too_many(synthetic_dir, tmp_path, monkeypatch, capsys):
+    from training.train import MAX_LEFT_OUT_SHARE
+
+    n_train = 96  # of the 120 synthetic images
+    too_many = list(range(0, n_train, 6))  # 16 images, well over MAX_LEFT_OUT_SHARE of either gender
+    assert len(too_many) / n_train > 2 * MAX_LEFT_OUT_SHARE
+    datasets = _train_b_with_probe(synthetic_dir, tmp_path, monkeypatch, too_many)
+    assert "no training image left out" in capsys.readouterr().out
+    split = pd.read_csv(tmp_path / "split_B.csv")
+    assert not split.left_out.any() and len(datasets[0][0]) == n_train == int((split.subset == "train").sum())
 
 
 def test_labels_are_not_checked_without_pretrained_features(synthetic_dir, tmp_path, capsys):

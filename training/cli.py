@@ -51,7 +51,7 @@ examples:
 
 def train_parser():
     from training.models import PRECISIONS, describe_backbones
-    from training.train import BFLOAT16_CPU_FLAGS, default_config
+    from training.train import BFLOAT16_CPU_FLAGS, MAX_LEFT_OUT_SHARE, MIN_PROBE_IMAGES_PER_GENDER, default_config
 
     parser = argparse.ArgumentParser(
         prog="python -m training", description=DESCRIPTION,
@@ -86,8 +86,9 @@ def train_parser():
         help="B only: before training, a logistic regression on the pretrained backbone's features, fitted "
         "on the other four fifths of the training images, gives each image the probability that its gender "
         "label is wrong; images at P or above are left out of training (they are mostly mislabelled in "
-        f"UTKFace) and marked left_out in split_B.csv; 0 keeps every image (default {b.drop_contradicted:g} "
-        f"with {b.backbone}, {lite.drop_contradicted:g} with the other backbones)",
+        f"UTKFace) and marked left_out in split_B.csv. It needs {MIN_PROBE_IMAGES_PER_GENDER} training images of "
+        f"each gender and stands down when it would leave out over {MAX_LEFT_OUT_SHARE * 100:g}%% of either; 0 keeps "
+        f"every image (default {b.drop_contradicted:g} with {b.backbone}, {lite.drop_contradicted:g} with the other backbones)",
     )
     parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
