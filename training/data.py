@@ -46,8 +46,9 @@ class SplitSample:
         )
 
     def table(self, left_out=None) -> pd.DataFrame:
-        """One row per image: image_id, file_name, age, gender, ethnicity, subset ("train"/"val"),
-        left_out (True for the training images `left_out`, a mask over `train`, names)."""
+        """One row per image: image_id, file_name, age, gender, ethnicity, subset ("train"/"val")
+        and left_out: `left_out` (a boolean mask over the training rows, in order) marks the
+        training images left out of training; validation rows are never left out."""
         columns = ["image_id", "file_name", "age", "gender", "ethnicity"]
         left_out = np.zeros(len(self.train), bool) if left_out is None else np.asarray(left_out, bool)
         return pd.concat(
