@@ -77,6 +77,7 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
                     raise ModelLoadError(
                         f"{path.name} is a zip archive but not a Keras model (no config.json inside)"
                     )
+                _check_unpacked_sizes(archive, path)
                 config = json.loads(archive.read("config.json"))
                 metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
                 if not any(n.endswith(".h5") or n.endswith(".npz") for n in names):
@@ -130,6 +131,31 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
         f"{path.name} is not a Keras model file: a .keras file is a zip archive and an .h5 file is HDF5, "
         f"but this file starts with bytes {head[:8].hex(' ')}. Check that you picked the right file."
     )
+
+
+# Bounds on what a .keras archive may unpack to, checked on the sizes its directory declares
+# (Python's zipfile never inflates an entry past its declared size): a model's config is
+# kilobytes to a few megabytes; the weights no larger than the app's 512 MB model upload, with room.
+MAX_CONFIG_BYTES = 64 * 2**20
+MAX_ARCHIVE_UNPACKED_BYTES = 4 * 2**30
+
+
+def _check_unpacked_sizes(archive: zipfile.ZipFile, path: Path) -> None:
+    """Refuse a .keras archive whose entries would unpack to more than the bounds above (a zip bomb)."""
+    entries = archive.infolist()
+    for info in entries:
+        if info.filename in ("config.json", "metadata.json") and info.file_size > MAX_CONFIG_BYTES:
+            raise ModelLoadError(
+                f"{path.name}: its {info.filename} would unpack to {info.file_size / 2**20:,.0f} MB "
+                f"(a model's is at most a few MB; limit {MAX_CONFIG_BYTES // 2**20} MB) — refused as a possible "
+                "zip bomb. Re-save the model with model.save('model.keras')."
+            )
+    total = sum(info.file_size for info in entries)
+    if total > MAX_ARCHIVE_UNPACKED_BYTES:
+        raise ModelLoadError(
+            f"{path.name} would unpack to {total / 2**30:,.1f} GB (limit {MAX_ARCHIVE_UNPACKED_BYTES // 2**30} GB) "
+            "— refused as a possible zip bomb"
+        )
 
 
 def _is_text(head: bytes) -> bool:

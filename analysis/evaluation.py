@@ -12,7 +12,7 @@ import pandas as pd
 from analysis import metrics
 from analysis.constants import DEFAULT_SEED
 from analysis.dataset import SampleResult
-from analysis.models import LoadedModel, calibrate_preprocessing, load_model
+from analysis.models import LoadedModel, calibrate_preprocessing, check_gender_convention, load_model
 from analysis.predict import PredictionRun, calibration_batch, predict_sample
 
 CALIBRATION_IMAGES = 64
@@ -52,14 +52,15 @@ class Evaluation:
 
 
 def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_SEED):
-    """Load a model and, when its preprocessing is "auto", calibrate it on labelled sample images.
+    """Load a model and, when its preprocessing is "auto", calibrate it on labelled sample images;
+    with a given preprocessing, only check on them that an inferred female column is not inverted.
 
     Returns (LoadedModel, scores table or None when no calibration was needed).
     """
     loaded = load_model(spec.path, **spec.load_kwargs())
-    if spec.preprocessing != "auto":
-        return loaded, None
     images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
+    if spec.preprocessing != "auto":
+        return check_gender_convention(loaded, images, genders), None
     return calibrate_preprocessing(loaded, images, ages, genders)
 
 

@@ -176,13 +176,14 @@ _REGRESSION_ACTIVATIONS = {"linear", "relu", "softplus", "exponential", "elu", "
 
 
 def _looks_like_gender(info: OutputInfo) -> bool:
-    return (info.units == 1 and info.activation == "sigmoid") or (info.units == 2 and info.activation == "softmax")
+    return (info.units == 1 and info.activation == "sigmoid") or (
+        info.units == 2 and info.activation in ("softmax", "log_softmax"))
 
 
 def _looks_like_age(info: OutputInfo, class_values) -> bool:
     if info.units == 1:
         return info.activation in _REGRESSION_ACTIVATIONS
-    if info.units >= 3 and info.activation == "softmax":
+    if info.units >= 3 and info.activation in ("softmax", "log_softmax"):
         return class_values is not None or info.units in KNOWN_AGE_CLASSES
     return False
 
@@ -205,6 +206,20 @@ def _resolve_output(spec, outputs: list[OutputInfo], role: str, model_label: str
             f"{_outputs_listing(outputs)}"
         )
     return index % len(outputs)
+
+
+# Final activations whose values are not probabilities but become them through a softmax (or
+# sigmoid): plain logits, and log-probabilities (softmax(log p) = p).
+_LOGIT_ACTIVATIONS = {
+    "linear": "have no softmax/sigmoid in the model (logits)",
+    "log_softmax": "are log-probabilities (log_softmax)",
+}
+
+
+def _says_male(name: str) -> bool:
+    """An output named for "male" alone (is_male, male_prob, p_male): a sigmoid there gives P(male)."""
+    tokens = _name_tokens(name)
+    return "male" in tokens and not any(t in ("female", "gender", "sex", "genders") for t in tokens)
 
 
 def _outputs_listing(outputs: list[OutputInfo]) -> str:
@@ -244,8 +259,13 @@ def infer_mapping(
     def fail(reason: str):
         raise ModelLoadError(f"{reason} in {model_label}.\n{_outputs_listing(outputs)}\n{_MAPPING_HELP}")
 
-    if len(outputs) < 2 and (age is None or gender is None or age == gender):
-        fail("Need two outputs (age and gender) but found " + str(len(outputs)))
+    if len(outputs) < 2:
+        raise ModelLoadError(
+            f"{model_label} has {len(outputs)} output; facecheck needs two, one for age and one for gender "
+            f"(a single output that packs both, e.g. [age, P(female)] in one tensor, is not supported).\n"
+            f"{_outputs_listing(outputs)}\nRe-save the model with separate age and gender outputs "
+            "(keras.Model(inputs, [age, gender])), splitting a packed output with two slicing layers."
+        )
 
     # 1. names
     for role in ("age", "gender"):
@@ -312,9 +332,9 @@ def infer_mapping(
             )
         if len(values) != age_info.units:
             fail(f"{len(values)} age class values were given but '{age_info.name}' has {age_info.units} classes")
-        age_from_logits = age_info.activation == "linear"
+        age_from_logits = age_info.activation in _LOGIT_ACTIVATIONS
         if age_from_logits:
-            notes.append("age classes have no softmax in the model (logits): softmax applied")
+            notes.append(f"age classes {_LOGIT_ACTIVATIONS[age_info.activation]}: softmax applied")
 
     if gender_kind is None:
         gender_kind = {1: "sigmoid", 2: "softmax"}.get(gender_info.units)
@@ -324,9 +344,22 @@ def infer_mapping(
         raise ModelLoadError(f"gender_kind must be one of {GENDER_KINDS}, got {gender_kind!r}")
     if gender_info.units != {"sigmoid": 1, "softmax": 2}[gender_kind]:
         fail(f"A {gender_kind} gender output cannot have {gender_info.units} units ('{gender_info.name}')")
-    gender_from_logits = gender_info.activation == "linear"
+    if gender_info.activation == "log_softmax" and gender_kind == "sigmoid":
+        fail(f"The gender output '{gender_info.name}' is a log-softmax over 1 unit (always 0): it carries no information")
+    gender_from_logits = gender_info.activation in _LOGIT_ACTIVATIONS
     if gender_from_logits:
-        notes.append(f"gender output has no {gender_kind} in the model (logits): {gender_kind} applied")
+        notes.append(f"gender output {_LOGIT_ACTIVATIONS[gender_info.activation]}: {gender_kind} applied")
+    elif gender_info.activation not in ("sigmoid", "softmax", "unknown"):
+        notes.append(
+            f"gender output '{gender_info.name}' ends in {gender_info.activation}, not a probability: "
+            "its values are read as P and clipped to [0, 1]"
+        )
+    if female_index is None and gender_kind == "sigmoid" and _says_male(gender_info.name):
+        female_index = 0
+        notes.append(
+            f"gender output '{gender_info.name}' is named for male: read as P(male) (female_index 0); "
+            "override with female_index=1 / --female-index-a 1"
+        )
     if female_index is None:
         female_index = DEFAULT_FEMALE_INDEX
         notes.append(

@@ -303,7 +303,7 @@ def test_an_unmappable_model_can_be_retried_with_overrides(model_files):
     at = new_app()
     upload(at, "model_B", "scores_only.keras", model_files["unmappable"].read_bytes())
     assert_clean(at)
-    assert "Need two outputs" in texts(at.sidebar.error) and "still demo B" in texts(at.sidebar.error)
+    assert "needs two, one for age and one for gender" in texts(at.sidebar.error) and "still demo B" in texts(at.sidebar.error)
     assert model_name(at, "B") == "demo B"
     assert_headlines(at)
     # The retry form for the failed file is offered; a second failure is explained the same way.

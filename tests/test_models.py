@@ -12,6 +12,7 @@ import zipfile
 import h5py
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from keras import layers
 
@@ -21,6 +22,7 @@ from analysis.models import (
     ModelLoadError,
     OutputMapping,
     calibrate_preprocessing,
+    check_gender_convention,
     load_model,
 )
 from models_zoo import (
@@ -282,6 +284,39 @@ def test_heads_without_final_activation_get_it_applied(tmp_path):
     np.testing.assert_allclose(p_female, sigmoid(out["gender"][:, 0]), rtol=1e-5)
 
 
+def test_log_softmax_heads_are_read_as_log_probabilities(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    features = layers.GlobalAveragePooling2D()(inputs)
+    age = layers.Dense(101, activation="log_softmax", name="age")(features)
+    gender = layers.Dense(2, activation="log_softmax", name="gender", bias_initializer="ones")(features)
+    model = keras.Model(inputs, [age, gender])
+    loaded = load_model(save(model, tmp_path), preprocessing="rgb_0_1")
+    assert loaded.mapping.age_from_logits and loaded.mapping.gender_from_logits
+    assert any("log-probabilities" in n for n in loaded.notes)
+    images = images_for((8, 8))
+    out = raw(model, images / 255.0)
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, np.exp(out["age"].astype(np.float64)) @ np.arange(101), rtol=1e-4)
+    np.testing.assert_allclose(p_female, np.exp(out["gender"][:, 1]), rtol=1e-5)
+    # Unnamed, a 2-unit log-softmax is still recognised as the gender head by its shape.
+    unnamed = keras.Model(inputs, [layers.Dense(1)(features), layers.Dense(2, activation="log_softmax")(features)])
+    assert load_model(save(unnamed, tmp_path, "unnamed.keras")).mapping.gender_output == 1
+
+
+def test_a_sigmoid_named_for_male_is_read_as_p_male(tmp_path):
+    model = heads_model((16, 16, 3), gender_name="is_male")
+    loaded = load_model(save(model, tmp_path), preprocessing="rgb_0_1")
+    assert loaded.mapping.female_index == 0
+    assert any("named for male" in n for n in loaded.notes)
+    images = images_for((16, 16))
+    p_male = raw(model, images / 255.0)["is_male"][:, 0]
+    np.testing.assert_allclose(loaded.predict_batch(images)[1], 1 - p_male, rtol=1e-5, atol=1e-6)
+    assert load_model(save(model, tmp_path), female_index=1).mapping.female_index == 1  # the user decides
+    for name in ("gender", "female", "male_female", "sex"):
+        other = heads_model((16, 16, 3), gender_name=name)
+        assert load_model(save(other, tmp_path, f"{name}.keras")).mapping.female_index == 1, name
+
+
 @pytest.mark.parametrize("backbone", ["functional", "sequential"])
 def test_nested_backbones_are_looked_through(tmp_path, backbone):
     model = heads_model((16, 16, 3), backbone=backbone, rescaling=(1 / 127.5, -1.0), container="list",
@@ -311,11 +346,15 @@ def test_single_output_sequential_cannot_be_mapped_and_says_how_to_fix(tmp_path)
     model = keras.Sequential(
         [keras.Input((8, 8, 3)), layers.GlobalAveragePooling2D(), layers.Dense(2, name="dense_out")]
     )
-    with pytest.raises(ModelLoadError) as error:
-        load_model(save(model, tmp_path))
-    message = str(error.value)
-    assert "dense_out: shape (2,), activation linear" in message
-    assert "--age-output-a" in message and "age_output=" in message
+    path = save(model, tmp_path)
+    for hints in ({}, {"age_output": 0, "gender_output": 0}):
+        with pytest.raises(ModelLoadError) as error:
+            load_model(path, **hints)
+        message = str(error.value)
+        assert "dense_out: shape (2,), activation linear" in message
+        # No output-naming hint can fix a single output: the message says what to change instead.
+        assert "has 1 output" in message and "not supported" in message and "--age-output-a" not in message
+        assert "separate age and gender outputs" in message
 
 
 def test_ambiguous_outputs_are_listed_and_can_be_mapped_by_hand(tmp_path):
@@ -505,6 +544,27 @@ def test_files_that_are_not_models_give_readable_errors(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_keras_archive_that_would_unpack_to_gigabytes_is_refused_unread(tmp_path, monkeypatch):
+    # 65 MB of config.json deflates to ~64 KB: refused from the sizes the zip declares.
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", '{"pad": "' + " " * (65 * 2**20) + '"}')
+        archive.writestr("model.weights.h5", b"")
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(ModelLoadError, match="zip bomb") as error:
+        load_model(bomb)
+    assert "config.json" in str(error.value)
+    # The bound on the whole archive, checked with a real model and a lowered limit.
+    good = save(heads_model((8, 8, 3)), tmp_path, "good.keras")
+    with zipfile.ZipFile(good) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+    monkeypatch.setattr("analysis.compat.MAX_ARCHIVE_UNPACKED_BYTES", unpacked - 1)
+    with pytest.raises(ModelLoadError, match="zip bomb"):
+        load_model(good)
+    monkeypatch.setattr("analysis.compat.MAX_ARCHIVE_UNPACKED_BYTES", unpacked)
+    assert load_model(good).mapping.age_output is not None
+
+
 # ---------------------------------------------------------------- calibration
 
 
@@ -591,6 +651,78 @@ def test_calibration_flips_a_reversed_gender_convention_only_when_not_given(tmp_
 
     told, _ = calibrate_preprocessing(load_model(path, female_index=1), images, ages, genders)
     assert told.mapping.female_index == 1  # the caller said so: never overridden
+
+
+def test_a_given_preprocessing_still_gets_its_gender_convention_checked(tmp_path):
+    """With the preprocessing set by the user there is no calibration, but an inferred female column
+    that is below chance on labelled images is flipped all the same — never one the user gave."""
+    from PIL import Image
+
+    from analysis.evaluation import ModelSpec, prepare_model
+
+    path = save(preset_model("bgr_0_1", flipped_gender=True), tmp_path)
+    images, ages, genders = preset_images(n=40)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    sample = pd.DataFrame({"path": [str(p) for p in paths], "age": ages, "gender": genders})
+
+    prepared, scores = prepare_model(ModelSpec(str(path), preprocessing="bgr_0_1"), sample)
+    assert scores is None and prepared.preprocessing == "bgr_0_1"
+    assert prepared.mapping.female_index == 0
+    assert any("gender convention flipped" in n for n in prepared.notes)
+    assert not any(n.startswith("assumed ") for n in prepared.notes)
+    assert np.mean((prepared.predict_batch(images)[1] >= 0.5) == genders) == 1.0
+
+    told, _ = prepare_model(ModelSpec(str(path), preprocessing="bgr_0_1", female_index=1), sample)
+    assert told.mapping.female_index == 1
+    right = save(preset_model("bgr_0_1"), tmp_path, "right.keras")
+    kept = check_gender_convention(load_model(right, preprocessing="bgr_0_1"), images, genders)
+    assert kept.mapping.female_index == 1 and not any("flipped" in n for n in kept.notes)
+
+
+def _channel_age_model(k: float):
+    """Rescaling(1/255) inside, then age = 30 + k × (mean of the first channel the model sees, in
+    [0, 1]); the gender head ignores the image. Fed BGR, the first channel is blue."""
+    inputs = keras.Input((12, 12, 3))
+    means = layers.GlobalAveragePooling2D()(layers.Rescaling(1 / 255)(inputs))
+    age = layers.Dense(1, name="age")
+    gender = layers.Dense(1, activation="sigmoid", name="gender", kernel_initializer="zeros")
+    model = keras.Model(inputs, {"age": age(means), "gender": gender(means)})
+    age.set_weights([np.array([[k], [0.0], [0.0]], np.float32), np.array([30.0], np.float32)])
+    return model
+
+
+@pytest.mark.parametrize("k, switches", [(0.05, False), (40.0, True)])
+def test_a_consistent_but_negligible_gain_does_not_override_the_inside_preset(tmp_path, k, switches):
+    """Labels made for BGR input: fed RGB, every age is off by k × |red − blue| (up to 0.05 × 0.6
+    = 0.03 years for k = 0.05). Wilcoxon finds that consistent, but it is no reason to change what
+    the file declares; at k = 40 (years of error) it is."""
+    images, _, genders = preset_images(n=64)
+    blue = images[..., 2].reshape(len(images), -1).mean(axis=1) / 255.0
+    ages = 30 + k * blue
+    loaded = load_model(save(_channel_age_model(k), tmp_path))
+    assert loaded.preprocessing == "rgb_0_255" and loaded.preprocessing_inside
+    calibrated, scores = calibrate_preprocessing(loaded, images, ages, genders)
+    errors = scores.set_index("preset")["age_mae"]
+    assert errors["bgr_0_255"] < errors["rgb_0_255"]  # BGR *is* better, by a hair or by a lot
+    assert calibrated.preprocessing == ("bgr_0_255" if switches else "rgb_0_255")
+
+
+def test_calibration_says_when_it_cannot_tell_presets_apart(tmp_path):
+    inputs = keras.Input((12, 12, 3))
+    features = layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, {"age": layers.Dense(1, kernel_initializer="zeros", bias_initializer="ones")(features),
+                                 "gender": layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")(features)})
+    calibrated, scores = calibrate_preprocessing(load_model(save(model, tmp_path)), *preset_images(n=16))
+    assert scores["combined_rank"].nunique() == 1
+    assert any("could not clearly tell" in n for n in calibrated.notes)
+    clear, _ = calibrate_preprocessing(load_model(save(preset_model("bgr_0_1"), tmp_path, "clear.keras")),
+                                       *preset_images(n=64))
+    assert clear.preprocessing == "bgr_0_1" and not any("could not clearly tell" in n for n in clear.notes)
 
 
 def test_calibration_rejects_mismatched_inputs(tmp_path):
