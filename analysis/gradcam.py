@@ -122,6 +122,12 @@ class _Site:
     feeds: frozenset  # indices of the model's flattened outputs this map influences
 
 
+# Layers whose output map does not cover the image the way their input did: padding adds rows and
+# columns of no image pixels (MobileNetV2's block_13_pad, EfficientNet's *_dwconv_pad), cropping
+# removes some. Stretched over the face, such a map would put every cell in the wrong place.
+_SHIFTING_LAYERS = (keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
+
+
 def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: list) -> list[_Site]:
     """All spatial feature maps in `graph` (recursing into nested models), in run order.
 
@@ -155,7 +161,8 @@ def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: l
             now_learned = inputs_learned or bool(operation.weights)
         else:
             now_learned = inputs_learned or _has_learned_weights(operation)
-            if len(node.outputs) == 1 and _is_spatial(node.outputs[0].shape) and now_learned:
+            if (len(node.outputs) == 1 and _is_spatial(node.outputs[0].shape) and now_learned
+                    and not isinstance(operation, _SHIFTING_LAYERS)):
                 sites.append(
                     _Site(
                         path=prefix + operation.name,
@@ -222,7 +229,8 @@ def candidate_layers(loaded, target: str | None = None) -> list[str]:
     """Names of the layers Grad-CAM can explain, from the input side to the heads.
 
     Every layer with a spatial output (4-D, height and width > 1) that comes after a learned layer
-    and feeds the gender or age head (only the `target`'s head when given). Layers inside a
+    and feeds the gender or age head (only the `target`'s head when given), except padding and
+    cropping layers (their maps are offset from the image). Layers inside a
     nested backbone are named by path: "backbone/block_16_project". The last one is the default;
     earlier ones give finer but less semantic maps.
     """

@@ -331,6 +331,21 @@ def test_default_layer_skips_a_map_too_small_to_localise(tmp_path):
     assert G.default_layer(loaded) == "only"  # 2x2, but the only map there is
 
 
+def test_padding_and_cropping_maps_are_not_offered(tmp_path):
+    """A ZeroPadding2D map has rows and columns that cover no pixel (MobileNetV2's block_13_pad);
+    stretched over the face it would misplace every cell. The conv after it is a fine map."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, strides=4, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(x)
+    x = keras.layers.Conv2D(4, 3, padding="valid", activation="relu", name="c2")(x)
+    x = keras.layers.Cropping2D(1, name="crop")(x)
+    loaded = save_and_load(keras.Model(inputs, heads(x), name="padded"), tmp_path, "padded")
+    assert G.candidate_layers(loaded) == ["c1", "c2"]
+    assert G.default_layer(loaded) == "c2"
+    with pytest.raises(ValueError, match="pad"):
+        G.gradcam(loaded, np.zeros((1, SIZE, SIZE, 3), np.uint8), "gender_female", layer="pad")
+
+
 def nested_model(sequential: bool = False):
     """Rescaling -> backbone (one layer holding c1, pool, c2) -> GAP -> heads."""
     if sequential:
