@@ -237,6 +237,17 @@ def test_mcnemar_counts_and_exact_p_on_known_example():
     assert row["age_mae_delta"] == row["age_mae_delta_lo"] == row["age_mae_delta_hi"] == 0.0
 
 
+def test_wilcoxon_treats_float_rounding_as_ties():
+    """Two copies of one model computed in different graphs differ by ~1e-5 years: no evidence."""
+    rng = np.random.default_rng(3)
+    noise = rng.uniform(1e-6, 5e-5, 300) * rng.choice([-1, 1], 300) + 2e-5  # consistently one way
+    assert stats.wilcoxon(noise).pvalue < 0.01  # what a raw test would claim
+    assert metrics.wilcoxon_p(noise) == 1.0
+    real = np.concatenate([rng.normal(0.3, 1.0, 100), noise])
+    kept = real[np.abs(real) >= metrics.AGE_TIE_YEARS]
+    assert metrics.wilcoxon_p(real) == pytest.approx(stats.wilcoxon(kept).pvalue)
+
+
 def test_mcnemar_without_discordant_pairs_is_one():
     assert metrics.mcnemar_exact_p(0, 0) == 1.0
     assert metrics.mcnemar_exact_p(5, 0) == pytest.approx(2 / 2**5)
