@@ -573,10 +573,10 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     the other head — so noise on a weak model never overrides what the file declares.
     A preset whose outputs are not finite ranks last.
 
-    When the female index was inferred (not given) and the winner's gender accuracy is clearly below
-    chance (binomial test p < 0.01), the gender convention is flipped (female_index 1 ↔ 0) and noted;
-    presets are ranked on max(acc, 1 − acc) in that case so a flipped convention cannot hide the right
-    preset. Returns (new LoadedModel, table: preset, gender_acc, age_mae, combined_rank, inside, chosen).
+    When the female index was inferred (not given) and the winner is wrong on most images of each
+    gender, clearly below chance overall (see _gender_convention), the gender convention is flipped
+    (female_index 1 ↔ 0) and noted; when such a flip is possible (both genders in the images),
+    presets are ranked on max(acc, 1 − acc) so a flipped convention cannot hide the right preset. Returns (new LoadedModel, table: preset, gender_acc, age_mae, combined_rank, inside, chosen).
     """
     images = np.asarray(images)
     ages = np.asarray(ages, dtype=np.float64)
@@ -589,6 +589,8 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
             f"got {len(images)}, {len(ages)}, {len(genders)}"
         )
     free_female_index = "female_index" not in loaded.user_settings
+    # Rank presets on max(acc, 1 - acc) only when a flip is possible (see _gender_convention).
+    flippable = free_female_index and _can_judge_convention(genders)
 
     rows, per_image = [], {}
     for preset in PRESETS:
@@ -606,14 +608,14 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     table["inside"] = table["preset"] == inside_preset
 
     gender_score = table["gender_acc"].fillna(-1.0)
-    if free_female_index:
+    if flippable:
         gender_score = np.maximum(gender_score, np.where(table["gender_acc"].isna(), -1.0, 1.0 - table["gender_acc"]))
     age_score = table["age_mae"].fillna(np.inf)
     table["combined_rank"] = (
         pd.Series(gender_score).rank(ascending=False, method="min") + age_score.rank(ascending=True, method="min")
     ) / 2.0
     # Among equal ranks, prefer what needs fewer changed assumptions: no gender flip, then the inside preset.
-    needs_flip = free_female_index & (table["gender_acc"].fillna(1.0) < 0.5)
+    needs_flip = flippable & (table["gender_acc"].fillna(1.0) < 0.5)
     order = sorted(
         range(len(table)),
         key=lambda i: (table["combined_rank"][i], bool(needs_flip[i]), not table["inside"][i], age_score[i], i),
@@ -650,29 +652,58 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
                 "(paired tests, p ≥ 0.01, or a negligible difference): if you know how the model was fed, "
                 "give its preprocessing (preprocessing= / --preprocessing-a)"
             )
-    mapping, flip_note = _gender_convention(loaded.mapping, acc, len(images), free_female_index)
-    if flip_note:
+    correct = per_image[preset][0] if per_image[preset] is not None else None
+    mapping, flip_note = _gender_convention(loaded.mapping, correct, genders, free_female_index)
+    if mapping is not loaded.mapping:
         table["gender_acc"] = 1.0 - table["gender_acc"]
         notes = [n for n in notes if not n.startswith("assumed ")] + [flip_note + "; gender accuracies in the table use it"]
+    elif flip_note:
+        notes.append(flip_note)
     updated = dataclasses.replace(loaded, preprocessing=preset, mapping=mapping, notes=tuple(notes))
     columns = ["preset", "gender_acc", "age_mae", "combined_rank", "inside", "chosen"]
     return updated, table[columns]
 
 
-def _gender_convention(mapping: OutputMapping, acc: float, n: int, free: bool) -> tuple[OutputMapping, str | None]:
-    """(mapping, note): the female column flipped, with a note saying why, when it was inferred
-    (`free`) and the gender accuracy `acc` on `n` labelled images is below chance (binomial p < 0.01)."""
+# The female column can only be judged on labelled images of both genders: on an all-female
+# sample a model that calls everyone male is 0% right without its convention being inverted.
+MIN_IMAGES_PER_GENDER_TO_FLIP = 8
+
+
+def _can_judge_convention(genders) -> bool:
+    return int(np.min(np.bincount(np.asarray(genders, int), minlength=2))) >= MIN_IMAGES_PER_GENDER_TO_FLIP
+
+
+def _gender_convention(mapping: OutputMapping, correct, genders, free: bool) -> tuple[OutputMapping, str | None]:
+    """(mapping, note). The female column is flipped, with a note saying why, when it was inferred
+    (`free`) and the model is wrong more often than right on *each* gender — the signature of an
+    inverted convention, unlike a model biased towards one gender — with the overall accuracy
+    clearly below chance (binomial p < 0.01). `correct`: per-image flags under the current
+    convention (None when the outputs were not finite); `genders`: the labels (0 male, 1 female).
+    With fewer than MIN_IMAGES_PER_GENDER_TO_FLIP images of a gender nothing is flipped and the
+    note says why, if the accuracy is below chance."""
     from scipy import stats
 
-    if not free or not np.isfinite(acc) or acc >= 0.5:
+    if not free or correct is None:
         return mapping, None
-    p_value = stats.binomtest(int(round(acc * n)), n, 0.5, alternative="less").pvalue
-    if p_value >= 0.01:
+    correct, genders = np.asarray(correct, bool), np.asarray(genders, int)
+    n, n_correct = len(correct), int(correct.sum())
+    if n == 0 or n_correct * 2 >= n:
+        return mapping, None
+    if not _can_judge_convention(genders):
+        return mapping, (
+            f"gender accuracy is {n_correct / n:.0%} on {n} labelled images, but they are (almost) all one gender, "
+            "so whether the gender output is inverted cannot be told; if it gives P(male), set female_index=0 / "
+            "--female-index-a 0"
+        )
+    per_gender = [correct[genders == g].mean() for g in (0, 1)]
+    p_value = stats.binomtest(n_correct, n, 0.5, alternative="less").pvalue
+    if max(per_gender) >= 0.5 or p_value >= 0.01:
         return mapping, None
     flipped = dataclasses.replace(mapping, female_index=1 - mapping.female_index)
     return flipped, (
-        f"gender convention flipped: with female_index {mapping.female_index} only {acc:.0%} of {n} "
-        f"labelled images were right (binomial p = {p_value:.1g}), so female_index = {flipped.female_index}"
+        f"gender convention flipped: with female_index {mapping.female_index} only {n_correct / n:.0%} of {n} "
+        f"labelled images were right ({per_gender[0]:.0%} of the male, {per_gender[1]:.0%} of the female; "
+        f"binomial p = {p_value:.1g}), so female_index = {flipped.female_index}"
     )
 
 
@@ -684,9 +715,9 @@ def check_gender_convention(loaded: LoadedModel, images, genders) -> LoadedModel
     if "female_index" in loaded.user_settings or len(genders) == 0:
         return loaded
     _, p_female = loaded.predict_batch(images)
-    acc = float(np.mean((p_female >= 0.5).astype(int) == genders)) if np.isfinite(p_female).all() else math.nan
-    mapping, note = _gender_convention(loaded.mapping, acc, len(genders), True)
+    correct = (p_female >= 0.5).astype(int) == genders if np.isfinite(p_female).all() else None
+    mapping, note = _gender_convention(loaded.mapping, correct, genders, True)
     if note is None:
         return loaded
-    notes = [n for n in loaded.notes if not n.startswith("assumed ")] + [note]
-    return dataclasses.replace(loaded, mapping=mapping, notes=tuple(notes))
+    kept = [n for n in loaded.notes if not n.startswith("assumed ")] if mapping is not loaded.mapping else list(loaded.notes)
+    return dataclasses.replace(loaded, mapping=mapping, notes=tuple(kept + [note]))

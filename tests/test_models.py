@@ -684,6 +684,36 @@ def test_a_given_preprocessing_still_gets_its_gender_convention_checked(tmp_path
     assert kept.mapping.female_index == 1 and not any("flipped" in n for n in kept.notes)
 
 
+def test_a_model_biased_to_one_gender_is_not_mistaken_for_an_inverted_one(tmp_path):
+    """A model that calls everyone male is 0% right on an all-female sample; that is bias, not a
+    P(male) output, and with one gender the convention cannot be judged at all."""
+    inputs = keras.Input((12, 12, 3))
+    features = layers.GlobalAveragePooling2D()(inputs)
+    always_male = layers.Dense(1, activation="sigmoid", name="gender", kernel_initializer="zeros",
+                               bias_initializer=keras.initializers.Constant(-5.0))(features)
+    model = keras.Model(inputs, {"age": layers.Dense(1, name="age")(features), "gender": always_male})
+    path = save(model, tmp_path)
+    images, ages, genders = preset_images(n=64)
+    females = genders == 1
+    assert females.sum() >= 20 and (~females).sum() >= 8
+    for calibrate in (True, False):
+        loaded = load_model(path) if calibrate else load_model(path, preprocessing="rgb_0_255")
+        if calibrate:
+            result, _ = calibrate_preprocessing(loaded, images[females], ages[females], genders[females])
+        else:
+            result = check_gender_convention(loaded, images[females], genders[females])
+        assert result.mapping.female_index == 1
+        assert any("all one gender" in n for n in result.notes)
+        assert np.mean((result.predict_batch(images[females])[1] >= 0.5) == 1) == 0.0  # reported as it is
+    # Both genders: right on every male, wrong on every female — biased, not inverted.
+    mixed, _ = calibrate_preprocessing(load_model(path), images, ages, genders)
+    assert mixed.mapping.female_index == 1 and not any("flipped" in n for n in mixed.notes)
+    # The inverted model on the same mixed images is wrong on both genders: flipped, as before.
+    inverted, _ = calibrate_preprocessing(load_model(save(preset_model("rgb_0_1", flipped_gender=True), tmp_path,
+                                                          "inverted.keras")), images, ages, genders)
+    assert inverted.mapping.female_index == 0
+
+
 def _channel_age_model(k: float):
     """Rescaling(1/255) inside, then age = 30 + k × (mean of the first channel the model sees, in
     [0, 1]); the gender head ignores the image. Fed BGR, the first channel is blue."""
