@@ -147,10 +147,10 @@ def read_image_rgb(source) -> np.ndarray:
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits by the image's own range (PIL would clip).
+        # 16-bit grayscale (a 16-bit PNG opens as I;16 or I): 0–65535 → 0–255, as 8 bits = 16 bits / 257.
+        # Not by the image's own range: stretching would change its brightness (PIL's convert clips).
         values = np.asarray(image, dtype=np.float64)
-        top = values.max() if values.size else 1.0
-        gray = np.clip(values / max(top, 1.0) * 255.0, 0, 255).astype(np.uint8)
+        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite onto white so transparent borders do not become black blocks.

@@ -97,6 +97,19 @@ def test_read_image_rgb_converts_every_mode(tmp_path, mode):
     assert pixels.shape == (10, 12, 3) and pixels.dtype == np.uint8
 
 
+def test_16_bit_grey_keeps_its_brightness(tmp_path):
+    """A 16-bit PNG holds the same picture as an 8-bit one at 257× the values; a darker 16-bit
+    image must stay darker (stretching to its own maximum would make both the same)."""
+    gray8 = np.random.default_rng(0).integers(0, 200, (10, 12)).astype(np.uint8)
+    Image.fromarray(gray8).save(tmp_path / "g8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    Image.fromarray(gray8.astype(np.uint16) * 128).save(tmp_path / "g16_dark.png")
+    eight, sixteen, dark = (read_image_rgb(tmp_path / f"{n}.png") for n in ("g8", "g16", "g16_dark"))
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    np.testing.assert_array_equal(sixteen, eight)
+    np.testing.assert_array_equal(dark[..., 0], np.rint(gray8.astype(float) * 128 / 257).astype(np.uint8))
+
+
 def test_read_image_rgb_composites_alpha_on_white(tmp_path):
     path = tmp_path / "a.png"
     Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(path)
