@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
         help="report folder to create (must be new, empty, or an earlier report with --overwrite)",
     )
     group.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
-    group.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for CIs (default 1000)")
+    group.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the age CIs (default 1000; gender accuracy CIs are Wilson intervals)")
     group.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for bootstrap and calibration (default 0)")
     group.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     group.add_argument(
@@ -287,6 +288,13 @@ class _progress_bar:
             self._bar.close()
 
 
+def _interval(lo, hi, spec: str) -> str:
+    """"(lo–hi)", or "(no CI)" where there is none (a single image has no spread)."""
+    if not all(math.isfinite(v) for v in (lo, hi)):
+        return "(no CI)"
+    return f"({lo:{spec}}–{hi:{spec}})"
+
+
 def format_summary(evaluation) -> str:
     """A few readable lines: headline numbers per model with CIs, then B − A if two models."""
     slices = evaluation.tables["slices"]
@@ -294,16 +302,18 @@ def format_summary(evaluation) -> str:
     lines = ["", f"{'model':<28} {'gender accuracy (95% CI)':<28} {'age MAE, years (95% CI)':<26} age bias"]
     for row in overall.itertuples():
         name = f"{row.model}: {evaluation.models[row.model].name}"[:27]
-        acc = f"{row.gender_acc:.1%} ({row.gender_acc_lo:.1%}–{row.gender_acc_hi:.1%})"
-        mae = f"{row.age_mae:.2f} ({row.age_mae_lo:.2f}–{row.age_mae_hi:.2f})"
+        acc = f"{row.gender_acc:.1%} {_interval(row.gender_acc_lo, row.gender_acc_hi, '.1%')}"
+        mae = f"{row.age_mae:.2f} {_interval(row.age_mae_lo, row.age_mae_hi, '.2f')}"
         lines.append(f"{name:<28} {acc:<28} {mae:<26} {row.age_bias:+.2f}")
     comparison = evaluation.tables.get("comparison")
     if comparison is not None:
         c = comparison[comparison["slice_by"] == "overall"].iloc[0]
         lines.append(
             f"\nB − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({_p(c.mcnemar_p)}, exact McNemar); "
-            f"age MAE {c.age_mae_delta:+.2f} years (95% CI {c.age_mae_delta_lo:+.2f} to {c.age_mae_delta_hi:+.2f}; "
-            f"{_p(c.wilcoxon_p)}, Wilcoxon)"
+            f"age MAE {c.age_mae_delta:+.2f} years ("
+            + (f"95% CI {c.age_mae_delta_lo:+.2f} to {c.age_mae_delta_hi:+.2f}; "
+               if all(math.isfinite(v) for v in (c.age_mae_delta_lo, c.age_mae_delta_hi)) else "no CI; ")
+            + f"{_p(c.wilcoxon_p)}, Wilcoxon)"
         )
     gaps = evaluation.tables.get("gaps")
     if gaps is not None and not gaps.empty:

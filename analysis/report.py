@@ -463,7 +463,7 @@ def _grid_label(row: pd.Series, keys) -> str:
 
 _TABLE_NOTES = {
     "predictions": "one row per image: labels, each model's predicted age (years) and P(female)",
-    "slices": "per model and group (overall, single attributes, intersections): n, gender accuracy, age MAE and bias with 95% bootstrap CIs; `small` marks n < 30",
+    "slices": "per model and group (overall, single attributes, intersections): n, gender accuracy (95% Wilson CI), age MAE and bias (95% bootstrap CIs); `small` marks n < 30",
     "comparison": "paired A vs B per group: differences B − A, exact McNemar p (gender), paired bootstrap CI and Wilcoxon p (age MAE)",
     "gaps": "largest minus smallest value across the groups of each grouping (groups with n < 30 left out)",
     "calibration": "reliability bins of P(female) per model: mean predicted probability vs observed share of women",

@@ -157,6 +157,38 @@ def test_seeded_results_are_reproducible_and_independent_of_the_rest(preds, slic
     pd.testing.assert_frame_equal(only_a_gender, expected)
 
 
+def _wilson(k: int, n: int, z: float = stats.norm.ppf(0.975)) -> tuple[float, float]:
+    """The Wilson score interval by its textbook formula."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_gender_accuracy_intervals_are_wilson_and_never_collapse(preds, slices):
+    for row in slices.itertuples():
+        k = round(row.gender_acc * row.n)
+        assert (row.gender_acc_lo, row.gender_acc_hi) == pytest.approx(_wilson(k, row.n), abs=1e-9)
+    # 25 of 25 right: a percentile bootstrap says [100%, 100%]; Wilson knows 25 images are few.
+    perfect = preds.head(25).copy()
+    perfect["p_female_A"] = np.where(perfect["gender"] == 1, 0.9, 0.1)
+    row = metrics.slice_table(perfect, "A", n_boot=200, slices=("overall",)).iloc[0]
+    assert row.gender_acc == 1.0 and row.gender_acc_hi == pytest.approx(1.0)
+    assert row.gender_acc_lo == pytest.approx(_wilson(25, 25)[0]) and row.gender_acc_lo < 0.87
+
+
+def test_a_single_image_has_no_age_interval(preds):
+    one = preds.head(1)
+    row = metrics.slice_table(one, "A", n_boot=200, slices=("overall",)).iloc[0]
+    assert np.isnan(row.age_mae_lo) and np.isnan(row.age_mae_hi) and np.isnan(row.age_bias_lo)
+    assert (row.gender_acc_lo, row.gender_acc_hi) == pytest.approx(_wilson(int(row.gender_acc), 1))
+    assert row.gender_acc_hi - row.gender_acc_lo > 0.7
+    compared = metrics.compare_table(one, n_boot=200, slices=("overall",)).iloc[0]
+    assert np.isnan(compared.age_mae_delta_lo) and np.isnan(compared.age_mae_delta_hi)
+    two = metrics.slice_table(preds.head(2), "A", n_boot=200, slices=("overall",)).iloc[0]
+    assert two.age_mae_lo <= two.age_mae <= two.age_mae_hi  # two values already have a spread
+
+
 def test_slice_table_without_bootstrap_has_nan_intervals(preds):
     table = metrics.slice_table(preds, n_boot=0, slices=("overall", "gender"))
     assert table["age_mae_lo"].isna().all() and table["age_mae"].notna().all()
