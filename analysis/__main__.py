@@ -60,6 +60,16 @@ def _add_model_options(parser: argparse.ArgumentParser, key: str, required: bool
     group.add_argument(f"--input-size-{k}", metavar="HxW", help="input size when the model does not fix it, e.g. 128 or 128x96")
 
 
+def _age_band_edges(text: str) -> tuple[int, ...]:
+    """--age-bands "0,20,40,60" → (0, 20, 40, 60), refused at once if not usable."""
+    from analysis.constants import check_age_band_edges
+
+    try:
+        return check_age_band_edges([v.strip() for v in text.split(",")])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis",
@@ -108,8 +118,8 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
     group.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for bootstrap and calibration (default 0)")
     group.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     group.add_argument(
-        "--age-bands", default=",".join(map(str, AGE_BAND_EDGES)), metavar="EDGES",
-        help="left edges of the age bands (default %(default)s → 0–2, 3–9, ..., 70+)",
+        "--age-bands", default=AGE_BAND_EDGES, type=_age_band_edges, metavar="EDGES",
+        help=f"left edges of the age bands, starting at 0 (default {','.join(map(str, AGE_BAND_EDGES))} → 0–2, 3–9, ..., 70+)",
     )
     group.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
     group.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM grids of the worst faces")
@@ -228,7 +238,7 @@ def run(argv=None) -> int:
     from analysis.report import check_output_folder, write_bundle
 
     check_output_folder(args.out, overwrite=args.overwrite)
-    edges = tuple(int(v) for v in args.age_bands.split(","))
+    edges = args.age_bands
     if args.command == "demo":
         data, specs = demo_sample_dir(args.n), demo_specs()
     else:

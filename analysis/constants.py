@@ -30,6 +30,25 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_ZIP_FILES = 100_000
 MAX_ZIP_UNCOMPRESSED_BYTES = 4 * 1024**3  # 4 GiB: the full UTKFace set is ~1 GB unzipped
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as likely decompression bombs
+MAX_IMAGE_FILE_BYTES = 128 * 1024**2  # a 40-megapixel photo is well under this; each file is read whole
+
+
+def check_age_band_edges(edges) -> tuple[int, ...]:
+    """The edges as integers, if they are strictly increasing and start at AGE_MIN (so every age
+    has a band); ValueError saying what to give otherwise."""
+    try:
+        edges = tuple(int(e) for e in edges)
+    except (TypeError, ValueError):
+        raise ValueError(f"age band edges must be whole years, got {','.join(map(str, edges))}") from None
+    if len(edges) < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"age band edges must be strictly increasing integers, got {edges}")
+    if edges[0] != AGE_MIN:
+        fixed = ",".join(map(str, (AGE_MIN, *[e for e in edges if e > AGE_MIN])))
+        raise ValueError(
+            f"age band edges must start at {AGE_MIN} so that every age has a band, got "
+            f"{','.join(map(str, edges))}; e.g. {fixed}"
+        )
+    return edges
 
 
 def age_band_labels(edges: tuple[int, ...] = AGE_BAND_EDGES) -> list[str]:

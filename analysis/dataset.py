@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from analysis.constants import (
     AGE_BAND_EDGES,
@@ -40,10 +40,12 @@ from analysis.constants import (
     ETHNICITIES,
     GENDERS,
     IMAGE_EXTENSIONS,
+    MAX_IMAGE_FILE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_ZIP_FILES,
     MAX_ZIP_UNCOMPRESSED_BYTES,
     assign_age_bands,
+    check_age_band_edges,
 )
 
 SAMPLE_COLUMNS = ["image_id", "path", "file_name", "age", "gender", "ethnicity", "age_band"]
@@ -109,7 +111,7 @@ def parse_utkface_name(name: str) -> tuple[int, int, int]:
             raise ValueError("malformed name: ethnicity missing (AGE_GENDER_DATETIME)")
         raise ValueError("malformed name: unexpected extension or punctuation after the labels")
     age, gender, ethnicity = (int(match.group(i)) for i in (1, 2, 3))
-    if len(match.group(3)) > 1:
+    if len(match.group(3)) > 4:
         # A long third field is a timestamp: the race field is missing.
         raise ValueError("malformed name: ethnicity missing (AGE_GENDER_DATETIME)")
     if not AGE_MIN <= age <= AGE_MAX:
@@ -142,7 +144,20 @@ def read_image_rgb(source) -> np.ndarray:
     except ValueError:
         raise
     except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"not decodable: {exc}") from exc
+        raise ValueError(_decode_problem(exc)) from exc
+
+
+_TOO_LARGE = f"image too large: over {MAX_IMAGE_PIXELS:,} pixels; resize it first"
+
+
+def _decode_problem(exc: Exception) -> str:
+    """A skip reason for an image Pillow cannot (or must not) decode, the same on every run."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return _TOO_LARGE  # Pillow's own, higher limit: the same reason as ours
+    if isinstance(exc, UnidentifiedImageError):
+        return "not decodable: not an image format Pillow reads (or the file is damaged)"
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc))  # no memory addresses in reasons
+    return f"not decodable: {type(exc).__name__}: {text}" if text else f"not decodable: {type(exc).__name__}"
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -182,12 +197,14 @@ def _check_image_header(data: bytes) -> str | None:
     if not data:
         return "not decodable: empty file (0 bytes)"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                return f"image too large: {image.width}x{image.height} pixels"
-            image.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a reason, not a stderr line
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    return f"image too large: {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS:,}); resize it first"
+                image.verify()
     except Exception as exc:  # PIL raises many exception types for junk input
-        return f"not decodable: {type(exc).__name__}: {exc}"
+        return _decode_problem(exc)
     return None
 
 
@@ -210,6 +227,10 @@ def load_sample(
     unless `keep_duplicates`, only the first copy (by path order) is kept and the others are
     listed as skipped.
     """
+    try:
+        age_band_edges = check_age_band_edges(age_band_edges)
+    except ValueError as exc:
+        raise SampleError(str(exc)) from None
     source_path = Path(source).expanduser()
     if not source_path.exists():
         raise SampleError(f"sample not found: {source_path} — give a folder of images or a .zip")
@@ -238,6 +259,10 @@ def load_sample(
             age, gender, ethnicity = parse_utkface_name(path.name)
         except ValueError as exc:
             skipped.append((str(path), str(exc)))
+            continue
+        size = path.stat().st_size
+        if size > MAX_IMAGE_FILE_BYTES:  # checked before reading: the file is read whole below
+            skipped.append((str(path), _file_too_large(size)))
             continue
         data = path.read_bytes()
         problem = _check_image_header(data)
@@ -316,23 +341,15 @@ def extract_zip_safely(
             raise SampleError(
                 f"zip would unpack to {declared / 1e9:.1f} GB; the limit is {max_bytes / 1e9:.1f} GB"
             )
+        planned, skipped = _plan_zip(entries)
         if done_marker.exists():
-            return target, _zip_skips(entries, target)
+            return target, skipped
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         written = 0
         try:
-            for entry in entries:
-                relative = _safe_member_path(entry)
-                if relative is None:
-                    skipped.append((entry.filename, "unsafe zip entry: path leaves the target folder or is a link"))
-                    continue
-                if _is_ignored(relative) or not relative.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                if entry.flag_bits & 0x1:
-                    skipped.append((entry.filename, "not decodable: encrypted zip entry"))
-                    continue
+            for entry, relative in planned:
                 destination = partial / relative
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 written += _copy_bounded(archive, entry, destination, max_bytes - written)
@@ -348,12 +365,46 @@ def extract_zip_safely(
     return target, skipped
 
 
-def _zip_skips(entries, target: Path) -> list[tuple[str, str]]:
-    return [
-        (e.filename, "unsafe zip entry: path leaves the target folder or is a link")
-        for e in entries
-        if _safe_member_path(e) is None
-    ]
+def _plan_zip(entries) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[tuple[str, str]]]:
+    """([(entry, relative path to extract it to)], [(entry name, reason it is skipped)]).
+
+    Decided from the archive's directory alone, so a re-used extraction reports the same skips.
+    Hidden files and __MACOSX/ are ignored without a word, as in a folder; every other entry that
+    is not extracted gets a reason (unsafe path, nested zip, not an image, encrypted, too large,
+    a name another entry already has, a file where another entry needs a folder)."""
+    planned, skipped, seen = [], [], set()
+    for entry in entries:
+        relative = _safe_member_path(entry)
+        if relative is None:
+            skipped.append((entry.filename, "unsafe zip entry: path leaves the target folder or is a link"))
+        elif _is_ignored(relative):
+            continue
+        elif relative.lower().endswith(".zip"):
+            skipped.append((entry.filename, "a zip inside the zip: not opened; unzip it and give the folder or its own zip"))
+        elif not relative.lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append((entry.filename, "not an image file: unsupported extension"))
+        elif entry.flag_bits & 0x1:
+            skipped.append((entry.filename, "not decodable: encrypted zip entry"))
+        elif entry.file_size > MAX_IMAGE_FILE_BYTES:
+            skipped.append((entry.filename, _file_too_large(entry.file_size)))
+        elif relative in seen:
+            skipped.append((entry.filename, "duplicate zip entry: an earlier entry has the same path (kept that one)"))
+        else:
+            seen.add(relative)
+            planned.append((entry, relative))
+    folders = set()  # every folder the planned files need
+    for _, relative in planned:
+        parts = relative.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    for entry, relative in planned:
+        if relative in folders:
+            skipped.append((entry.filename, "zip entry clashes with a folder of the same name in the zip (kept the folder)"))
+    return [(entry, relative) for entry, relative in planned if relative not in folders], skipped
+
+
+def _file_too_large(size: int) -> str:
+    return (f"file too large for a face image: {size / 2**20:,.0f} MB (limit {MAX_IMAGE_FILE_BYTES // 2**20} MB); "
+            "resize it first")
 
 
 def _safe_member_path(entry: zipfile.ZipInfo) -> str | None:

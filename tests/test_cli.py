@@ -118,6 +118,19 @@ def test_unusable_inputs_exit_2_with_a_message(case, message, model_files, synth
     assert not (out / "provenance.json").exists()
 
 
+@pytest.mark.parametrize("edges, message", [("5,20,40,60", "must start at 0"), ("0,20,10", "increasing"),
+                                             ("0,ten", "whole years")])
+def test_bad_age_bands_are_refused_before_any_work(edges, message, model_files, synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", "--model-a", str(model_files[0]), "--data", str(synthetic_dir), "--out", str(out),
+              "--quiet", "--age-bands", edges])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--age-bands" in err and message in err
+    assert not out.exists()
+
+
 def test_help_explains_the_options():
     result = subprocess.run([sys.executable, "-m", "analysis", "evaluate", "--help"], cwd=REPO,
                             capture_output=True, text=True, check=True)

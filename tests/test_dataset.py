@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import stat
 import zipfile
@@ -276,6 +277,114 @@ def test_hostile_zip_entries_never_leave_the_target(tmp_path):
     assert list(result.sample["file_name"]) == ["20_0_0_20170101000000001.jpg"]
     unsafe = result.skipped[result.skipped["reason"].str.contains("unsafe")]
     assert len(unsafe) == 5
+
+
+def test_every_zip_entry_left_out_is_listed_with_its_reason_on_every_run(tmp_path):
+    """Non-images, a nested zip, an encrypted entry, a repeated name and a file where a folder
+    must go are listed — the same on the first run and when the extraction is reused — while the
+    good images survive; hidden files and __MACOSX/ are ignored as in a folder."""
+    blue, red, green = _jpeg_bytes((20, 40, 200)), _jpeg_bytes((200, 30, 20)), _jpeg_bytes((30, 200, 40))
+    archive_path = tmp_path / "messy.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("photos/20_0_0_20170101000000001.jpg", green)
+        archive.writestr("photos/readme.txt", b"hello")
+        archive.writestr("photos/inner.zip", b"PK")
+        archive.writestr("photos/30_1_0_20170101000000009.tif", b"II*")
+        archive.writestr("photos/31_1_1_20170101000000010.jpg", blue)  # marked encrypted below
+        archive.writestr("dup/21_1_2_20170101000000002.jpg", blue)
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr("dup/21_1_2_20170101000000002.jpg", red)
+        archive.writestr("a.jpg", green)
+        archive.writestr("a.jpg/22_0_3_20170101000000003.jpg", red)
+        archive.writestr(".hidden/23_0_0_20170101000000004.jpg", blue)
+        archive.writestr("__MACOSX/photos/._20_0_0_20170101000000001.jpg", b"junk")
+    _mark_encrypted(archive_path, "photos/31_1_1_20170101000000010.jpg")
+    reasons = []
+    for _ in range(2):  # the second run reuses the extraction
+        result = load_sample(archive_path, extract_to=tmp_path / "out")
+        assert sorted(result.sample["file_name"]) == [
+            "20_0_0_20170101000000001.jpg", "21_1_2_20170101000000002.jpg", "22_0_3_20170101000000003.jpg"]
+        reasons.append(dict(zip(result.skipped["path"], result.skipped["reason"])))
+    assert reasons[0] == reasons[1]
+    why = reasons[0]
+    assert set(why) == {"photos/readme.txt", "photos/inner.zip", "photos/30_1_0_20170101000000009.tif",
+                        "photos/31_1_1_20170101000000010.jpg", "dup/21_1_2_20170101000000002.jpg", "a.jpg"}
+    assert why["photos/inner.zip"].startswith("a zip inside the zip")
+    assert why["photos/readme.txt"] == why["photos/30_1_0_20170101000000009.tif"] == "not an image file: unsupported extension"
+    assert why["photos/31_1_1_20170101000000010.jpg"] == "not decodable: encrypted zip entry"
+    assert why["dup/21_1_2_20170101000000002.jpg"].startswith("duplicate zip entry")
+    assert "clashes with a folder" in why["a.jpg"]
+    kept = result.sample.set_index("file_name").loc["21_1_2_20170101000000002.jpg", "path"]
+    assert read_image_rgb(kept)[..., 2].mean() > 150  # the first of the two same-named entries (blue)
+
+
+def _mark_encrypted(path: Path, name: str) -> None:
+    """Set the "encrypted" flag bit of entry `name` in its local header and central directory
+    (Python's zipfile cannot write encrypted entries)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        data[archive.getinfo(name).header_offset + 6] |= 0x1
+    start = 0
+    while (start := data.find(b"PK\x01\x02", start)) >= 0:
+        length = int.from_bytes(data[start + 28:start + 30], "little")
+        if data[start + 46:start + 46 + length] == name.encode():
+            data[start + 8] |= 0x1
+        start += 4
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo(name).flag_bits & 0x1
+
+
+def test_age_band_edges_must_cover_every_age(synthetic_dir):
+    with pytest.raises(SampleError, match="must start at 0.*e.g. 0,5,20"):
+        load_sample(synthetic_dir, age_band_edges=(5, 20))
+    banded = load_sample(synthetic_dir, age_band_edges=(0, 20))
+    expected = np.where(banded.sample["age"] < 20, "0–19", "20+")
+    assert (banded.sample["age_band"].astype(str).to_numpy() == expected).all()
+
+
+def test_oversized_files_are_skipped_before_they_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr("analysis.dataset.MAX_IMAGE_FILE_BYTES", 1000)
+    small, large = _jpeg_bytes(size=(8, 8)), _jpeg_bytes(size=(200, 200))
+    assert len(small) < 1000 < len(large)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    (folder / "20_0_0_20170101000000001.jpg").write_bytes(small)
+    (folder / "21_0_0_20170101000000002.jpg").write_bytes(large)
+    result = load_sample(folder)
+    assert list(result.sample["file_name"]) == ["20_0_0_20170101000000001.jpg"]
+    assert result.skipped["reason"].str.startswith("file too large for a face image").tolist() == [True]
+    archive_path = tmp_path / "faces.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.write(folder / "20_0_0_20170101000000001.jpg", "20_0_0_20170101000000001.jpg")
+        archive.write(folder / "21_0_0_20170101000000002.jpg", "21_0_0_20170101000000002.jpg")
+    zipped = load_sample(archive_path, extract_to=tmp_path / "out")
+    assert list(zipped.sample["file_name"]) == ["20_0_0_20170101000000001.jpg"]
+    assert not (tmp_path / "out" / "21_0_0_20170101000000002.jpg").exists()  # never unpacked
+
+
+def test_undecodable_and_huge_images_get_stable_reasons(tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    (folder / "20_0_0_20170101000000001.jpg").write_bytes(b"this is text, not a JPEG" * 20)
+    big = Image.new("L", (8000, 6000))  # 48 MP, over the 40 MP limit
+    big.save(folder / "21_0_0_20170101000000002.png", optimize=False)
+    (folder / "22_0_0_20170101000000003.jpg").write_bytes(_jpeg_bytes())
+    first, second = (load_sample_or_reasons(folder) for _ in range(2))
+    assert first == second
+    assert first["20_0_0_20170101000000001.jpg"] == "not decodable: not an image format Pillow reads (or the file is damaged)"
+    assert first["21_0_0_20170101000000002.png"].startswith("image too large: 8000x6000 pixels")
+    assert not re.search(r"0x[0-9a-f]{6,}", " ".join(first.values()))  # no memory address
+
+
+def load_sample_or_reasons(folder) -> dict:
+    from analysis.dataset import SampleError as Error
+
+    try:
+        skipped = load_sample(folder).skipped
+    except Error:
+        raise AssertionError("the sample should have failed only on its images") from None
+    return {Path(p).name: r for p, r in zip(skipped["path"], skipped["reason"])}
 
 
 def test_zip_bombs_and_corrupt_zips_are_refused(tmp_path):
