@@ -117,6 +117,32 @@ def test_missing_data_folder(tmp_path):
         main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
 
 
+def test_an_image_that_fails_to_decode_is_left_out_and_training_goes_on(synthetic_dir, tmp_path, capsys):
+    """A truncated JPEG passes the header check of load_sample (Pillow's verify) and only fails
+    when decoded in full: it is left out, named, and the model is trained on the rest."""
+    import shutil
+
+    from analysis.dataset import load_sample
+
+    data = tmp_path / "faces"
+    shutil.copytree(synthetic_dir, data)
+    victim = sorted(data.rglob("*.jpg"))[3]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])
+    assert victim.name in set(load_sample(data).sample["file_name"])  # not caught before training
+    out = tmp_path / "out"
+    run_cli("--data", data, "--out", out, "--model", "A", "--epochs", 1, "--image-size", 32, "--no-cache")
+    printed = capsys.readouterr().out
+    assert f"1 image(s) cannot be decoded and are left out: {victim.name}" in printed
+    split = pd.read_csv(out / "split_A.csv")
+    n_images = len(load_sample(synthetic_dir).sample)
+    assert victim.name not in set(split["file_name"]) and len(split) == n_images - 1
+    metrics = json.loads((out / "metrics_A.json").read_text())
+    assert metrics["split"]["n_undecodable"] == 1
+    assert metrics["split"]["n_train"] + metrics["split"]["n_val"] == n_images - 1
+    assert (out / "age_gender_A.keras").is_file()
+
+
 def test_unknown_backbone(synthetic_dir, tmp_path):
     with pytest.raises(SystemExit, match="unknown backbone 'resnet9000'.*efficientnet_lite0"):
         main(["--data", str(synthetic_dir), "--out", str(tmp_path), "--model", "B", "--backbone", "resnet9000"])
@@ -293,7 +319,7 @@ def test_cli_writes_models_history_and_figures(trained):
         assert metrics["validation"]["n"] == 24
         assert 0 <= metrics["validation"]["gender_acc"] <= 1 and metrics["validation"]["age_mae"] > 0
         assert metrics["split"] == {"n_train": 96, "n_val": 24, "stratified_by": metrics["split"]["stratified_by"], "seed": 0,
-                                    "n_left_out": 0}
+                                    "n_left_out": 0, "n_undecodable": 0}
     assert not [p for p in trained.iterdir() if p.name.startswith(".")]  # no partial files left
 
 

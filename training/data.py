@@ -45,6 +45,25 @@ class SplitSample:
             f"({len(self.val) / n:.0%}, {stratified}, seed {self.seed})"
         )
 
+    def without(self, image_ids, reasons) -> "SplitSample":
+        """The split without the images `image_ids`, each added to `skipped` with its reason.
+        Raises ValueError when too few images are left on either side."""
+        drop = set(image_ids)
+        gone = pd.concat([self.train, self.val])
+        gone = gone[gone["image_id"].isin(drop)]
+        reason_of = dict(zip(image_ids, reasons))
+        skipped = pd.concat(
+            [self.skipped, pd.DataFrame({"path": gone["path"], "reason": [reason_of[i] for i in gone["image_id"]]})],
+            ignore_index=True,
+        )
+        train, val = self.train[~self.train["image_id"].isin(drop)], self.val[~self.val["image_id"].isin(drop)]
+        if len(train) < MIN_PER_SUBSET or len(val) < MIN_PER_SUBSET:
+            raise ValueError(
+                f"too few decodable images: {len(train)} for training and {len(val)} for validation are left "
+                f"after {len(gone)} that cannot be decoded; give at least {MIN_PER_SUBSET} on each side"
+            )
+        return SplitSample(train=train, val=val, stratified_by=self.stratified_by, seed=self.seed, skipped=skipped)
+
     def table(self, left_out=None) -> pd.DataFrame:
         """One row per image: image_id, file_name, age, gender, ethnicity, subset ("train"/"val")
         and left_out: `left_out` (a boolean mask over the training rows, in order) marks the
@@ -104,12 +123,25 @@ def read_split(data_dir, val_fraction: float = 0.2, seed: int = DEFAULT_SEED) ->
 
 
 def load_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool = True, workers: int | None = None) -> np.ndarray:
-    """Decode and resize images to uint8 RGB, shape (n, height, width, 3), in the order given.
+    """Decode and resize images to uint8 RGB, shape (n, height, width, 3), in the order given
+    (see decode_images). Raises ValueError naming the first file that cannot be decoded."""
+    images, problems = decode_images(paths, size, image_ids, cache=cache, workers=workers)
+    if problems:
+        index, reason = next(iter(problems.items()))
+        raise ValueError(f"cannot decode {Path(str(list(paths)[index])).name}: {reason}")
+    return images
+
+
+def decode_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool = True,
+                  workers: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """(uint8 RGB images (n, height, width, 3) in the order given, {index: reason} of the files
+    that cannot be decoded — their rows are black). The header check of load_sample passes some
+    damaged files (a truncated JPEG verifies), so the full decode can still fail here.
 
     Decoding runs in a thread pool (PIL releases the GIL while decoding). With `cache` and the
     content hashes `image_ids`, the array is kept under
     ``default_cache_dir()/training/`` and reused when the same images are asked for at the same
-    size. Raises ValueError naming the first file that cannot be decoded.
+    size (only when every image decoded).
     """
     paths = [str(p) for p in paths]
     height, width = int(size[0]), int(size[1])
@@ -121,21 +153,25 @@ def load_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool = T
             try:
                 images = np.load(cache_path, mmap_mode=None, allow_pickle=False)
                 if images.shape == (len(paths), height, width, 3) and images.dtype == np.uint8:
-                    return images
+                    return images, {}
             except (OSError, ValueError):
                 pass  # a damaged cache file is rebuilt below
 
-    def decode(path: str) -> np.ndarray:
+    def decode(path: str) -> np.ndarray | str:
         try:
             return load_image(path, (height, width))
         except ValueError as exc:
-            raise ValueError(f"cannot decode {Path(path).name}: {exc}") from exc
+            return str(exc)
 
-    images = np.empty((len(paths), height, width, 3), dtype=np.uint8)
+    images = np.zeros((len(paths), height, width, 3), dtype=np.uint8)
+    problems: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
         for i, pixels in enumerate(pool.map(decode, paths)):
-            images[i] = pixels
-    if cache_path is not None:
+            if isinstance(pixels, str):
+                problems[i] = pixels
+            else:
+                images[i] = pixels
+    if cache_path is not None and not problems:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_path.with_name(f".{cache_path.stem}.{os.getpid()}.partial.npy")
         try:
@@ -143,7 +179,7 @@ def load_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool = T
             os.replace(partial, cache_path)
         except OSError:
             partial.unlink(missing_ok=True)  # caching is an optimisation; training goes on
-    return images
+    return images, problems
 
 
 def targets(table: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.constants import DEFAULT_SEED
-from training.data import SplitSample, load_images, make_dataset, targets
+from training.data import SplitSample, decode_images, make_dataset, targets
 
 MODEL_KEYS = ("A", "B")
 
@@ -444,8 +444,19 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     started = time.perf_counter()
     size = (config.image_size, config.image_size)
     log(f"Model {config.model_key}: decoding {len(split.train) + len(split.val)} images at {size[0]}x{size[1]} px")
-    x_train = load_images(split.train["path"], size, split.train["image_id"], cache=cache)
-    x_val = load_images(split.val["path"], size, split.val["image_id"], cache=cache)
+    x_train, bad_train = decode_images(split.train["path"], size, split.train["image_id"], cache=cache)
+    x_val, bad_val = decode_images(split.val["path"], size, split.val["image_id"], cache=cache)
+    n_undecodable = len(bad_train) + len(bad_val)
+    if n_undecodable:  # damaged files that passed the header check: left out, the rest trains
+        bad = [(split.train, bad_train), (split.val, bad_val)]
+        ids = [table["image_id"].iloc[i] for table, problems in bad for i in problems]
+        reasons = [reason for _, problems in bad for reason in problems.values()]
+        names = [Path(table["path"].iloc[i]).name for table, problems in bad for i in problems]
+        log(f"Model {config.model_key}: {len(ids)} image(s) cannot be decoded and are left out: "
+            + "; ".join(f"{n} ({r})" for n, r in list(zip(names, reasons))[:5]) + (" ..." if len(ids) > 5 else ""))
+        x_train = np.delete(x_train, list(bad_train), axis=0)
+        x_val = np.delete(x_val, list(bad_val), axis=0)
+        split = split.without(ids, reasons)
 
     model, backbone = build_model(config)
     left_out = _contradicted(config, backbone, x_train, split.train, log)
@@ -501,7 +512,7 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         "training_seconds": round(seconds, 1),
         "training_precision": precision,
         "split": {"n_train": len(split.train), "n_val": len(split.val), "stratified_by": split.stratified_by, "seed": split.seed,
-                  "n_left_out": int(left_out.sum())},
+                  "n_left_out": int(left_out.sum()), "n_undecodable": n_undecodable},
         "config": asdict(config),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
