@@ -299,7 +299,7 @@ class _progress_bar:
 
 
 def _interval(lo, hi, spec: str) -> str:
-    """"(lo–hi)", or "(no CI)" where there is none (a single image has no spread)."""
+    """"(lo–hi)", or "(no CI)" where there is none (too few images for one)."""
     if not all(math.isfinite(v) for v in (lo, hi)):
         return "(no CI)"
     return f"({lo:{spec}}–{hi:{spec}})"

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
 import stat
+import unicodedata
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -327,13 +329,12 @@ def extract_zip_safely(
     """
     target = Path(target_dir).resolve()
     done_marker = target / ".facecheck-extracted"
-    skipped: list[tuple[str, str]] = []
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise SampleError(f"{Path(zip_path).name} is not a readable zip archive: {exc}") from exc
     with archive:
-        entries = [e for e in archive.infolist() if not e.is_dir()]
+        entries = [e for e in archive.infolist() if not e.is_dir() and not e.filename.endswith("\\")]
         if len(entries) > max_files:
             raise SampleError(f"zip has {len(entries):,} files; the limit is {max_files:,}")
         declared = sum(e.file_size for e in entries)
@@ -342,17 +343,21 @@ def extract_zip_safely(
                 f"zip would unpack to {declared / 1e9:.1f} GB; the limit is {max_bytes / 1e9:.1f} GB"
             )
         planned, skipped = _plan_zip(entries)
-        if done_marker.exists():
-            return target, skipped
+        done = _read_marker(done_marker)
+        if done is not None:
+            return target, skipped + done
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        written = 0
+        written, unpack_skips = 0, []
         try:
             for entry, relative in planned:
                 destination = partial / relative
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                written += _copy_bounded(archive, entry, destination, max_bytes - written)
+                try:
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    written += _copy_bounded(archive, entry, destination, max_bytes - written)
+                except OSError as exc:  # e.g. a name this file system cannot hold: that entry only
+                    unpack_skips.append((entry.filename, f"cannot be unpacked here: {exc.strerror or exc}"))
         except zipfile.BadZipFile as exc:
             shutil.rmtree(partial, ignore_errors=True)
             raise SampleError(f"{Path(zip_path).name} is corrupt: {exc}") from exc
@@ -361,8 +366,30 @@ def extract_zip_safely(
             raise
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-        done_marker.touch()
-    return target, skipped
+        done_marker.write_text(json.dumps({"version": EXTRACTION_VERSION, "unpack_skips": unpack_skips}))
+    return target, skipped + unpack_skips
+
+
+def _read_marker(marker: Path) -> list[tuple[str, str]] | None:
+    """The entries that could not be unpacked by a finished extraction made under the current
+    rules, or None when there is none (no marker, an old or damaged one: extract again)."""
+    try:
+        done = json.loads(marker.read_text())
+        if done["version"] == EXTRACTION_VERSION:
+            return [(str(name), str(reason)) for name, reason in done["unpack_skips"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+# Written into the extraction's marker file; an extraction made under other rules (an older
+# version of _plan_zip) is unpacked again.
+EXTRACTION_VERSION = "2"
+
+
+def _name_key(relative: str) -> str:
+    """Paths that name the same file on a case-insensitive file system (macOS, Windows) share a key."""
+    return unicodedata.normalize("NFC", relative).casefold()
 
 
 def _plan_zip(entries) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[tuple[str, str]]]:
@@ -371,7 +398,8 @@ def _plan_zip(entries) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[tuple[st
     Decided from the archive's directory alone, so a re-used extraction reports the same skips.
     Hidden files and __MACOSX/ are ignored without a word, as in a folder; every other entry that
     is not extracted gets a reason (unsafe path, nested zip, not an image, encrypted, too large,
-    a name another entry already has, a file where another entry needs a folder)."""
+    a name another entry already has, a file where another entry needs a folder). Names are
+    compared as a case-insensitive file system would (A.jpg and a.jpg clash)."""
     planned, skipped, seen = [], [], set()
     for entry in entries:
         relative = _safe_member_path(entry)
@@ -387,19 +415,19 @@ def _plan_zip(entries) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[tuple[st
             skipped.append((entry.filename, "not decodable: encrypted zip entry"))
         elif entry.file_size > MAX_IMAGE_FILE_BYTES:
             skipped.append((entry.filename, _file_too_large(entry.file_size)))
-        elif relative in seen:
+        elif _name_key(relative) in seen:
             skipped.append((entry.filename, "duplicate zip entry: an earlier entry has the same path (kept that one)"))
         else:
-            seen.add(relative)
+            seen.add(_name_key(relative))
             planned.append((entry, relative))
     folders = set()  # every folder the planned files need
     for _, relative in planned:
         parts = relative.split("/")
-        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        folders.update(_name_key("/".join(parts[:i])) for i in range(1, len(parts)))
     for entry, relative in planned:
-        if relative in folders:
+        if _name_key(relative) in folders:
             skipped.append((entry.filename, "zip entry clashes with a folder of the same name in the zip (kept the folder)"))
-    return [(entry, relative) for entry, relative in planned if relative not in folders], skipped
+    return [(entry, relative) for entry, relative in planned if _name_key(relative) not in folders], skipped
 
 
 def _file_too_large(size: int) -> str:

@@ -58,9 +58,15 @@ def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_
     Returns (LoadedModel, scores table or None when no calibration was needed).
     """
     loaded = load_model(spec.path, **spec.load_kwargs())
-    images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
     if spec.preprocessing != "auto":
+        if spec.female_index is not None:
+            return loaded, None  # nothing left to infer
+        try:
+            images, _, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
+        except ValueError:  # no decodable image: evaluate says so with the skipped list
+            return loaded, None
         return check_gender_convention(loaded, images, genders), None
+    images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
     return calibrate_preprocessing(loaded, images, ages, genders)
 
 

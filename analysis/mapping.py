@@ -357,7 +357,7 @@ def infer_mapping(
     if female_index is None and gender_kind == "sigmoid" and _says_male(gender_info.name):
         female_index = 0
         notes.append(
-            f"gender output '{gender_info.name}' is named for male: read as P(male) (female_index 0); "
+            f"assumed the sigmoid '{gender_info.name}' gives P(male), as it is named for male (female_index 0); "
             "override with female_index=1 / --female-index-a 1"
         )
     if female_index is None:

@@ -209,10 +209,14 @@ def add_error_columns(preds: pd.DataFrame, models=None) -> pd.DataFrame:
     return out
 
 
+def gender_correct(p_female, genders) -> np.ndarray:
+    """Per image, is the gender right: P(female) ≥ 0.5 for a woman (1), < 0.5 for a man (0); bool (n,)."""
+    return (np.asarray(p_female) >= 0.5) == (np.asarray(genders) == 1)
+
+
 def _per_image(preds: pd.DataFrame, m: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gender correct as 0/1 float, absolute age error, signed age error), each shape (n,)."""
-    gender = _numeric(preds, "gender")
-    correct = ((_numeric(preds, f"p_female_{m}") >= 0.5) == (gender == 1)).astype(float)
+    correct = gender_correct(_numeric(preds, f"p_female_{m}"), _numeric(preds, "gender")).astype(float)
     age_err = _numeric(preds, f"age_pred_{m}") - _numeric(preds, "age")
     return correct, np.abs(age_err), age_err
 
@@ -341,14 +345,21 @@ def accuracy_interval(n_correct: int, n: int, confidence: float) -> tuple[float,
     """
     if n == 0:
         return math.nan, math.nan
+    if n_correct != int(n_correct) or not 0 <= n_correct <= n:
+        raise ValueError(f"an accuracy interval needs a whole number of correct images between 0 and {n}, got {n_correct}")
     ci = stats.binomtest(int(n_correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
 
 
+# Fewest images a bootstrap CI is given for: resampling 1–4 values gives an interval that is
+# little more than their range (n = 2: exactly the two values).
+MIN_BOOTSTRAP_IMAGES = 5
+
+
 def _mean_interval(values: np.ndarray, n_boot: int, rng: np.random.Generator, confidence: float):
-    """Percentile bootstrap CI per column of values (n, k); NaN with fewer than 2 rows (one value
-    says nothing about its spread) or without resamples."""
-    if len(values) < 2:
+    """Percentile bootstrap CI per column of values (n, k); NaN with fewer than
+    MIN_BOOTSTRAP_IMAGES rows or without resamples."""
+    if len(values) < MIN_BOOTSTRAP_IMAGES:
         nan = np.full(values.shape[1], np.nan)
         return nan, nan.copy()
     return _percentile_interval(_bootstrap_means(values, n_boot, rng), confidence)
@@ -370,8 +381,8 @@ def slice_table(
 
     One row per (slice, model) with the columns of SLICE_TABLE_COLUMNS; `*_lo`/`*_hi` are CIs at
     `confidence`: for gender accuracy the Wilson score interval (accuracy_interval), for age MAE and
-    bias the percentile bootstrap from `n_boot` resamples of the slice's images (n_boot=0 or a
-    slice of one image: NaN). Slices without images are left out; `small` is n < SMALL_SLICE_N.
+    bias the percentile bootstrap from `n_boot` resamples of the slice's images (NaN with n_boot=0
+    or fewer than MIN_BOOTSTRAP_IMAGES images). Slices without images are left out; `small` is n < SMALL_SLICE_N.
     """
     _check_bootstrap_args(n_boot, seed, confidence)
     attrs = {a for _, names in _parse_slices(slices) for a in names}

@@ -34,6 +34,7 @@ import pandas as pd
 
 from analysis.compat import ModelLoadError, load_model_file, tf_op_affine, tf_op_constant
 from analysis.dataset import file_digest
+from analysis.metrics import gender_correct
 from analysis.mapping import (
     AGE_KINDS,
     DEFAULT_FEMALE_INDEX,
@@ -84,8 +85,9 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
 DEFAULT_INPUT_SIZE = (128, 128)
 # ITU-R BT.601 luma weights, for models that take one grey channel.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-# Bumped when the meaning of settings changes, so cached predictions are not reused wrongly.
-SETTINGS_VERSION = 1
+# Bumped when the meaning of settings or the decoding of images changes, so cached predictions
+# are not reused wrongly (2: 16-bit images are scaled by 257 instead of their own maximum).
+SETTINGS_VERSION = 2
 
 # Layers looked through when asking "what does the model do to its input first?".
 _INPUT_TRANSPARENT = PASS_THROUGH_LAYERS | {
@@ -522,15 +524,21 @@ MIN_AGE_GAIN_YEARS = 0.1
 MIN_AGE_GAIN_SHARE = 0.01
 
 
+CLEAR_EVIDENCE = "paired tests at p < 0.01: exact McNemar for gender, Wilcoxon for age with a gain of at least 0.1 years"
+
+
 def _clearly_better(challenger, incumbent, alpha: float = 0.01) -> bool:
     """Is `challenger` (correct flags, abs age errors) clearly better than `incumbent` on the same images?
 
-    Significantly better on one head (exact McNemar for gender, Wilcoxon for age error, p < alpha;
-    for age also a mean gain of at least MIN_AGE_GAIN_YEARS and MIN_AGE_GAIN_SHARE of the
-    incumbent's MAE) and not significantly worse on the other. Used so that a preset declared by
-    the file itself is only overridden by clear evidence, not by noise on a weak model.
+    Clearly better on one head and not clearly worse on the other, "clearly" meaning: for gender
+    the exact McNemar test at p < alpha; for age the Wilcoxon test at p < alpha (differences under
+    metrics.AGE_TIE_YEARS are ties) *and* a mean difference of at least MIN_AGE_GAIN_YEARS and
+    MIN_AGE_GAIN_SHARE of the incumbent's MAE — in either direction. Used so that a preset declared
+    by the file itself is only overridden by clear evidence, not by noise on a weak model.
     """
     from scipy import stats
+
+    from analysis.metrics import AGE_TIE_YEARS
 
     if incumbent is None:
         return True
@@ -545,14 +553,15 @@ def _clearly_better(challenger, incumbent, alpha: float = 0.01) -> bool:
         return stats.binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue
 
     diff = i_err - c_err  # positive where the challenger is closer
-    if np.all(diff == 0):
-        age_better = age_worse = 1.0
-    else:
-        age_better = stats.wilcoxon(diff, alternative="greater").pvalue
-        age_worse = stats.wilcoxon(diff, alternative="less").pvalue
-    gender_better, gender_worse = mcnemar(only_c, only_i), mcnemar(only_i, only_c)
+    diff = np.where(np.abs(diff) < AGE_TIE_YEARS, 0.0, diff)
     min_gain = max(MIN_AGE_GAIN_YEARS, MIN_AGE_GAIN_SHARE * float(np.mean(i_err)))
-    age_better = age_better if float(np.mean(diff)) >= min_gain else 1.0
+    age_better = age_worse = 1.0
+    if np.any(diff != 0):
+        if float(np.mean(diff)) >= min_gain:
+            age_better = stats.wilcoxon(diff, alternative="greater").pvalue
+        if float(np.mean(diff)) <= -min_gain:
+            age_worse = stats.wilcoxon(diff, alternative="less").pvalue
+    gender_better, gender_worse = mcnemar(only_c, only_i), mcnemar(only_i, only_c)
     better = gender_better < alpha or age_better < alpha
     worse = gender_worse < alpha or age_worse < alpha
     return better and not worse
@@ -568,15 +577,17 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     no gender flip (see below), then to the preset implied by a rescaling layer inside the model
     (when there is one), then to lower age MAE, then to PRESETS order.
     When the model has a rescaling layer inside, that layer fixes the scale: only the same scale in
-    the other colour order may replace the implied preset, and only when it is significantly better
-    on the same images (paired exact McNemar / Wilcoxon, p < 0.01) and not significantly worse on
-    the other head — so noise on a weak model never overrides what the file declares.
+    the other colour order may replace the implied preset, and only when it is clearly better on
+    the same images and not clearly worse on the other head (see _clearly_better: paired tests at
+    p < 0.01, and for age a gain of at least MIN_AGE_GAIN_YEARS) — so noise on a weak model never
+    overrides what the file declares.
     A preset whose outputs are not finite ranks last.
 
     When the female index was inferred (not given) and the winner is wrong on most images of each
     gender, clearly below chance overall (see _gender_convention), the gender convention is flipped
-    (female_index 1 ↔ 0) and noted; when such a flip is possible (both genders in the images),
-    presets are ranked on max(acc, 1 − acc) so a flipped convention cannot hide the right preset. Returns (new LoadedModel, table: preset, gender_acc, age_mae, combined_rank, inside, chosen).
+    (female_index 1 ↔ 0) and noted; a preset under which the convention would be flipped is ranked
+    on its flipped accuracy, so an inverted convention cannot hide the right preset.
+    Returns (new LoadedModel, table: preset, gender_acc, age_mae, combined_rank, inside, chosen).
     """
     images = np.asarray(images)
     ages = np.asarray(ages, dtype=np.float64)
@@ -589,33 +600,32 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
             f"got {len(images)}, {len(ages)}, {len(genders)}"
         )
     free_female_index = "female_index" not in loaded.user_settings
-    # Rank presets on max(acc, 1 - acc) only when a flip is possible (see _gender_convention).
-    flippable = free_female_index and _can_judge_convention(genders)
 
-    rows, per_image = [], {}
+    rows, per_image, needs_flip = [], {}, []
     for preset in PRESETS:
         candidate = dataclasses.replace(loaded, preprocessing=preset)
         age_pred, p_female = candidate.predict_batch(images)
         finite = bool(np.isfinite(age_pred).all() and np.isfinite(p_female).all())
-        correct = (p_female >= 0.5).astype(int) == genders
+        correct = gender_correct(p_female, genders)
         abs_err = np.abs(age_pred - ages)
         per_image[preset] = (correct, abs_err) if finite else None
         acc = float(np.mean(correct)) if finite else math.nan
         mae = float(np.mean(abs_err)) if finite else math.nan
+        # A preset under which the female column would be flipped is ranked on its flipped accuracy.
+        flips = finite and _convention_inverted(correct, genders) is not None if free_female_index else False
+        needs_flip.append(flips)
         rows.append({"preset": preset, "gender_acc": acc, "age_mae": mae})
     table = pd.DataFrame(rows)
     inside_preset = loaded.preprocessing if loaded.preprocessing_inside else None
     table["inside"] = table["preset"] == inside_preset
 
     gender_score = table["gender_acc"].fillna(-1.0)
-    if flippable:
-        gender_score = np.maximum(gender_score, np.where(table["gender_acc"].isna(), -1.0, 1.0 - table["gender_acc"]))
+    gender_score = np.where(needs_flip, 1.0 - gender_score, gender_score)
     age_score = table["age_mae"].fillna(np.inf)
     table["combined_rank"] = (
         pd.Series(gender_score).rank(ascending=False, method="min") + age_score.rank(ascending=True, method="min")
     ) / 2.0
     # Among equal ranks, prefer what needs fewer changed assumptions: no gender flip, then the inside preset.
-    needs_flip = flippable & (table["gender_acc"].fillna(1.0) < 0.5)
     order = sorted(
         range(len(table)),
         key=lambda i: (table["combined_rank"][i], bool(needs_flip[i]), not table["inside"][i], age_score[i], i),
@@ -632,8 +642,9 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         if not _clearly_better(per_image[challenger], per_image.get(inside_preset)):
             best = int(np.flatnonzero(table["inside"])[0])
             notes.append(
-                f"kept {inside_preset} (implied by the rescaling layer inside the model): {challenger} ranked "
-                "higher but was not significantly better on these images (paired tests, p ≥ 0.01)"
+                f"kept {inside_preset} (implied by the rescaling layer inside the model): {challenger}, the same "
+                f"scaling in the other colour order, ranked higher but was not clearly better on these images "
+                f"({CLEAR_EVIDENCE})"
             )
     table["chosen"] = False
     table.loc[best, "chosen"] = True
@@ -649,14 +660,14 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         if runner_up is not None and not _clearly_better(per_image[preset], per_image[table["preset"][runner_up]]):
             notes.append(
                 f"calibration could not clearly tell {preset} from {table['preset'][runner_up]} on these images "
-                "(paired tests, p ≥ 0.01, or a negligible difference): if you know how the model was fed, "
-                "give its preprocessing (preprocessing= / --preprocessing-a)"
+                f"({CLEAR_EVIDENCE}): if you know how the model was fed, give its preprocessing "
+                "(preprocessing= / --preprocessing-a)"
             )
     correct = per_image[preset][0] if per_image[preset] is not None else None
     mapping, flip_note = _gender_convention(loaded.mapping, correct, genders, free_female_index)
     if mapping is not loaded.mapping:
         table["gender_acc"] = 1.0 - table["gender_acc"]
-        notes = [n for n in notes if not n.startswith("assumed ")] + [flip_note + "; gender accuracies in the table use it"]
+        notes = _without_convention_notes(notes) + [flip_note + "; gender accuracies in the table use it"]
     elif flip_note:
         notes.append(flip_note)
     updated = dataclasses.replace(loaded, preprocessing=preset, mapping=mapping, notes=tuple(notes))
@@ -669,55 +680,70 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
 MIN_IMAGES_PER_GENDER_TO_FLIP = 8
 
 
-def _can_judge_convention(genders) -> bool:
-    return int(np.min(np.bincount(np.asarray(genders, int), minlength=2))) >= MIN_IMAGES_PER_GENDER_TO_FLIP
+def _convention_inverted(correct, genders) -> str | None:
+    """Why the female column looks inverted — the model is wrong on most images of *each* gender
+    (a model biased towards one gender is right on the other), with the overall accuracy clearly
+    below chance (binomial p < 0.01), judged on at least MIN_IMAGES_PER_GENDER_TO_FLIP images of
+    each gender — or None."""
+    from scipy import stats
+
+    correct, genders = np.asarray(correct, bool), np.asarray(genders, int)
+    counts = np.bincount(genders, minlength=2)
+    if len(correct) == 0 or counts.min() < MIN_IMAGES_PER_GENDER_TO_FLIP:
+        return None
+    per_gender = [correct[genders == g].mean() for g in (0, 1)]
+    p_value = stats.binomtest(int(correct.sum()), len(correct), 0.5, alternative="less").pvalue
+    if max(per_gender) >= 0.5 or p_value >= 0.01:
+        return None
+    return (f"only {correct.mean():.0%} of {len(correct)} labelled images were right ({per_gender[0]:.0%} of "
+            f"{counts[0]} male, {per_gender[1]:.0%} of {counts[1]} female; binomial p = {p_value:.1g})")
 
 
 def _gender_convention(mapping: OutputMapping, correct, genders, free: bool) -> tuple[OutputMapping, str | None]:
-    """(mapping, note). The female column is flipped, with a note saying why, when it was inferred
-    (`free`) and the model is wrong more often than right on *each* gender — the signature of an
-    inverted convention, unlike a model biased towards one gender — with the overall accuracy
-    clearly below chance (binomial p < 0.01). `correct`: per-image flags under the current
-    convention (None when the outputs were not finite); `genders`: the labels (0 male, 1 female).
-    With fewer than MIN_IMAGES_PER_GENDER_TO_FLIP images of a gender nothing is flipped and the
-    note says why, if the accuracy is below chance."""
+    """(mapping, note): the female column flipped when it was inferred (`free`) and looks inverted
+    (_convention_inverted), with a note saying why. When it cannot be judged — too few images of a
+    gender — and the accuracy is clearly below chance, nothing is flipped and the note says so.
+    `correct`: per-image flags under the current convention, None where the outputs were not
+    finite (those images are left out of the judgement); `genders`: the labels (0 male, 1 female)."""
     from scipy import stats
 
     if not free or correct is None:
         return mapping, None
     correct, genders = np.asarray(correct, bool), np.asarray(genders, int)
+    why = _convention_inverted(correct, genders)
+    if why is not None:
+        flipped = dataclasses.replace(mapping, female_index=1 - mapping.female_index)
+        return flipped, (f"gender convention flipped: with female_index {mapping.female_index} {why}, so "
+                         f"female_index = {flipped.female_index}")
+    counts = np.bincount(genders, minlength=2)
     n, n_correct = len(correct), int(correct.sum())
-    if n == 0 or n_correct * 2 >= n:
-        return mapping, None
-    if not _can_judge_convention(genders):
+    if n and counts.min() < MIN_IMAGES_PER_GENDER_TO_FLIP and (
+            stats.binomtest(n_correct, n, 0.5, alternative="less").pvalue < 0.01):
         return mapping, (
-            f"gender accuracy is {n_correct / n:.0%} on {n} labelled images, but they are (almost) all one gender, "
-            "so whether the gender output is inverted cannot be told; if it gives P(male), set female_index=0 / "
-            "--female-index-a 0"
+            f"gender accuracy is {n_correct / n:.0%} on {n} labelled images ({counts[0]} male, {counts[1]} female): "
+            f"with fewer than {MIN_IMAGES_PER_GENDER_TO_FLIP} of a gender, whether the gender output is inverted "
+            "cannot be told; if it gives P(male), set female_index=0 / --female-index-a 0"
         )
-    per_gender = [correct[genders == g].mean() for g in (0, 1)]
-    p_value = stats.binomtest(n_correct, n, 0.5, alternative="less").pvalue
-    if max(per_gender) >= 0.5 or p_value >= 0.01:
-        return mapping, None
-    flipped = dataclasses.replace(mapping, female_index=1 - mapping.female_index)
-    return flipped, (
-        f"gender convention flipped: with female_index {mapping.female_index} only {n_correct / n:.0%} of {n} "
-        f"labelled images were right ({per_gender[0]:.0%} of the male, {per_gender[1]:.0%} of the female; "
-        f"binomial p = {p_value:.1g}), so female_index = {flipped.female_index}"
-    )
+    return mapping, None
+
+
+def _without_convention_notes(notes) -> list[str]:
+    """The notes minus those stating the assumed female column (superseded by a flip)."""
+    return [n for n in notes if not n.startswith("assumed ")]
 
 
 def check_gender_convention(loaded: LoadedModel, images, genders) -> LoadedModel:
     """For a model whose preprocessing is set (no calibration): flip an inferred female column that
-    is below chance on labelled images, as calibrate_preprocessing does (see _gender_convention).
-    A female_index given by the user is never changed."""
+    looks inverted on labelled images, as calibrate_preprocessing does (see _gender_convention).
+    A female_index given by the user is never changed. Images whose outputs are not finite are
+    left out of the judgement."""
     genders = np.asarray(genders, dtype=np.int64)
     if "female_index" in loaded.user_settings or len(genders) == 0:
         return loaded
     _, p_female = loaded.predict_batch(images)
-    correct = (p_female >= 0.5).astype(int) == genders if np.isfinite(p_female).all() else None
-    mapping, note = _gender_convention(loaded.mapping, correct, genders, True)
+    finite = np.isfinite(p_female)
+    mapping, note = _gender_convention(loaded.mapping, gender_correct(p_female, genders)[finite], genders[finite], True)
     if note is None:
         return loaded
-    kept = [n for n in loaded.notes if not n.startswith("assumed ")] if mapping is not loaded.mapping else list(loaded.notes)
+    kept = _without_convention_notes(loaded.notes) if mapping is not loaded.mapping else list(loaded.notes)
     return dataclasses.replace(loaded, mapping=mapping, notes=tuple(kept + [note]))

@@ -231,10 +231,19 @@ def _write_cache(cache_root: Path, loaded, known: dict, failures: dict[str, str]
 def calibration_batch(sample: pd.DataFrame, size: tuple[int, int], n: int = 64, seed: int = 0):
     """A labelled batch for preprocessing calibration: (uint8 images (k,h,w,3), ages, genders).
 
-    Draws up to `n` images at random (seeded), skipping ones that do not decode.
+    Draws up to `n` images at random (seeded), skipping ones that do not decode, with up to half
+    of them of each gender when the sample has that many (the gender-convention check needs both
+    genders; a sample of 200 women and 16 men gives 16 men and 48 women, not ~5 men).
     """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(sample))[: n * 2]
+    order = rng.permutation(len(sample))
+    genders_all = sample["gender"].to_numpy()[order]
+    # Alternate the genders until one runs out, then continue with the other, in random order.
+    by_gender = [order[genders_all == g] for g in (0, 1)]
+    interleaved = [i for pair in zip(*by_gender) for i in pair]
+    shorter = min(len(g) for g in by_gender)
+    interleaved += [i for g in by_gender for i in g[shorter:]]
+    order = interleaved[: n * 2]
     images, ages, genders = [], [], []
     for i in order:
         row = sample.iloc[i]

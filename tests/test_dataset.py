@@ -318,6 +318,63 @@ def test_every_zip_entry_left_out_is_listed_with_its_reason_on_every_run(tmp_pat
     assert read_image_rgb(kept)[..., 2].mean() > 150  # the first of the two same-named entries (blue)
 
 
+def test_zip_names_that_clash_on_a_case_insensitive_disk_are_not_both_unpacked(tmp_path):
+    red, blue = _jpeg_bytes((200, 30, 20)), _jpeg_bytes((20, 40, 200))
+    archive_path = tmp_path / "cases.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("Faces/20_0_0_20170101000000001.JPG", red)
+        archive.writestr("faces/20_0_0_20170101000000001.jpg", blue)  # the same file on macOS/Windows
+        archive.writestr("B.jpg", red)
+        archive.writestr("b.jpg/21_1_0_20170101000000002.jpg", blue)  # needs a folder named like B.jpg
+        archive.writestr("photos\\", b"")  # a folder entry written with a backslash
+    result = load_sample(archive_path, extract_to=tmp_path / "out")
+    why = dict(zip(result.skipped["path"], result.skipped["reason"]))
+    assert set(why) == {"faces/20_0_0_20170101000000001.jpg", "B.jpg"}
+    assert why["faces/20_0_0_20170101000000001.jpg"].startswith("duplicate zip entry")
+    assert "clashes with a folder" in why["B.jpg"]
+    assert sorted(result.sample["file_name"]) == ["20_0_0_20170101000000001.JPG", "21_1_0_20170101000000002.jpg"]
+
+
+def test_an_entry_that_cannot_be_written_is_skipped_and_remembered(tmp_path, monkeypatch):
+    import errno
+
+    import analysis.dataset as dataset
+
+    copy = dataset._copy_bounded
+
+    def refuse_long_names(archive, entry, destination, budget):
+        if "9999" in entry.filename:
+            raise OSError(errno.ENAMETOOLONG, "File name too long")
+        return copy(archive, entry, destination, budget)
+
+    monkeypatch.setattr(dataset, "_copy_bounded", refuse_long_names)
+    archive_path = tmp_path / "names.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("20_0_0_20170101000000001.jpg", _jpeg_bytes((200, 30, 20)))
+        archive.writestr("21_1_0_20170101009999.jpg", _jpeg_bytes((20, 40, 200)))
+    runs = [load_sample(archive_path, extract_to=tmp_path / "out") for _ in range(2)]
+    for result in runs:
+        assert list(result.sample["file_name"]) == ["20_0_0_20170101000000001.jpg"]
+        assert result.skipped.values.tolist() == [["21_1_0_20170101009999.jpg", "cannot be unpacked here: File name too long"]]
+
+
+def test_an_extraction_made_under_older_rules_is_unpacked_again(tmp_path):
+    archive_path = tmp_path / "dup.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("20_0_0_20170101000000001.jpg", _jpeg_bytes((20, 40, 200)))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr("20_0_0_20170101000000001.jpg", _jpeg_bytes((200, 30, 20)))
+    out = tmp_path / "out"
+    load_sample(archive_path, extract_to=out)
+    image = out / "20_0_0_20170101000000001.jpg"
+    assert read_image_rgb(image)[..., 2].mean() > 150  # the first entry (blue) was kept
+    # What the old rules left behind: the last same-named entry on disk, a bare marker file.
+    image.write_bytes(_jpeg_bytes((200, 30, 20)))
+    (out / ".facecheck-extracted").write_text("")
+    result = load_sample(archive_path, extract_to=out)
+    assert read_image_rgb(result.sample["path"].iloc[0])[..., 2].mean() > 150
+
+
 def _mark_encrypted(path: Path, name: str) -> None:
     """Set the "encrypted" flag bit of entry `name` in its local header and central directory
     (Python's zipfile cannot write encrypted entries)."""
@@ -333,6 +390,16 @@ def _mark_encrypted(path: Path, name: str) -> None:
     path.write_bytes(bytes(data))
     with zipfile.ZipFile(path) as archive:
         assert archive.getinfo(name).flag_bits & 0x1
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("25_0_10_20170101000021.jpg", "label out of range: ethnicity 10"),
+    ("25_0_20170101000021.jpg", "ethnicity missing"),
+    ("25_0_1234_20170101000021.jpg", "label out of range: ethnicity 1234"),
+])
+def test_a_long_race_field_is_out_of_range_and_a_timestamp_is_a_missing_one(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_utkface_name(name)
 
 
 def test_age_band_edges_must_cover_every_age(synthetic_dir):
@@ -363,9 +430,11 @@ def test_oversized_files_are_skipped_before_they_are_read(tmp_path, monkeypatch)
     assert not (tmp_path / "out" / "21_0_0_20170101000000002.jpg").exists()  # never unpacked
 
 
-def test_undecodable_and_huge_images_get_stable_reasons(tmp_path):
+def test_undecodable_and_huge_images_get_stable_reasons(tmp_path, recwarn):
     folder = tmp_path / "faces"
     folder.mkdir()
+    Image.new("L", (10000, 9000)).save(folder / "23_0_0_20170101000000004.png")  # 90 MP: Pillow warns
+    assert 10000 * 9000 > Image.MAX_IMAGE_PIXELS
     (folder / "20_0_0_20170101000000001.jpg").write_bytes(b"this is text, not a JPEG" * 20)
     big = Image.new("L", (8000, 6000))  # 48 MP, over the 40 MP limit
     big.save(folder / "21_0_0_20170101000000002.png", optimize=False)
@@ -374,6 +443,8 @@ def test_undecodable_and_huge_images_get_stable_reasons(tmp_path):
     assert first == second
     assert first["20_0_0_20170101000000001.jpg"] == "not decodable: not an image format Pillow reads (or the file is damaged)"
     assert first["21_0_0_20170101000000002.png"].startswith("image too large: 8000x6000 pixels")
+    assert first["23_0_0_20170101000000004.png"].startswith("image too large")
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]  # a reason, not a warning
     assert not re.search(r"0x[0-9a-f]{6,}", " ".join(first.values()))  # no memory address
 
 

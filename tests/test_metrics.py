@@ -177,7 +177,9 @@ def test_gender_accuracy_intervals_are_wilson_and_never_collapse(preds, slices):
     assert row.gender_acc_lo == pytest.approx(_wilson(25, 25)[0]) and row.gender_acc_lo < 0.87
 
 
-def test_a_single_image_has_no_age_interval(preds):
+def test_too_few_images_have_no_age_interval(preds):
+    """Resampling 1–4 values gives little more than their range: no age CI below 5 images; the
+    gender interval (Wilson) is still there, and wide."""
     one = preds.head(1)
     row = metrics.slice_table(one, "A", n_boot=200, slices=("overall",)).iloc[0]
     assert np.isnan(row.age_mae_lo) and np.isnan(row.age_mae_hi) and np.isnan(row.age_bias_lo)
@@ -185,8 +187,19 @@ def test_a_single_image_has_no_age_interval(preds):
     assert row.gender_acc_hi - row.gender_acc_lo > 0.7
     compared = metrics.compare_table(one, n_boot=200, slices=("overall",)).iloc[0]
     assert np.isnan(compared.age_mae_delta_lo) and np.isnan(compared.age_mae_delta_hi)
-    two = metrics.slice_table(preds.head(2), "A", n_boot=200, slices=("overall",)).iloc[0]
-    assert two.age_mae_lo <= two.age_mae <= two.age_mae_hi  # two values already have a spread
+    four = metrics.slice_table(preds.head(4), "A", n_boot=200, slices=("overall",)).iloc[0]
+    assert np.isnan(four.age_mae_lo)
+    five = metrics.slice_table(preds.head(5), "A", n_boot=200, slices=("overall",)).iloc[0]
+    errors = np.abs(preds["age_pred_A"] - preds["age"]).head(5)
+    assert errors.min() <= five.age_mae_lo <= five.age_mae <= five.age_mae_hi <= errors.max()
+
+
+def test_accuracy_interval_refuses_counts_that_are_not_counts():
+    assert metrics.accuracy_interval(3, 4, 0.95) == pytest.approx(_wilson(3, 4))
+    for bad in (2.7, -1, 5):
+        with pytest.raises(ValueError, match="whole number"):
+            metrics.accuracy_interval(bad, 4, 0.95)
+    assert all(np.isnan(metrics.accuracy_interval(0, 0, 0.95)))
 
 
 def test_slice_table_without_bootstrap_has_nan_intervals(preds):

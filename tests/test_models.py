@@ -703,15 +703,50 @@ def test_a_model_biased_to_one_gender_is_not_mistaken_for_an_inverted_one(tmp_pa
         else:
             result = check_gender_convention(loaded, images[females], genders[females])
         assert result.mapping.female_index == 1
-        assert any("all one gender" in n for n in result.notes)
+        assert any("cannot be told" in n and "0 male" in n for n in result.notes)
         assert np.mean((result.predict_batch(images[females])[1] >= 0.5) == 1) == 0.0  # reported as it is
-    # Both genders: right on every male, wrong on every female — biased, not inverted.
-    mixed, _ = calibrate_preprocessing(load_model(path), images, ages, genders)
+    # 8 men and the women: 21% right overall (binomial p < 0.001, the old rule flipped that), but
+    # right on every man and wrong on every woman — biased, not inverted.
+    mixed_rows = np.concatenate([np.flatnonzero(~females)[:8], np.flatnonzero(females)])
+    assert np.mean(genders[mixed_rows] == 0) < 0.25
+    mixed, _ = calibrate_preprocessing(load_model(path), images[mixed_rows], ages[mixed_rows], genders[mixed_rows])
     assert mixed.mapping.female_index == 1 and not any("flipped" in n for n in mixed.notes)
+    told = check_gender_convention(load_model(path, preprocessing="rgb_0_255"), images[mixed_rows], genders[mixed_rows])
+    assert told.mapping.female_index == 1 and not any("flipped" in n for n in told.notes)
     # The inverted model on the same mixed images is wrong on both genders: flipped, as before.
     inverted, _ = calibrate_preprocessing(load_model(save(preset_model("rgb_0_1", flipped_gender=True), tmp_path,
                                                           "inverted.keras")), images, ages, genders)
     assert inverted.mapping.female_index == 0
+
+
+def test_a_preset_is_ranked_on_flipped_accuracy_only_if_it_would_be_flipped(tmp_path, monkeypatch):
+    """Outputs made up per preset: under rgb_0_1 70% right on each gender; under bgr_0_1 right on
+    18 of 32 men and no woman (28%: biased, not inverted, so never flipped); elsewhere P = 0.5 for
+    everyone (50%). Ranking bgr_0_1 on 1 − 28% = 72% would pick it and then not flip it."""
+    inputs = keras.Input((8, 8, 3))
+    features = layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, {"age": layers.Dense(1, name="age")(features),
+                                 "gender": layers.Dense(1, activation="sigmoid", name="gender")(features)})
+    loaded = load_model(save(model, tmp_path))
+    n = 64
+    genders = np.array([0] * 32 + [1] * 32)
+
+    def made_up(self, images):
+        p = np.full(n, 0.5)
+        if self.preprocessing == "rgb_0_1":
+            p = np.where(genders == 1, 0.9, 0.1)
+            p[:10], p[32:42] = 0.9, 0.1  # 10 wrong of each gender
+        elif self.preprocessing == "bgr_0_1":
+            p = np.full(n, 0.1)
+            p[:14] = 0.9  # 14 men called female
+        p = p if self.mapping.female_index == 1 else 1 - p
+        return np.full(n, 30.0, np.float32), p.astype(np.float32)
+
+    monkeypatch.setattr(LoadedModel, "predict_batch", made_up)
+    calibrated, scores = calibrate_preprocessing(loaded, np.zeros((n, 8, 8, 3), np.uint8), np.full(n, 30.0), genders)
+    accuracy = scores.set_index("preset")["gender_acc"]
+    assert accuracy["rgb_0_1"] == pytest.approx(44 / 64) and accuracy["bgr_0_1"] == pytest.approx(18 / 64)
+    assert calibrated.preprocessing == "rgb_0_1" and calibrated.mapping.female_index == 1
 
 
 def _channel_age_model(k: float):
@@ -726,11 +761,11 @@ def _channel_age_model(k: float):
     return model
 
 
-@pytest.mark.parametrize("k, switches", [(0.05, False), (40.0, True)])
+@pytest.mark.parametrize("k, switches", [(0.05, False), (2.0, True), (40.0, True)])
 def test_a_consistent_but_negligible_gain_does_not_override_the_inside_preset(tmp_path, k, switches):
     """Labels made for BGR input: fed RGB, every age is off by k × |red − blue| (up to 0.05 × 0.6
     = 0.03 years for k = 0.05). Wilcoxon finds that consistent, but it is no reason to change what
-    the file declares; at k = 40 (years of error) it is."""
+    the file declares; at k = 2 (about half a year on average) or 40 (years) it is."""
     images, _, genders = preset_images(n=64)
     blue = images[..., 2].reshape(len(images), -1).mean(axis=1) / 255.0
     ages = 30 + k * blue

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis.dataset import load_image, load_sample
@@ -136,3 +137,20 @@ def test_calibration_batch_is_labelled_and_seeded(sample):
     by_age = dict(zip(sample["age"], sample["path"]))
     assert set(ages) <= set(sample["age"]) and set(genders) <= {0, 1}
     assert len(by_age) > 0
+
+
+def test_calibration_batch_takes_both_genders_from_a_skewed_sample(sample):
+    """The gender-convention check needs both genders: from a sample of few men the batch takes
+    every man it can (up to half), not the handful a random draw would give."""
+    men, women = sample[sample["gender"] == 0], sample[sample["gender"] == 1]
+    assert len(men) >= 3 and len(women) >= 12
+    skewed = pd.concat([men.head(3), women]).reset_index(drop=True)
+    n = 12
+    _, _, genders = calibration_batch(skewed, (20, 20), n=n, seed=0)
+    assert len(genders) == n and int((genders == 0).sum()) == 3
+    _, _, balanced = calibration_batch(sample, (20, 20), n=8, seed=3)
+    assert (balanced == 0).sum() == (balanced == 1).sum() == 4
+    # The draw is still a random one: another seed picks other women.
+    first, _, _ = calibration_batch(skewed, (20, 20), n=n, seed=0)
+    other, _, _ = calibration_batch(skewed, (20, 20), n=n, seed=1)
+    assert not np.array_equal(first, other)
