@@ -409,7 +409,8 @@ def _is_legacy_config(config: dict) -> bool:
 @contextlib.contextmanager
 def _loadable_copy(path: Path, suffix: str, config: dict | None):
     """A path Keras accepts: the file itself, or a temporary copy with the right suffix / patched config."""
-    if config is None and path.suffix.lower() in ((".keras",) if suffix == ".keras" else (".h5", ".hdf5")):
+    # Keras checks the suffix case-sensitively: model.KERAS is copied to model.keras.
+    if config is None and path.suffix in ((".keras",) if suffix == ".keras" else (".h5", ".hdf5")):
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="facecheck-model-") as folder:

@@ -340,7 +340,7 @@ def extract_zip_safely(
         declared = sum(e.file_size for e in entries)
         if declared > max_bytes:
             raise SampleError(
-                f"zip would unpack to {declared / 1e9:.1f} GB; the limit is {max_bytes / 1e9:.1f} GB"
+                f"zip would unpack to {declared / 2**30:.1f} GB; the limit is {max_bytes / 2**30:g} GB"
             )
         planned, skipped = _plan_zip(entries)
         done = _read_marker(done_marker)

@@ -50,6 +50,15 @@ class Evaluation:
     def predictions(self) -> pd.DataFrame:
         return self.run.predictions
 
+    @property
+    def skipped(self) -> pd.DataFrame:
+        """Every file left out, and why: path, reason, stage ("reading": name, header, duplicate;
+        "decoding": failed when decoded in full for prediction)."""
+        return pd.concat(
+            [self.sample.skipped.assign(stage="reading"), self.run.skipped.assign(stage="decoding")],
+            ignore_index=True,
+        )
+
 
 def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_SEED):
     """Load a model and, when its preprocessing is "auto", calibrate it on labelled sample images;

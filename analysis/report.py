@@ -599,11 +599,7 @@ def _write_records(evaluation, folder: Path) -> list[tuple[str, str]]:
         for key, m in evaluation.models.items()
     }
     (folder / "models.json").write_text(json.dumps(to_jsonable(models_info), indent=2))
-    skipped = pd.concat(
-        [evaluation.sample.skipped.assign(stage="reading"), evaluation.run.skipped.assign(stage="decoding")],
-        ignore_index=True,
-    )
-    skipped.to_csv(folder / "skipped.csv", index=False)
+    evaluation.skipped.to_csv(folder / "skipped.csv", index=False)
     return [
         ("summary.json", "headline numbers per model with 95% CIs and the gender ECE (and the overall A vs B comparison)"),
         ("models.json", "what the loader inferred about each model (input size, preprocessing, output mapping) and the preprocessing calibration scores"),

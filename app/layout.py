@@ -44,10 +44,15 @@ def require_evaluation():
 def render_setup_caption(current: state.Current) -> None:
     evaluation = current.evaluation
     models = " · ".join(f"**{slot}**: {loaded.name}" for slot, loaded in evaluation.models.items())
-    skipped = len(evaluation.sample.skipped) + len(evaluation.run.skipped)
+    reading, decoding = len(evaluation.sample.skipped), len(evaluation.run.skipped)
+    skipped = ""
+    if decoding:  # the sidebar lists only the files skipped when reading
+        skipped = f" ({reading + decoding:,} skipped: {reading:,} when reading, {decoding:,} when decoding; all in skipped.csv on the Export page)"
+    elif reading:
+        skipped = f" ({reading:,} skipped)"
     st.caption(
         f"{len(evaluation.predictions):,} images evaluated"
-        + (f" ({skipped:,} skipped)" if skipped else "")
+        + skipped
         + f" · {models} · 95% CIs from {current.n_boot:,} bootstrap resamples"
     )
 

@@ -75,12 +75,14 @@ def sample_section() -> None:
     action = sample_source_ui()
     if action.use_demo:
         state.use_demo_sample()
+        st.rerun()
     elif action.upload is not None and state.is_new_input("sample_zip", action.upload.file_id):
         if state.use_sample_upload(action.upload.name, action.upload.getbuffer()):
             state.clear_uploader("sample_zip")
             st.rerun()
     elif state.is_new_input("sample_path", action.path.strip()):
-        state.use_sample_path(action.path)
+        if state.use_sample_path(action.path):
+            st.rerun()  # the widgets above were drawn for the previous sample
     render_note(st.session_state["sample_note"])
     with summary_box:
         render_sample_summary()
@@ -90,7 +92,7 @@ def sample_source_ui() -> SourceInput:
     choice: state.SampleChoice = st.session_state["sample"]
     path = st.text_input(
         "Local folder or .zip path",
-        key="sample_path",
+        key=state.upload_key("sample_path"),
         placeholder="e.g. ../shared/utkface/test, then Enter",
         help="A folder (searched recursively) or .zip of images named like UTKFace: "
         "AGE_GENDER_RACE_DATETIME.jpg (gender 0 male / 1 female; race 0–4 White, Black, Asian, Indian, Others).",
@@ -115,7 +117,8 @@ def render_sample_summary() -> None:
     badge, colour = ORIGIN_BADGE[choice.origin]
     st.markdown(f"**{choice.label}** :{colour}-badge[{badge}]")
     skipped, duplicates = len(result.skipped), len(result.duplicates)
-    parts = [f"{len(result.sample):,} images read", f"{skipped:,} skipped"]
+    n = len(result.sample)
+    parts = [f"{n:,} image{'' if n == 1 else 's'} read", f"{skipped:,} skipped"]
     if duplicates:
         parts.append(f"{duplicates:,} duplicates")
     st.caption(" · ".join(parts))
@@ -173,7 +176,9 @@ def model_slot_section(slot: str) -> None:
             try:
                 loaded, scores = state.prepare(choice)
             except ValueError as exc:
-                state.set_note(slot, "error", str(exc))
+                note = st.session_state["model_notes"].get(slot)
+                if note is None or note.level != "error":  # keep the message about a failed new file
+                    state.set_note(slot, "error", str(exc))
         with header_box:
             render_model_header(slot, choice, loaded, scores)
             if loaded is not None:
@@ -200,7 +205,7 @@ def model_source_ui(slot: str) -> SourceInput:
     )
     path = st.text_input(
         f"…or the path of a model file on this machine",
-        key=f"path_{slot}",
+        key=state.upload_key(f"path_{slot}"),
         placeholder="/models/age_gender.keras, then Enter",
     )
     return SourceInput(upload=upload, path=path or "")

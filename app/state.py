@@ -57,7 +57,7 @@ class ModelChoice:
 
     @property
     def key(self) -> str:
-        return f"{self.sha256[:16]}|{self.overrides!r}"
+        return f"{self.sha256[:16]}|{Path(self.path).name}|{self.overrides!r}"
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,29 @@ def set_note(slot: str, level: str, text: str) -> None:
 
 
 def is_new_input(name: str, token) -> bool:
-    """True the first time `token` (an upload id or a typed path) shows up for input `name`."""
+    """True the first time `token` (an upload id or a typed path) shows up for input `name`.
+    An emptied input forgets its token, so typing the same path again acts on it again."""
     handled = st.session_state["handled"]
-    if token in (None, "") or handled.get(name) == token:
+    if token in (None, ""):
+        handled.pop(name, None)
+        return False
+    if handled.get(name) == token:
         return False
     handled[name] = token
     return True
+
+
+def clear_input(name: str) -> None:
+    """Give the text input or uploader `name` a fresh, empty widget and forget what it held (after
+    the slot it fed was changed some other way: removed, swapped, back to the demo)."""
+    clear_uploader(name)
+    st.session_state["handled"].pop(name, None)
+
+
+def _sentence(text: str) -> str:
+    """`text` ending in a full stop, so another sentence can follow it."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def upload_key(name: str) -> str:
@@ -202,13 +219,31 @@ def try_sample(choice: SampleChoice) -> bool:
 
     try:
         result, _ = read_sample(choice.source, choice.extract_to, AGE_BAND_EDGES)
+        check_decodable(result)
     except (SampleError, OSError, ValueError) as exc:
-        st.session_state["sample_note"] = Note("error", f"{exc} — still using {st.session_state['sample'].label}.")
+        text = str(exc).replace(choice.source, choice.label)  # an upload's cache path means nothing to the user
+        st.session_state["sample_note"] = Note("error", f"{text} — still using {st.session_state['sample'].label}.")
         return False
     st.session_state["sample"] = choice
     skipped = f", {len(result.skipped)} skipped" if len(result.skipped) else ""
     st.session_state["sample_note"] = Note("success", f"Loaded {choice.label}: {len(result.sample):,} images{skipped}.")
     return True
+
+
+def check_decodable(result: SampleResult) -> None:
+    """Raise SampleError when not one image of the sample decodes. Reading checks only each file's
+    header, which a truncated JPEG passes; decoding stops at the first image that works."""
+    from analysis.dataset import SampleError, read_image_rgb
+
+    first_problem = None
+    for path in result.sample["path"]:
+        try:
+            read_image_rgb(path)
+            return
+        except ValueError as exc:
+            first_problem = first_problem or f"{Path(path).name}: {exc}"
+    n = len(result.sample)
+    raise SampleError(f"none of its {n:,} image{'s' if n != 1 else ''} can be decoded (e.g. {first_problem})")
 
 
 def use_sample_path(text: str) -> bool:
@@ -229,6 +264,7 @@ def use_sample_upload(name: str, data) -> bool:
 def use_demo_sample() -> None:
     st.session_state["sample"] = demo_sample_choice()
     st.session_state["sample_note"] = None
+    clear_input("sample_path")
 
 
 # ---------------------------------------------------------------- models
@@ -260,7 +296,7 @@ def prepare(choice: ModelChoice):
         )
     except Exception as exc:  # a model file can fail in many ways; every one is the user's to fix
         message = describe_load_error(choice.name, exc)
-        failures[(choice.key, fingerprint)] = message
+        failures[(choice.key, fingerprint)] = message  # (the key holds the file's path: a renamed copy is retried)
         raise ValueError(message) from exc
 
 
@@ -279,7 +315,7 @@ def try_model(slot: str, choice: ModelChoice, success: str) -> bool:
     except ValueError as exc:
         kept = st.session_state["models"].get(slot)
         still = f" Model {slot} is still {kept.name}." if kept is not None else ""
-        set_note(slot, "error", f"{exc}{still}")
+        set_note(slot, "error", f"{_sentence(str(exc))}{still}")
         st.session_state["pending"][slot] = choice
         return False
     st.session_state["models"][slot] = choice
@@ -332,12 +368,15 @@ def swap_models() -> None:
     models["A"], models["B"] = models.get("B"), models.get("A")
     st.session_state["model_notes"].clear()
     st.session_state["pending"].clear()
+    for slot in MODEL_KEYS:
+        clear_input(f"path_{slot}")
 
 
 def remove_model(slot: str) -> None:
     st.session_state["models"][slot] = None
     st.session_state["model_notes"].pop(slot, None)
     st.session_state["pending"].pop(slot, None)
+    clear_input(f"path_{slot}")
 
 
 # ---------------------------------------------------------------- predictions and tables
@@ -454,9 +493,10 @@ def evaluate_current(progress_area) -> Current:
         except ValueError as exc:
             current.problems.append(f"Model {slot}: {exc}")
     if not models:
-        current.problems.append(
-            "No model to evaluate. Drop a .keras or .h5 file into Model A in the sidebar, or type its path."
-        )
+        if not current.problems:
+            current.problems.append(
+                "No model to evaluate. Drop a .keras or .h5 file into Model A in the sidebar, or type its path."
+            )
         return current
 
     def show_progress(done: int, total: int) -> None:

@@ -70,7 +70,7 @@ def gender_comparison(comparison_row, a: str = "A", b: str = "B") -> str:
     points = abs(delta) * 100
     numbers = f"accuracy {a} {percent(acc_a)}, {b} {percent(acc_b)}"
     if only_a is not None and only_b is not None:
-        numbers += f"; only {a} right on {int(only_a)} images, only {b} on {int(only_b)}"
+        numbers += f"; only {a} right on {int(only_a)} image{'' if int(only_a) == 1 else 's'}, only {b} on {int(only_b)}"
     if points == 0:
         return f"{a} and {b} are equally accurate on gender ({numbers}), {p_text(p)}."
     if p < ALPHA:

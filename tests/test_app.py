@@ -248,16 +248,72 @@ def test_candidate_becomes_b_and_swap_exchanges_the_models(model_files):
 
 def test_model_and_sample_from_local_paths(model_files, synthetic_dir):
     at = new_app()
-    at.text_input(key="path_B").input(str(model_files["good"])).run()
+    at.text_input(key="path_B_0").input(str(model_files["good"])).run()
     assert_clean(at)
     assert model_name(at, "B") == "my_model.keras"
-    at.text_input(key="sample_path").input(str(synthetic_dir)).run()
+    at.text_input(key="sample_path_0").input(str(synthetic_dir)).run()
     assert_clean(at)
     assert "120 images read" in texts(at.sidebar.caption)
     assert "120 images evaluated" in texts(at.caption)
-    at.text_input(key="sample_path").input("/no/such/folder").run()
+    at.text_input(key="sample_path_0").input("/no/such/folder").run()
     assert "sample not found" in texts(at.sidebar.error) and "still using" in texts(at.sidebar.error)
     assert "120 images evaluated" in texts(at.caption)  # the previous sample stays
+
+
+def test_a_path_typed_again_after_remove_swap_or_demo_is_acted_on(model_files, synthetic_dir):
+    at = new_app()
+    at.text_input(key="path_B_0").input(str(model_files["good"])).run()
+    assert model_name(at, "B") == "my_model.keras"
+    at.button(key="remove_B").click().run()
+    assert model_name(at, "B") is None
+    at.text_input(key=f"path_B_{at.session_state['upload_round']['path_B']}").input(str(model_files["good"])).run()
+    assert_clean(at)
+    assert model_name(at, "B") == "my_model.keras"
+    # Remove B, swap: A is empty and the Overview asks for a model A, not B.
+    at.button(key="remove_B").click().run()
+    at.button(key="swap").click().run()
+    assert model_name(at, "A") is None and model_name(at, "B") == "demo A"
+    assert "Load a model A" in texts(at.caption) and "Load a model B" not in texts(at.caption)
+    # The sample: a folder, back to the demo (its box emptied), the same folder again.
+    at.text_input(key="sample_path_0").input(str(synthetic_dir)).run()
+    assert at.session_state["sample"].origin == "path"
+    at.button(key="demo_sample").click().run()
+    assert at.session_state["sample"].origin == "demo"
+    box = at.text_input(key=f"sample_path_{at.session_state['upload_round']['sample_path']}")
+    assert box.value == ""
+    box.input(str(synthetic_dir)).run()
+    assert_clean(at)
+    assert at.session_state["sample"].origin == "path" and "120 images read" in texts(at.sidebar.caption)
+
+
+def test_a_sample_no_image_of_which_decodes_is_refused_and_the_models_keep_working(tmp_path, synthetic_dir):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for source in sorted(Path(synthetic_dir).iterdir())[:3]:
+        data = source.read_bytes()
+        (folder / source.name).write_bytes(data[: len(data) // 2])  # truncated: the header still reads
+    at = new_app()
+    at.text_input(key="sample_path_0").input(str(folder)).run()
+    assert_clean(at)
+    errors = texts(at.sidebar.error)
+    assert "none of its 3 images can be decoded" in errors and "still using" in errors
+    assert at.session_state["sample"].origin == "demo"
+    assert model_name(at, "A") == "demo A" and "Could not use" not in errors
+    assert_headlines(at)
+
+
+def test_an_upload_error_names_the_uploaded_file_not_the_cache(tmp_path):
+    at = new_app()
+    upload(at, "sample_zip", "holiday.zip", zip_with_names({"readme.txt": b"no faces here"}))
+    errors = texts(at.sidebar.error)
+    assert "holiday.zip" in errors and "uploads" not in errors, errors
+
+
+def test_a_model_with_an_upper_case_suffix_loads(model_files):
+    at = new_app()
+    upload(at, "model_B", "MY_MODEL.KERAS", model_files["good"].read_bytes())
+    assert_clean(at)
+    assert model_name(at, "B") == "MY_MODEL.KERAS", texts(at.sidebar.error)
 
 
 def test_upload_a_zipped_sample(synthetic_dir):

@@ -44,7 +44,7 @@ def render_bundle(current) -> None:
 def render_tables(current) -> None:
     evaluation = current.evaluation
     st.markdown("#### Tables (CSV, full precision)")
-    tables = {"predictions": evaluation.predictions, **evaluation.tables, "skipped": evaluation.sample.skipped}
+    tables = {"predictions": evaluation.predictions, **evaluation.tables, "skipped": evaluation.skipped}
     key = state.tables_key(current)
     columns = st.columns(TABLE_COLUMNS)
     for i, (name, table) in enumerate(tables.items()):

@@ -4,11 +4,17 @@ import pandas as pd
 import streamlit as st
 
 from analysis import figures, metrics
-from analysis.constants import SMALL_SLICE_N
+from analysis.constants import MODEL_KEYS, SMALL_SLICE_N
 from app import layout, wording
 
 WORST_K = 5
 METRIC_TITLES = {"age_mae": "age MAE (years)", "gender_acc": "gender accuracy"}
+
+
+def _signed(value: float) -> str:
+    """+0.42 / -0.42, and 0.00 (not -0.00) for a difference that rounds to nothing."""
+    text = f"{value:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
 
 
 def render_headlines(current) -> None:
@@ -34,7 +40,7 @@ def render_headlines(current) -> None:
             right.metric(
                 "Age MAE",
                 wording.years(row["age_mae"]),
-                delta=None if is_baseline else f"{row['age_mae'] - baseline['age_mae']:+.2f} years vs {overall.index[0]}",
+                delta=None if is_baseline else f"{_signed(row['age_mae'] - baseline['age_mae'])} years vs {overall.index[0]}",
                 delta_color="inverse",
                 border=True,
                 help="Mean absolute age error in years (lower is better).",
@@ -48,7 +54,8 @@ def render_headlines(current) -> None:
 def render_comparison(current) -> None:
     comparison = current.evaluation.tables.get("comparison")
     if comparison is None:
-        st.caption("Load a model B to compare two models on the same images.")
+        missing = next((slot for slot in MODEL_KEYS if slot not in current.evaluation.models), "B")
+        st.caption(f"Load a model {missing} to compare two models on the same images.")
         return
     row = comparison[comparison["slice_by"] == "overall"].iloc[0]
     st.markdown("#### A vs B on the same images")
