@@ -36,6 +36,11 @@ class ModelLoadError(ValueError):
     """A model file that cannot be loaded or understood; the message says what to do."""
 
 
+class ModelFileError(ModelLoadError):
+    """The file itself cannot be loaded (not a model, damaged, unsafe, unsupported layers): no
+    setting such as an output mapping or a preprocessing can change that."""
+
+
 def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tuple[keras.Model, str]:
     """(Keras model, file format label) for the file at `path`; what was shimmed is appended to `notes`.
 
@@ -55,17 +60,17 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 def _inspect_file(path: Path) -> tuple[str, str, dict]:
     """Identify the file without running anything: ("keras" | "h5" | "h5-legacy", format label, config)."""
     if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelFileError(f"model file not found: {path}")
     if path.is_dir():
         if (path / "saved_model.pb").exists():
-            raise ModelLoadError(
+            raise ModelFileError(
                 f"{path} is a TensorFlow SavedModel folder; Keras 3 cannot load those as models. "
                 "Re-save it from the original code as a .keras file (model.save('model.keras'))."
             )
-        raise ModelLoadError(f"{path} is a folder, not a model file (.keras or .h5)")
+        raise ModelFileError(f"{path} is a folder, not a model file (.keras or .h5)")
     size = path.stat().st_size
     if size == 0:
-        raise ModelLoadError(f"{path.name} is empty (0 bytes): not a model. Was the download or upload interrupted?")
+        raise ModelFileError(f"{path.name} is empty (0 bytes): not a model. Was the download or upload interrupted?")
     with open(path, "rb") as handle:
         head = handle.read(512)
 
@@ -74,16 +79,16 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
             with zipfile.ZipFile(path) as archive:
                 names = set(archive.namelist())
                 if "config.json" not in names:
-                    raise ModelLoadError(
+                    raise ModelFileError(
                         f"{path.name} is a zip archive but not a Keras model (no config.json inside)"
                     )
                 _check_unpacked_sizes(archive, path)
                 config = json.loads(archive.read("config.json"))
                 metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
                 if not any(n.endswith(".h5") or n.endswith(".npz") for n in names):
-                    raise ModelLoadError(f"{path.name} has a model config but no weights file inside")
+                    raise ModelFileError(f"{path.name} has a model config but no weights file inside")
         except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(
+            raise ModelFileError(
                 f"{path.name} looks like a .keras archive but cannot be read ({exc}); "
                 "it is probably truncated or damaged — download it again"
             ) from None
@@ -100,7 +105,7 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
                 has_weights = "model_weights" in handle
                 looks_like_weights = "layer_names" in handle.attrs or "layers" in handle
         except OSError as exc:
-            raise ModelLoadError(
+            raise ModelFileError(
                 f"{path.name} is an HDF5 file that cannot be read ({exc}); it is probably truncated or damaged"
             ) from None
         if raw is None:
@@ -108,15 +113,15 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
             if looks_like_weights:
                 hint = (" It looks like a weights-only file (model.save_weights): the architecture needs the "
                         "original code. Save the whole model instead (model.save('model.keras')).")
-            raise ModelLoadError(f"{path.name} is an HDF5 file without a model configuration, not a full model.{hint}")
+            raise ModelFileError(f"{path.name} is an HDF5 file without a model configuration, not a full model.{hint}")
         if not has_weights:
-            raise ModelLoadError(f"{path.name} has a model configuration but no weights (model_weights group missing)")
+            raise ModelFileError(f"{path.name} has a model configuration but no weights (model_weights group missing)")
         text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         version = version.decode("utf-8") if isinstance(version, bytes) else str(version)
         try:
             config = json.loads(text)
         except json.JSONDecodeError:
-            raise ModelLoadError(f"{path.name}: the stored model configuration is not valid JSON") from None
+            raise ModelFileError(f"{path.name}: the stored model configuration is not valid JSON") from None
         legacy = version.startswith(("1.", "2.")) or (not version.startswith("3.") and _is_legacy_config(config))
         return ("h5-legacy" if legacy else "h5"), f".h5 (Keras {version}{', legacy' if legacy else ''})", config
 
@@ -126,8 +131,8 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
             hint = " It looks like a TensorFlow.js model.json; convert it to .h5 or .keras first."
         elif b"class_name" in head:
             hint = " It looks like a model architecture saved as JSON (to_json), which has no weights."
-        raise ModelLoadError(f"{path.name} is a text file, not a Keras model (.keras or .h5).{hint}")
-    raise ModelLoadError(
+        raise ModelFileError(f"{path.name} is a text file, not a Keras model (.keras or .h5).{hint}")
+    raise ModelFileError(
         f"{path.name} is not a Keras model file: a .keras file is a zip archive and an .h5 file is HDF5, "
         f"but this file starts with bytes {head[:8].hex(' ')}. Check that you picked the right file."
     )
@@ -145,14 +150,14 @@ def _check_unpacked_sizes(archive: zipfile.ZipFile, path: Path) -> None:
     entries = archive.infolist()
     for info in entries:
         if info.filename in ("config.json", "metadata.json") and info.file_size > MAX_CONFIG_BYTES:
-            raise ModelLoadError(
+            raise ModelFileError(
                 f"{path.name}: its {info.filename} would unpack to {info.file_size / 2**20:,.0f} MB "
                 f"(a model's is at most a few MB; limit {MAX_CONFIG_BYTES // 2**20} MB) — refused as a possible "
                 "zip bomb. Re-save the model with model.save('model.keras')."
             )
     total = sum(info.file_size for info in entries)
     if total > MAX_ARCHIVE_UNPACKED_BYTES:
-        raise ModelLoadError(
+        raise ModelFileError(
             f"{path.name} would unpack to {total / 2**30:,.1f} GB (limit {MAX_ARCHIVE_UNPACKED_BYTES // 2**30} GB) "
             "— refused as a possible zip bomb"
         )
@@ -203,7 +208,7 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
         elif not _is_builtin_layer(item):
             custom.append(f"{layer_name} ({class_name})")
     if lambdas and not allow_unsafe:
-        raise ModelLoadError(
+        raise ModelFileError(
             f"{path.name} contains Lambda layer(s) {', '.join(lambdas)}. A Lambda layer stores Python code in the "
             "file and loading it would run that code — a model file from elsewhere could do anything on this "
             "machine, so it was not loaded. If you trust where this file came from, load it knowingly with "
@@ -214,13 +219,13 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
             f"UNSAFE: loaded with allow_unsafe=True; Lambda layer(s) {', '.join(lambdas)} run code stored in the file"
         )
     if unsupported:
-        raise ModelLoadError(
+        raise ModelFileError(
             f"{path.name} uses Keras 2 TensorFlow-op layer(s) {', '.join(unsupported)} that Keras 3 cannot "
             f"rebuild; only elementwise arithmetic with a constant ({', '.join(sorted(_TF_OP_NAMES))}) is "
             "supported. Re-save the model with standard Keras layers."
         )
     if custom:
-        raise ModelLoadError(
+        raise ModelFileError(
             f"{path.name} uses custom layer(s) {', '.join(custom)} whose code is not in the file. We never import "
             "code named by a model file. Re-save the model with standard Keras layers, or evaluate it where its "
             "code is installed."
@@ -450,12 +455,12 @@ def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, n
         raise
     except Exception as exc:  # Keras raises many types; the user needs one readable message
         message = str(exc).split("\n")[0][:600]
-        raise ModelLoadError(
+        raise ModelFileError(
             f"Keras could not load {path.name} ({type(exc).__name__}: {message}). "
             "If the file is complete, it may use layers or options this Keras version does not support."
         ) from exc
     if not isinstance(model, keras.Model):
-        raise ModelLoadError(f"{path.name} holds a {type(model).__name__}, not a Keras model")
+        raise ModelFileError(f"{path.name} holds a {type(model).__name__}, not a Keras model")
     return model
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from analysis.compat import ModelLoadError
+from analysis.compat import ModelFileError, ModelLoadError
 
 DEFAULT_FEMALE_INDEX = 1  # UTKFace convention: gender code 1 = female
 # Age softmax heads whose class values can be inferred from the number of classes.
@@ -226,7 +226,7 @@ def _outputs_listing(outputs: list[OutputInfo]) -> str:
     return "Its outputs:\n" + "\n".join(f"  [{i}] {info.describe()}" for i, info in enumerate(outputs))
 
 
-_MAPPING_HELP = (
+MAPPING_HELP = (
     "Say which is which: load_model(..., age_output=NAME_OR_INDEX, gender_output=NAME_OR_INDEX) or on the "
     "command line --age-output-a NAME_OR_INDEX --gender-output-a NAME_OR_INDEX (-b for model B). For a softmax "
     "age head also give its class ages: age_class_values=... / --age-classes-a 0:101; for the gender column that "
@@ -257,10 +257,10 @@ def infer_mapping(
     gender = None if gender_output is None else _resolve_output(gender_output, outputs, "gender", model_label)
 
     def fail(reason: str):
-        raise ModelLoadError(f"{reason} in {model_label}.\n{_outputs_listing(outputs)}\n{_MAPPING_HELP}")
+        raise ModelLoadError(f"{reason} in {model_label}.\n{_outputs_listing(outputs)}\n{MAPPING_HELP}")
 
-    if len(outputs) < 2:
-        raise ModelLoadError(
+    if len(outputs) < 2:  # no setting can mend that
+        raise ModelFileError(
             f"{model_label} has {len(outputs)} output; facecheck needs two, one for age and one for gender "
             f"(a single output that packs both, e.g. [age, P(female)] in one tensor, is not supported).\n"
             f"{_outputs_listing(outputs)}\nRe-save the model with separate age and gender outputs "

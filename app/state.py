@@ -301,7 +301,10 @@ def prepare(choice: ModelChoice):
 
 
 def describe_load_error(name: str, exc: Exception) -> str:
+    from analysis.mapping import MAPPING_HELP
+
     text = str(exc).strip() or type(exc).__name__
+    text = text.replace(MAPPING_HELP, "Say which output is which in the Retry form below.")
     if isinstance(exc, ValueError):  # ModelLoadError, SampleError and friends say it well already
         return f"Could not use {name}: {text}"
     return f"Could not load {name} ({type(exc).__name__}): {text}"
@@ -316,7 +319,10 @@ def try_model(slot: str, choice: ModelChoice, success: str) -> bool:
         kept = st.session_state["models"].get(slot)
         still = f" Model {slot} is still {kept.name}." if kept is not None else ""
         set_note(slot, "error", f"{_sentence(str(exc))}{still}")
-        st.session_state["pending"][slot] = choice
+        from analysis.compat import ModelFileError
+
+        if not isinstance(exc.__cause__, ModelFileError):  # settings cannot mend a damaged or unsafe file
+            st.session_state["pending"][slot] = choice
         return False
     st.session_state["models"][slot] = choice
     st.session_state["pending"].pop(slot, None)

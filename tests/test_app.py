@@ -28,7 +28,8 @@ TIMEOUT = 180  # seconds per script run: the first one imports TensorFlow and pr
 
 
 def _tiny_model(path: Path, *, mappable: bool = True, seed: int = 0) -> Path:
-    """A 32×32 conv model with outputs `age` and `gender` (or one unmappable 10-way output)."""
+    """A 32×32 conv model with outputs `age` and `gender` (or two 1-unit linear outputs, `scores`
+    and `other`, that nothing tells apart)."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -42,7 +43,7 @@ def _tiny_model(path: Path, *, mappable: bool = True, seed: int = 0) -> Path:
             "gender": keras.layers.Dense(1, activation="sigmoid", name="gender")(x),
         }
     else:
-        outputs = keras.layers.Dense(10, activation="softmax", name="scores")(x)
+        outputs = [keras.layers.Dense(1, name="scores")(x), keras.layers.Dense(1, name="other")(x)]
     keras.Model(inputs, outputs).save(path)
     return path
 
@@ -359,17 +360,36 @@ def test_an_unmappable_model_can_be_retried_with_overrides(model_files):
     at = new_app()
     upload(at, "model_B", "scores_only.keras", model_files["unmappable"].read_bytes())
     assert_clean(at)
-    assert "needs two, one for age and one for gender" in texts(at.sidebar.error) and "still demo B" in texts(at.sidebar.error)
+    errors = texts(at.sidebar.error)
+    assert "Could not tell which output is" in errors and "still demo B" in errors
+    assert "Retry form below" in errors and "--age-output-a" not in errors  # the app's way, not the CLI's
     assert model_name(at, "B") == "demo B"
     assert_headlines(at)
     # The retry form for the failed file is offered; a second failure is explained the same way.
     retry = [b for b in at.sidebar.button if b.label == "Apply and reload"]
-    assert retry
+    assert len(retry) == 3  # the two loaded models' override forms and the Retry form
     at.sidebar.text_input[[t.label for t in at.sidebar.text_input].index("Age output")].input("scores")
     retry[-1].click().run()
     assert_clean(at)
     assert model_name(at, "B") == "demo B"
     assert at.session_state["pending"]["B"].overrides == (("age_output", "scores"),)
+
+
+def test_no_retry_form_for_a_file_no_setting_can_mend(model_files, tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    single = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    single.save(tmp_path / "packed.keras")
+    whole = model_files["good"].read_bytes()
+    for name, data in (("cut.keras", whole[: len(whole) // 2]), ("packed.keras", (tmp_path / "packed.keras").read_bytes())):
+        at = new_app()
+        upload(at, "model_B", name, data)
+        assert_clean(at)
+        assert texts(at.sidebar.error) and model_name(at, "B") == "demo B"
+        assert "B" not in at.session_state["pending"], name
+        # Only the override forms of the two loaded models, no Retry form (the unmappable model gets one).
+        assert len([b for b in at.sidebar.button if b.label == "Apply and reload"]) == 2, name
 
 
 def test_overrides_reload_the_model_with_the_given_preprocessing():
