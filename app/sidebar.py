@@ -61,7 +61,7 @@ def settings_ui() -> None:
         "Bootstrap resamples",
         options=state.BOOTSTRAP_CHOICES,
         key="n_boot",
-        help="For the 95% confidence intervals. More is steadier and slower; the numbers are cached.",
+        help="For the 95% confidence intervals of age MAE and bias (gender accuracy uses Wilson intervals). More is steadier and slower; the numbers are cached.",
     )
     st.number_input("Random seed", min_value=0, step=1, key="seed", help="Bootstrap and calibration draws.")
 
