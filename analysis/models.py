@@ -703,8 +703,8 @@ def _gender_convention(mapping: OutputMapping, correct, genders, free: bool) -> 
     """(mapping, note): the female column flipped when it was inferred (`free`) and looks inverted
     (_convention_inverted), with a note saying why. When it cannot be judged — too few images of a
     gender — and the accuracy is clearly below chance, nothing is flipped and the note says so.
-    `correct`: per-image flags under the current convention, None where the outputs were not
-    finite (those images are left out of the judgement); `genders`: the labels (0 male, 1 female)."""
+    `correct`: per-image flags under the current convention (None when the outputs were not
+    finite: nothing to judge); `genders`: the labels (0 male, 1 female) of those images."""
     from scipy import stats
 
     if not free or correct is None:
