@@ -306,6 +306,14 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
         submitted = st.form_submit_button("Apply and reload", type="primary")
     if not submitted:
         return None
+    problems = []
+    if age_kind == "classes" and last_age <= first_age:
+        problems.append(f"age classes from {first_age} to {last_age}: the last age must be above the first")
+    if bool(height) != bool(width):
+        problems.append("give both the input height and width (or 0 for both: the model's own size)")
+    if problems:  # refused as a whole: nothing half-applied
+        st.error("Not applied: " + "; ".join(problems) + ".")
+        return None
     return {
         "preprocessing": preprocessing,
         "age_output": _output_choice(age_output, inferred),

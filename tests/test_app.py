@@ -404,6 +404,22 @@ def test_overrides_reload_the_model_with_the_given_preprocessing():
     assert_headlines(at)
 
 
+def test_contradictory_overrides_are_refused_whole_with_a_message():
+    at = new_app()
+    [s for s in at.sidebar.selectbox if s.label == "Age head"][0].set_value("classes")
+    [n for n in at.sidebar.number_input if n.label == "Age classes from"][0].set_value(50)
+    [n for n in at.sidebar.number_input if n.label == "…to (inclusive)"][0].set_value(20)
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    assert_clean(at)
+    assert "the last age must be above the first" in texts(at.sidebar.error)
+    assert at.session_state["models"]["A"].overrides == ()  # nothing half-applied
+    [n for n in at.sidebar.number_input if n.label == "Input height"][0].set_value(64)
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    assert "give both the input height and width" in texts(at.sidebar.error)
+    assert at.session_state["models"]["A"].overrides == ()
+    assert_headlines(at)
+
+
 def test_two_sessions_do_not_see_each_others_uploads(model_files):
     from analysis.dataset import default_cache_dir
 
