@@ -306,10 +306,18 @@ def _split_duplicates(sample: pd.DataFrame, keep_duplicates: bool):
     )
     skips = []
     if not keep_duplicates:
-        for row in duplicates.itertuples(index=False):
-            note = "same labels" if row.same_labels else "labels differ: label noise"
-            skips.append((row.path, f"duplicate: byte-identical to {Path(row.duplicate_of).name} ({note})"))
-        sample = sample[~is_copy]
+        # Copies with other labels: which label is right cannot be told, so no copy is used.
+        conflicting = set(copies["image_id"][~same])
+        for path, original, image_id in zip(copies["path"], first_path[is_copy], copies["image_id"]):
+            if image_id in conflicting:
+                skips.append((path, f"conflicting labels: byte-identical to {Path(original).name}, labelled "
+                                    "differently; no copy is used"))
+            else:
+                skips.append((path, f"duplicate: byte-identical to {Path(original).name} (same labels)"))
+        first_of_conflict = ~is_copy & sample["image_id"].isin(conflicting)
+        for path in sample.loc[first_of_conflict, "path"]:
+            skips.append((path, "conflicting labels: a byte-identical copy is labelled differently; no copy is used"))
+        sample = sample[~is_copy & ~first_of_conflict]
     return sample, duplicates, skips
 
 

@@ -177,7 +177,6 @@ def test_load_sample_reports_bad_files_and_keeps_the_rest(tmp_path):
     sample = result.sample
     assert sorted(sample["file_name"]) == sorted(
         [
-            "25_0_0_20170101000000001.jpg.chip.jpg",
             "70_1_1_20170101000000002.JPG",
             "33_1_2_20170101000000003.jpg",
             "8_0_3_20170101000000004.png",
@@ -189,12 +188,33 @@ def test_load_sample_reports_bad_files_and_keeps_the_rest(tmp_path):
     reasons = dict(zip(result.skipped["path"].map(lambda p: Path(p).name), result.skipped["reason"]))
     for name, fragment in bad.items():
         assert fragment in reasons[name], (name, reasons.get(name))
-    assert "labels differ" in reasons["31_1_0_20170101000000006.jpg.chip.jpg"]
+    # Byte-identical, labelled 25/male/White and 31/female/White: neither label can be trusted.
+    assert reasons["31_1_0_20170101000000006.jpg.chip.jpg"].startswith("conflicting labels")
+    assert reasons["25_0_0_20170101000000001.jpg.chip.jpg"].startswith("conflicting labels")
     assert ".DS_Store" not in reasons
     assert len(result.duplicates) == 1 and not result.duplicates["same_labels"].iloc[0]
     assert sample["image_id"].is_unique
     assert set(sample.columns) >= {"image_id", "path", "file_name", "age", "gender", "ethnicity", "age_band"}
     assert result.skipped_counts()["malformed name"] == 3
+
+
+def test_same_label_copies_keep_one_and_conflicting_copies_keep_none(tmp_path):
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    red, blue = _jpeg_bytes((200, 30, 20)), _jpeg_bytes((20, 40, 200))
+    (folder / "20_0_0_20170101000000001.jpg").write_bytes(red)
+    (folder / "20_0_0_20170101000000002.jpg").write_bytes(red)  # same labels: one is kept
+    (folder / "30_1_1_20170101000000003.jpg").write_bytes(blue)
+    (folder / "30_1_1_20170101000000004.jpg").write_bytes(blue)
+    (folder / "30_0_1_20170101000000005.jpg").write_bytes(blue)  # the same face labelled male
+    (folder / "40_1_2_20170101000000006.jpg").write_bytes(_jpeg_bytes((30, 200, 40)))
+    result = load_sample(folder)
+    assert sorted(result.sample["file_name"]) == ["20_0_0_20170101000000001.jpg", "40_1_2_20170101000000006.jpg"]
+    reasons = dict(zip(result.skipped["path"].map(lambda p: Path(p).name), result.skipped["reason"]))
+    assert reasons["20_0_0_20170101000000002.jpg"] == "duplicate: byte-identical to 20_0_0_20170101000000001.jpg (same labels)"
+    assert {n for n, r in reasons.items() if r.startswith("conflicting labels")} == {
+        "30_1_1_20170101000000003.jpg", "30_1_1_20170101000000004.jpg", "30_0_1_20170101000000005.jpg"}
+    assert result.skipped_counts() == {"duplicate": 1, "conflicting labels": 3}
 
 
 def test_keep_duplicates_keeps_both_copies(tmp_path):

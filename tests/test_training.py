@@ -112,6 +112,106 @@ def test_unlabeled_folder_is_a_clear_error(tmp_path):
         main(["--data", str(folder), "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--learning-rate", "-1"], "--learning-rate must be a positive number"),
+    (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
+    (["--fine-tune-learning-rate", "0"], "--fine-tune-learning-rate must be a positive number"),
+    (["--fine-tune-fraction", "2"], "--fine-tune-fraction must be from 0 to 1"),
+    (["--augment", "-5"], "--augment must be from 0"),
+    (["--patience", "0"], "--patience must be at least 1"),
+    (["--head-epochs", "-3"], "--head-epochs must be 0 or more"),
+    (["--image-size", "5000"], "--image-size must be from 32 to 512"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--val-split", "1.5"], "--val-split must be a share between 0 and 1"),
+])
+def test_nonsense_settings_are_refused_by_flag_before_any_work(flags, message, synthetic_dir, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_is_checked_up_front_and_never_overwritten_silently(synthetic_dir, tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        main(["--data", str(synthetic_dir), "--out", str(a_file), "--model", "A"])
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(SystemExit, match="cannot create or write"):
+            main(["--data", str(synthetic_dir), "--out", str(locked / "out"), "--model", "A"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics_A.json").write_text("{}")
+    (out / "age_gender_A.keras").write_bytes(b"an earlier model")
+    with pytest.raises(SystemExit, match="already holds .*--overwrite"):
+        main(["--data", str(synthetic_dir), "--out", str(out), "--model", "A", "--epochs", "1", "--image-size", "32"])
+    assert (out / "age_gender_A.keras").read_bytes() == b"an earlier model"
+    run_cli("--data", synthetic_dir, "--out", out, "--model", "A", "--epochs", 1, "--image-size", 32, "--no-cache",
+            "--overwrite")
+    assert load_keras(out / "age_gender_A.keras").output_names == ["age", "gender"]
+    assert json.loads((out / "metrics_A.json").read_text())["model"] == "A"
+
+
+def test_an_interrupted_overwrite_leaves_no_old_model_beside_new_records(synthetic_dir, tmp_path, monkeypatch):
+    """The model file is the sign that its records are complete: an overwrite removes it first."""
+    import training.artifacts as artifacts
+
+    out = tmp_path / "out"
+    run_cli("--data", synthetic_dir, "--out", out, "--model", "A", "--epochs", 1, "--image-size", 32, "--no-cache")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "model_summary_text", interrupted)  # after the history, before the model
+    with pytest.raises(SystemExit, match="interrupted: Model A was not written"):
+        main(["--data", str(synthetic_dir), "--out", str(out), "--model", "A", "--epochs", "1", "--image-size", "32",
+              "--no-cache", "--overwrite"])
+    assert not (out / "age_gender_A.keras").exists()
+    assert not [p for p in out.iterdir() if ".partial" in p.name]
+
+
+def test_model_b_weights_are_checked_before_model_a_trains(synthetic_dir, tmp_path):
+    text = tmp_path / "weights.h5"
+    text.write_text("not weights")
+    with pytest.raises(SystemExit, match="cannot load mobilenet_v2 weights"):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--backbone", "mobilenet_v2",
+              "--weights", str(text), "--epochs", "1", "--image-size", "32"])
+    assert finished_files(tmp_path / "out") == []  # Model A was not trained first
+
+
+def test_a_validation_loss_that_is_never_finite_is_an_error_not_a_model(synthetic_dir, tmp_path, monkeypatch):
+    """A diverging run can have a finite training loss and a NaN validation loss from the first
+    epoch (seen with a huge learning rate): no epoch is ever 'best', so there is no model to save."""
+    import keras
+
+    import training.train as train
+
+    class NaNValidation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_loss"] = float("nan")
+
+    callbacks = train._callbacks
+    monkeypatch.setattr(train, "_callbacks", lambda *args: [NaNValidation(), *callbacks(*args)])
+    with pytest.raises(SystemExit, match="validation loss was never finite.*--learning-rate"):
+        main(["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--model", "A", "--epochs", "2",
+              "--image-size", "32", "--no-cache"])
+    assert finished_files(tmp_path / "out") == []
+
+
+def test_one_gender_data_trains_with_a_warning(synthetic_dir, tmp_path, capsys):
+    import shutil
+
+    from analysis.dataset import load_sample
+
+    males = tmp_path / "males"
+    males.mkdir()
+    for path in load_sample(synthetic_dir).sample.query("gender == 0")["path"]:
+        shutil.copy(path, males)
+    run_cli("--data", males, "--out", tmp_path / "out", "--model", "A", "--epochs", 1, "--image-size", 32, "--no-cache")
+    assert "warning: every image is male: the gender head cannot learn gender" in capsys.readouterr().out
+
+
 def test_missing_data_folder(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])

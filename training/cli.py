@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
+
 from analysis.constants import DEFAULT_SEED
+
+# Larger inputs cost memory as n × size² × 3 bytes before training starts (5000 images at 512 px:
+# 3.9 GB) and UTKFace's faces are 200 px.
+MAX_IMAGE_SIZE = 512
 
 DESCRIPTION = """\
 Train the age+gender models on a labelled UTKFace-style folder (file names
@@ -115,6 +122,7 @@ def train_parser():
     )
     parser.add_argument("--patience", type=int, help=f"early stopping: epochs without validation improvement (default A {a.patience}, B {b.patience})")
     parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a model already in --out (refused otherwise)")
     return parser
 
 
@@ -155,20 +163,67 @@ def run_training(args) -> int:
         configs = [default_config(key, **overrides) for key in keys]
         for config in configs:
             _check_config(config)
+        _check_out(args.out, keys, args.overwrite)
         split = read_split(args.data, args.val_split, args.seed)
+        _quiet_tensorflow()
+        for config in configs:
+            _check_backbone(config)  # B's weights before A trains for minutes
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     print(f"Data: {args.data} — {split.describe()}.")
     if len(split.skipped):
         print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in _reason_counts(split.skipped).items()))
-    _quiet_tensorflow()
+    for warning in _data_warnings(split):
+        print(f"  warning: {warning}")
     for config in configs:
         try:
             result = train_model(config, split, args.out, cache=not args.no_cache)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # RuntimeError: the loss became NaN
             raise SystemExit(f"error: Model {config.model_key}: {exc}") from exc
+        except KeyboardInterrupt:
+            raise SystemExit(f"\ninterrupted: Model {config.model_key} was not written "
+                             "(models finished before it are complete)") from None
+        except OSError as exc:
+            raise SystemExit(f"error: Model {config.model_key}: cannot write to {args.out}: {exc}") from exc
         print(f"Model {config.model_key} written to {result.paths['model']}")
     return 0
+
+
+def _check_out(out: Path, keys, overwrite: bool) -> None:
+    """--out must be a folder we can create or write into, without silently replacing a model."""
+    from training.artifacts import artifact_paths
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot create or write into it (check the path and its permissions)")
+    there = [path.name for key in keys for path in artifact_paths(out, key).values() if path.exists()]
+    if there and not overwrite:
+        raise ValueError(f"--out {out} already holds {', '.join(there[:4])}{' ...' if len(there) > 4 else ''}; "
+                         "give --overwrite to replace them, or another --out")
+
+
+def _check_backbone(config) -> None:
+    """Build Model B's backbone once (a few seconds): bad or unreachable weights fail now, not
+    after Model A has trained."""
+    if config.model_key != "B":
+        return
+    from training.models import make_backbone
+
+    make_backbone(config.backbone, (config.image_size, config.image_size), config.weights, drop_connect=config.drop_connect)
+
+
+def _data_warnings(split) -> list[str]:
+    """What makes a head unable to learn anything: one gender only, one age only."""
+    table = pd.concat([split.train, split.val])
+    warnings = []
+    if table["gender"].nunique() < 2:
+        warnings.append(f"every image is {'female' if table['gender'].iloc[0] == 1 else 'male'}: the gender head "
+                        "cannot learn gender, and its validation accuracy says nothing")
+    if table["age"].nunique() < 2:
+        warnings.append(f"every image is aged {table['age'].iloc[0]}: the age head cannot learn age")
+    return warnings
 
 
 def _check_config(config) -> None:
@@ -176,10 +231,26 @@ def _check_config(config) -> None:
     from training.models import BACKBONES
     from training.train import training_phases, trunk_precision
 
-    if config.image_size < 32:
-        raise ValueError(f"--image-size must be at least 32 pixels, got {config.image_size}")
+    if not 32 <= config.image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size must be from 32 to {MAX_IMAGE_SIZE} pixels (UTKFace faces are 200), "
+                         f"got {config.image_size}")
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {config.seed}")
+    if not 0 < config.val_split < 1:
+        raise ValueError(f"--val-split must be a share between 0 and 1 (exclusive), got {config.val_split:g}")
+    for flag, rate in (("--learning-rate", config.learning_rate), ("--fine-tune-learning-rate", config.fine_tune_learning_rate)):
+        if not (math.isfinite(rate) and 0 < rate <= 1):
+            raise ValueError(f"{flag} must be a positive number no larger than 1, got {rate:g}")
+    if not 0 <= config.fine_tune_fraction <= 1:
+        raise ValueError(f"--fine-tune-fraction must be from 0 to 1, got {config.fine_tune_fraction:g}")
+    if not (math.isfinite(config.augment) and 0 <= config.augment <= 3):
+        raise ValueError(f"--augment must be from 0 (off) to 3, got {config.augment:g}")
+    if config.patience < 1:
+        raise ValueError(f"--patience must be at least 1 epoch, got {config.patience}")
+    if config.head_epochs < 0:
+        raise ValueError(f"--head-epochs must be 0 or more, got {config.head_epochs}")
     training_phases(config)  # epochs and clean epochs
     trunk_precision(config)
     if not 0 <= config.drop_connect < 1:

@@ -280,7 +280,9 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
         core = constructor(include_top=False, weights=weights, input_shape=input_shape)
     except Exception as exc:  # download failures surface as many exception types
         if weights != "imagenet":
-            raise ValueError(f"cannot load {spec.name} weights from {weights}: {exc}") from exc
+            reason = str(exc).strip().split("\n")[0][:300]  # Keras may list every layer of the file
+            raise ValueError(f"cannot load {spec.name} weights from {weights}: {reason} — give the "
+                             f"'notop' weights file of keras.applications.{spec.application}") from exc
         raise ValueError(
             f"could not fetch the ImageNet weights of {spec.name} (no internet connection?): {exc}. "
             f"Offline alternatives: --backbone {_offline_backbones()} "

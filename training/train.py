@@ -131,6 +131,7 @@ BACKBONE_DEFAULTS: dict[str, dict] = {
     # (92.2% / 5.36 vs 92.6% / 5.26).
     # The variants of training.lite.LITE_VARIANTS (not imported: this module stays keras-free).
     **{f"efficientnet_lite{v}": dict(drop_connect=0.2) for v in (0, 1, 2)},
+    "tiny": dict(weights="none"),  # randomly initialised: it has no pretrained weights
 }
 
 
@@ -491,6 +492,9 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         epoch = epoch + len(history.epoch)
         if fitted.stop_training and not np.isfinite(history.history.get("loss", [0])[-1]):
             raise RuntimeError(f"Model {config.model_key}: the loss became NaN; try a lower --learning-rate")
+    if best.best_epoch < 0:
+        raise RuntimeError(f"the validation loss was never finite (NaN from the first epoch); try a lower "
+                           f"{'--fine-tune-learning-rate or ' if config.model_key == 'B' else ''}--learning-rate")
     best.restore()
     precision = trunk_precision(config)
     if precision != "float32":  # save (and measure) the float32 twin: it runs the same on any machine
