@@ -208,7 +208,7 @@ def demo_sample_dir(n: int = DEMO_SAMPLE_SIZE) -> Path:
     return folder
 
 
-def _import_tensorflow_quietly() -> None:
+def import_tensorflow_quietly() -> None:
     """Import TensorFlow with the process's stderr muted, hiding its C++ start-up banner.
 
     TF 2.21 logs the oneDNN notice from native code before TF_CPP_MIN_LOG_LEVEL is read; only
@@ -229,7 +229,7 @@ def _import_tensorflow_quietly() -> None:
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _import_tensorflow_quietly()
+    import_tensorflow_quietly()
     if args.command == "inspect":
         return _inspect(args)
 

@@ -137,8 +137,11 @@ def demo_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis.__main__ import import_tensorflow_quietly
+
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import_tensorflow_quietly()  # TensorFlow's start-up banner is not for the user
     if argv and argv[0] == "demo":
         args = demo_parser().parse_args(argv[1:])
         return run_demo(args)
