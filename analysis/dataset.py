@@ -227,7 +227,8 @@ def load_sample(
     A zip is extracted safely into `extract_to` (default: a per-archive folder in the cache
     directory, reused on the next call). Byte-identical files are reported in ``duplicates``;
     unless `keep_duplicates`, only the first copy (by path order) is kept and the others are
-    listed as skipped.
+    listed as skipped — and when the copies carry different labels, none is kept (for evaluation as
+    for training: which label is right cannot be told).
     """
     try:
         age_band_edges = check_age_band_edges(age_band_edges)
@@ -310,8 +311,8 @@ def _split_duplicates(sample: pd.DataFrame, keep_duplicates: bool):
         conflicting = set(copies["image_id"][~same])
         for path, original, image_id in zip(copies["path"], first_path[is_copy], copies["image_id"]):
             if image_id in conflicting:
-                skips.append((path, f"conflicting labels: byte-identical to {Path(original).name}, labelled "
-                                    "differently; no copy is used"))
+                skips.append((path, f"conflicting labels: byte-identical to {Path(original).name}, and the "
+                                    "copies are not all labelled the same; no copy is used"))
             else:
                 skips.append((path, f"duplicate: byte-identical to {Path(original).name} (same labels)"))
         first_of_conflict = ~is_copy & sample["image_id"].isin(conflicting)

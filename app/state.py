@@ -289,14 +289,15 @@ def prepare(choice: ModelChoice):
     seed = st.session_state["seed"]
     failures = st.session_state["failures"]
     if (choice.key, fingerprint) in failures:
-        raise ValueError(failures[(choice.key, fingerprint)])
+        message, cause = failures[(choice.key, fingerprint)]
+        raise ValueError(message) from cause  # the cause tells try_model whether a retry can help
     try:
         return prepared_model(
             choice.path, choice.sha256, choice.name, choice.overrides, fingerprint, seed, sample.sample
         )
     except Exception as exc:  # a model file can fail in many ways; every one is the user's to fix
         message = describe_load_error(choice.name, exc)
-        failures[(choice.key, fingerprint)] = message  # (the key holds the file's path: a renamed copy is retried)
+        failures[(choice.key, fingerprint)] = (message, exc.with_traceback(None))  # (the key holds the file's path: a renamed copy is retried)
         raise ValueError(message) from exc
 
 

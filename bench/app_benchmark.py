@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     folder = sample_folder(args.sample)
     at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=1800)
     cold = {"open the demo": timed_run(at)}
-    at.text_input(key="sample_path").input(str(folder))
+    at.text_input(key="sample_path_0").input(str(folder))
     cold["load the 5000-image sample, predict, compute tables"] = timed_run(at)
     n_images = at.session_state["current"].evaluation.predictions.shape[0]
     for page in ("views/slices.py", "views/errors.py"):

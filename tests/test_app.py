@@ -390,6 +390,14 @@ def test_no_retry_form_for_a_file_no_setting_can_mend(model_files, tmp_path):
         assert "B" not in at.session_state["pending"], name
         # Only the override forms of the two loaded models, no Retry form (the unmappable model gets one).
         assert len([b for b in at.sidebar.button if b.label == "Apply and reload"]) == 2, name
+    # The second time the same file is given, its remembered failure still says no retry can help.
+    bad = tmp_path / "bad.keras"
+    bad.write_text("not a model")
+    at = new_app()
+    for _ in range(2):
+        at.text_input(key="path_B_0").input("").run()
+        at.text_input(key="path_B_0").input(str(bad)).run()
+        assert "bad.keras" in texts(at.sidebar.error) and "B" not in at.session_state["pending"]
 
 
 def test_overrides_reload_the_model_with_the_given_preprocessing():

@@ -173,6 +173,8 @@ def run_training(args) -> int:
             _check_backbone(config)  # B's weights before A trains for minutes
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted before training: nothing written") from None
     print(f"Data: {args.data} — {split.describe()}.")
     if len(split.skipped):
         print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in _reason_counts(split.skipped).items()))
@@ -186,8 +188,8 @@ def run_training(args) -> int:
         except KeyboardInterrupt:
             raise SystemExit(f"\ninterrupted: Model {config.model_key} was not written "
                              "(models finished before it are complete)") from None
-        except OSError as exc:
-            raise SystemExit(f"error: Model {config.model_key}: cannot write to {args.out}: {exc}") from exc
+        except OSError as exc:  # the output folder, the image cache (--no-cache avoids it) or a file read
+            raise SystemExit(f"error: Model {config.model_key}: {exc}") from exc
         print(f"Model {config.model_key} written to {result.paths['model']}")
     return 0
 
@@ -196,6 +198,8 @@ def _check_out(out: Path, keys, overwrite: bool) -> None:
     """--out must be a folder we can create or write into, without silently replacing a model."""
     from training.artifacts import artifact_paths
 
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out} is a broken symbolic link")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)

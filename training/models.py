@@ -15,6 +15,7 @@ statistics; see make_model_b) and is fine-tuned in two phases by :mod:`training.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,10 +278,13 @@ def _offline_backbones() -> str:
 def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
     constructor = getattr(keras.applications, spec.application)
     try:
-        core = constructor(include_top=False, weights=weights, input_shape=input_shape)
+        with warnings.catch_warnings():  # a wrong file makes Keras warn once per layer
+            warnings.simplefilter("ignore")
+            core = constructor(include_top=False, weights=weights, input_shape=input_shape)
     except Exception as exc:  # download failures surface as many exception types
         if weights != "imagenet":
-            reason = str(exc).strip().split("\n")[0][:300]  # Keras may list every layer of the file
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300]  # Keras may list every layer of the file
             raise ValueError(f"cannot load {spec.name} weights from {weights}: {reason} — give the "
                              f"'notop' weights file of keras.applications.{spec.application}") from exc
         raise ValueError(

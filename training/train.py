@@ -491,7 +491,7 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         )
         epoch = epoch + len(history.epoch)
         if fitted.stop_training and not np.isfinite(history.history.get("loss", [0])[-1]):
-            raise RuntimeError(f"Model {config.model_key}: the loss became NaN; try a lower --learning-rate")
+            raise RuntimeError("the loss became NaN; try a lower --learning-rate")
     if best.best_epoch < 0:
         raise RuntimeError(f"the validation loss was never finite (NaN from the first epoch); try a lower "
                            f"{'--fine-tune-learning-rate or ' if config.model_key == 'B' else ''}--learning-rate")
