@@ -45,15 +45,14 @@ class SplitSample:
             f"({len(self.val) / n:.0%}, {stratified}, seed {self.seed})"
         )
 
-    def without(self, image_ids, reasons) -> "SplitSample":
-        """The split without the images `image_ids`, each added to `skipped` with its reason.
+    def without(self, reasons: dict) -> "SplitSample":
+        """The split without the images {image_id: reason}, each added to `skipped` with its reason.
         Raises ValueError when too few images are left on either side."""
-        drop = set(image_ids)
+        drop = set(reasons)
         gone = pd.concat([self.train, self.val])
         gone = gone[gone["image_id"].isin(drop)]
-        reason_of = dict(zip(image_ids, reasons))
         skipped = pd.concat(
-            [self.skipped, pd.DataFrame({"path": gone["path"], "reason": [reason_of[i] for i in gone["image_id"]]})],
+            [self.skipped, pd.DataFrame({"path": gone["path"], "reason": gone["image_id"].map(reasons)})],
             ignore_index=True,
         )
         train, val = self.train[~self.train["image_id"].isin(drop)], self.val[~self.val["image_id"].isin(drop)]

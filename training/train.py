@@ -449,15 +449,14 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     x_val, bad_val = decode_images(split.val["path"], size, split.val["image_id"], cache=cache)
     n_undecodable = len(bad_train) + len(bad_val)
     if n_undecodable:  # damaged files that passed the header check: left out, the rest trains
-        bad = [(split.train, bad_train), (split.val, bad_val)]
-        ids = [table["image_id"].iloc[i] for table, problems in bad for i in problems]
-        reasons = [reason for _, problems in bad for reason in problems.values()]
-        names = [Path(table["path"].iloc[i]).name for table, problems in bad for i in problems]
-        log(f"Model {config.model_key}: {len(ids)} image(s) cannot be decoded and are left out: "
-            + "; ".join(f"{n} ({r})" for n, r in list(zip(names, reasons))[:5]) + (" ..." if len(ids) > 5 else ""))
+        named = [(table.iloc[i], reason) for table, problems in ((split.train, bad_train), (split.val, bad_val))
+                 for i, reason in problems.items()]
+        log(f"Model {config.model_key}: {n_undecodable} image(s) cannot be decoded and are left out: "
+            + "; ".join(f"{Path(row['path']).name} ({reason})" for row, reason in named[:5])
+            + (" ..." if n_undecodable > 5 else ""))
         x_train = np.delete(x_train, list(bad_train), axis=0)
         x_val = np.delete(x_val, list(bad_val), axis=0)
-        split = split.without(ids, reasons)
+        split = split.without({row["image_id"]: reason for row, reason in named})
 
     model, backbone = build_model(config)
     left_out = _contradicted(config, backbone, x_train, split.train, log)
