@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training.catalog import BACKBONES
 from training.dlib_face import MIN_INPUT_SIDE, default_weights_path, make_dlib_face_resnet, read_dlib_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,7 @@ def test_backbone_feature_map_and_minimum_size():
     backbone = make_backbone("dlib_face_resnet", (150, 150), "imagenet")
     assert backbone.output_shape == (None, 2, 2, 256)
     assert make_dlib_face_resnet((MIN_INPUT_SIDE, MIN_INPUT_SIDE, 3), include_top=False).output_shape[1] == 1
+    assert BACKBONES["dlib_face_resnet"].min_size == MIN_INPUT_SIDE  # the catalogue's copy for the CLI
     with pytest.raises(ValueError, match=f"at least {MIN_INPUT_SIDE} px"):
         make_dlib_face_resnet((MIN_INPUT_SIDE - 1, MIN_INPUT_SIDE - 1, 3), include_top=False)
 

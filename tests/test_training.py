@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -561,8 +563,21 @@ def test_default_clean_epochs_shrink_with_short_runs_but_an_explicit_value_is_ke
         training_phases(default_config("A", epochs=3, clean_epochs=3))
 
 
+def test_help_and_usage_errors_do_not_wait_for_tensorflow():
+    """--help took ~4 s: it imported TensorFlow to list the backbones."""
+    probe = ("import sys\nfrom training.cli import main\n"
+             "for argv in (['--help'], ['demo', '--help'], ['--model', 'C']):\n"
+             "    try:\n        main(argv)\n    except SystemExit as exc:\n        print('exit', exc.code)\n"
+             "print(sorted({'keras', 'tensorflow'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("exit")] == ["exit 0", "exit 0", "exit 2"]
+    assert lines[-1] == "[]" and "--backbone" in result.stdout
+    assert "invalid choice: 'C'" in result.stderr
+
+
 def test_each_backbone_brings_its_own_defaults_unless_given():
-    from training.lite import LITE_VARIANTS
+    from training.catalog import LITE_VARIANTS
     from training.train import BACKBONE_DEFAULTS, MODEL_DEFAULTS, default_config
 
     assert {f"efficientnet_lite{v}" for v in LITE_VARIANTS} < set(BACKBONE_DEFAULTS)

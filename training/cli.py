@@ -57,7 +57,7 @@ examples:
 
 
 def train_parser():
-    from training.models import PRECISIONS, describe_backbones
+    from training.catalog import PRECISIONS, describe_backbones
     from training.train import BFLOAT16_CPU_FLAGS, MAX_LEFT_OUT_SHARE, MIN_PROBE_IMAGES_PER_GENDER, default_config
 
     parser = argparse.ArgumentParser(
@@ -140,13 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.__main__ import import_tensorflow_quietly
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    demo = bool(argv) and argv[0] == "demo"
+    args = demo_parser().parse_args(argv[1:]) if demo else train_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import_tensorflow_quietly()  # TensorFlow's start-up banner is not for the user
-    if argv and argv[0] == "demo":
-        args = demo_parser().parse_args(argv[1:])
-        return run_demo(args)
-    args = train_parser().parse_args(argv)
-    return run_training(args)
+    import_tensorflow_quietly()  # after parsing: --help and usage errors need no TensorFlow; its banner is not for the user
+    return run_demo(args) if demo else run_training(args)
 
 
 def run_training(args) -> int:
@@ -235,7 +233,7 @@ def _data_warnings(split) -> list[str]:
 
 def _check_config(config) -> None:
     """Fail before any image is decoded when the configuration cannot work."""
-    from training.models import BACKBONES
+    from training.catalog import BACKBONES
     from training.train import training_phases, trunk_precision
 
     if not 32 <= config.image_size <= MAX_IMAGE_SIZE:

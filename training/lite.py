@@ -23,6 +23,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from training.catalog import LITE_VARIANTS
 from training.torch_weights import load_torch_state_dict
 
 # Lite0: (kernel, repeats, input channels, output channels, expand ratio, stride) per stage.
@@ -35,8 +36,6 @@ LITE0_STAGES = (
     (5, 4, 112, 192, 6, 2),
     (3, 1, 192, 320, 6, 1),
 )
-# variant -> (width multiplier, depth multiplier, native resolution); the official Lite table.
-LITE_VARIANTS = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3

