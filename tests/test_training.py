@@ -257,17 +257,27 @@ def test_missing_weights_file(synthetic_dir, tmp_path):
     assert finished_files(tmp_path / "out") == []
 
 
-def test_imagenet_download_failure_names_offline_alternatives(monkeypatch):
+def test_imagenet_download_failure_names_offline_alternatives(monkeypatch, tmp_path):
     import keras
 
     from training.models import make_backbone
 
+    home = tmp_path / "keras_home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+
     def offline(*args, **kwargs):
+        (home / "models").mkdir(parents=True, exist_ok=True)  # as keras.utils.get_file does before fetching
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
 
     monkeypatch.setattr(keras.applications, "MobileNetV2", offline)
     with pytest.raises(ValueError, match="--backbone efficientnet_lite0.*--weights PATH"):
         make_backbone("mobilenet_v2", (64, 64), "imagenet")
+    assert not (home / "models").exists()  # the failed download leaves no empty cache folder behind
+    (home / "models" / "earlier.h5").parent.mkdir(parents=True)
+    (home / "models" / "earlier.h5").write_bytes(b"weights downloaded before")
+    with pytest.raises(ValueError, match="could not fetch"):
+        make_backbone("mobilenet_v2", (64, 64), "imagenet")
+    assert (home / "models" / "earlier.h5").read_bytes() == b"weights downloaded before"
 
 
 def test_weights_file_of_the_wrong_kind(tmp_path):

@@ -14,7 +14,10 @@ statistics; see make_model_b) and is fine-tuned in two phases by :mod:`training.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -220,8 +223,16 @@ def make_backbone(name: str, image_size, weights: str | None = "imagenet", drop_
     return _keras_application(spec, input_shape, weights)
 
 
+def _download_folders() -> list[Path]:
+    """Where keras.applications saves downloaded weights (keras.utils.get_file): KERAS_HOME or
+    ~/.keras, or the temporary folder's .keras when that is not writable."""
+    home = Path(os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras"))))
+    return [home / "models", Path(tempfile.gettempdir()) / ".keras" / "models"]
+
+
 def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
     constructor = getattr(keras.applications, spec.application)
+    missing = [folder for folder in _download_folders() if not folder.exists()]
     try:
         with warnings.catch_warnings():  # a wrong file makes Keras warn once per layer
             warnings.simplefilter("ignore")
@@ -232,6 +243,9 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
             reason = " ".join(lines[:2])[:300]  # Keras may list every layer of the file
             raise ValueError(f"cannot load {spec.name} weights from {weights}: {reason} — give the "
                              f"'notop' weights file of keras.applications.{spec.application}") from exc
+        for folder in missing:  # Keras made it for the download that failed; nothing else may be left
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
         raise ValueError(
             f"could not fetch the ImageNet weights of {spec.name} (no internet connection?): {exc}. "
             f"Offline alternatives: --backbone {offline_backbones()} "
