@@ -79,10 +79,14 @@ class SampleResult:
         return sample_fingerprint(self.sample)
 
     def skipped_counts(self) -> dict[str, int]:
-        """Number of skipped files per reason category (text before the first colon)."""
-        if self.skipped.empty:
-            return {}
-        return self.skipped["reason"].str.split(":").str[0].value_counts().to_dict()
+        return reason_counts(self.skipped)
+
+
+def reason_counts(skipped: pd.DataFrame) -> dict[str, int]:
+    """Number of skipped files per reason category (text before the first colon) of a `skipped` table."""
+    if skipped.empty:
+        return {}
+    return skipped["reason"].str.split(":").str[0].value_counts().to_dict()
 
 
 def sample_fingerprint(sample: pd.DataFrame) -> str:

@@ -232,9 +232,12 @@ def test_an_image_that_fails_to_decode_is_left_out_and_training_goes_on(syntheti
     whole = victim.read_bytes()
     victim.write_bytes(whole[: len(whole) // 2])
     assert victim.name in set(load_sample(data).sample["file_name"])  # not caught before training
+    for unlabelled in ("face.jpg", "portrait.png"):  # skipped when the folder is read, and counted
+        (data / unlabelled).write_bytes(whole)
     out = tmp_path / "out"
     run_cli("--data", data, "--out", out, "--model", "A", "--epochs", 1, "--image-size", 32, "--no-cache")
     printed = capsys.readouterr().out
+    assert "2 files skipped: 2 malformed name" in printed
     assert f"1 image(s) cannot be decoded and are left out: {victim.name}" in printed
     split = pd.read_csv(out / "split_A.csv")
     n_images = len(load_sample(synthetic_dir).sample)

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(args) -> int:
+    from analysis.dataset import reason_counts
     from training.data import read_split
     from training.train import default_config, train_model
 
@@ -175,7 +176,7 @@ def run_training(args) -> int:
         raise SystemExit("\ninterrupted before training: nothing written") from None
     print(f"Data: {args.data} — {split.describe()}.")
     if len(split.skipped):
-        print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in _reason_counts(split.skipped).items()))
+        print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in reason_counts(split.skipped).items()))
     for warning in _data_warnings(split):
         print(f"  warning: {warning}")
     for config in configs:
@@ -270,10 +271,6 @@ def _check_config(config) -> None:
                              f"for {config.backbone}, got {config.image_size}")
         if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
             raise ValueError(f"weights file not found: {config.weights} (give \"imagenet\", \"none\" or an existing file)")
-
-
-def _reason_counts(skipped) -> dict[str, int]:
-    return skipped["reason"].str.split(":").str[0].value_counts().to_dict()
 
 
 def _quiet_tensorflow() -> None:
