@@ -610,6 +610,23 @@ def test_each_backbone_brings_its_own_defaults_unless_given():
     assert default_config("A").image_size == MODEL_DEFAULTS["A"]["image_size"]  # A has no backbone
 
 
+def test_the_optimizer_is_chosen_by_the_configuration():
+    import keras
+
+    from training.models import make_model_a
+    from training.train import compile_model, default_config
+
+    model = make_model_a((32, 32), widths=(4,), augment=0)
+    compile_model(model, default_config("A"), 2e-3, steps_per_epoch=10, epochs=2)
+    assert isinstance(model.optimizer, keras.optimizers.AdamW) and model.optimizer.weight_decay == 1e-4
+    sgd = default_config("A", optimizer="sgd", learning_rate=0.05, weight_decay=5e-4)
+    compile_model(model, sgd, sgd.learning_rate, steps_per_epoch=10, epochs=2)
+    assert isinstance(model.optimizer, keras.optimizers.SGD) and model.optimizer.nesterov
+    assert model.optimizer.momentum == 0.9 and model.optimizer.weight_decay == 5e-4
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'sgd'"):
+        compile_model(model, default_config("A", optimizer="rmsprop"), 0.01, steps_per_epoch=10, epochs=2)
+
+
 def _probe_images(genders: np.ndarray, rng, channels: int = 12) -> np.ndarray:
     """4x4 "images" of `channels` channels, 8 of which are +1 for women and -1 for men (plus
     noise), the rest noise: a backbone that passes them through has features that tell gender."""

@@ -2,11 +2,12 @@
 
 Model A trains in one phase. Model B trains in two: (1) the heads on a frozen backbone,
 (2) the top part of the backbone unfrozen at a lower learning rate, its BatchNorm layers kept
-frozen and in inference mode. Each phase uses AdamW with a warm-up + cosine learning-rate
-schedule and early stopping on the validation loss; the weights of the best validation epoch
-over all phases are restored at the end. Optionally a last "clean" phase (clean_epochs) starts
-from the best weights so far and trains without the augmentation layers at a lower rate; then
-the best epoch of the clean phase is the result.
+frozen and in inference mode. Each phase uses AdamW (or SGD with Nesterov momentum,
+optimizer="sgd") with a warm-up + cosine learning-rate schedule and early stopping on the
+validation loss; the weights of the best validation epoch over all phases are restored at the
+end. Optionally a last "clean" phase (clean_epochs) starts from the best weights so far and
+trains without the augmentation layers at a lower rate; then the best epoch of the clean phase
+is the result.
 
 Losses: Huber (or MAE) on age in years, binary cross-entropy (optionally label-smoothed) on
 gender; the age loss is weighted down so that both heads pull with similar strength. With the
@@ -56,6 +57,7 @@ class TrainConfig:
     age_loss_weight: float = 0.05
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(α, α) parameter of mixup on training batches, 0 = off
+    optimizer: str = "adamw"  # or "sgd" (Nesterov momentum 0.9; tried for A, see BENCHMARKS.md)
     patience: int = 6  # epochs without validation-loss improvement before stopping
     # The last `clean_epochs` epochs train without the augmentation layers, at
     # clean_learning_rate_factor × the last phase's peak rate: a network trained only on
@@ -241,7 +243,7 @@ def build_model(config: TrainConfig):
 
 
 def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_epoch: int, epochs: int) -> None:
-    """AdamW with a linear warm-up then cosine decay over the phase; losses and metrics per head."""
+    """The optimizer with a linear warm-up then cosine decay over the phase; losses and metrics per head."""
     import keras
 
     from training.models import AGE_DISTRIBUTION
@@ -267,11 +269,21 @@ def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_ep
         losses[AGE_DISTRIBUTION] = keras.losses.CategoricalCrossentropy()
         weights[AGE_DISTRIBUTION] = config.age_distribution_loss_weight
     model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+        optimizer=_optimizer(config, schedule),
         loss=losses,
         loss_weights=weights,
         metrics={"age": [keras.metrics.MeanAbsoluteError(name="mae")], "gender": [keras.metrics.BinaryAccuracy(name="accuracy")]},
     )
+
+
+def _optimizer(config: TrainConfig, schedule):
+    import keras
+
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
 
 
 def training_targets(model, config: TrainConfig, table: pd.DataFrame) -> dict[str, np.ndarray]:
