@@ -612,7 +612,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         acc = float(np.mean(correct)) if finite else math.nan
         mae = float(np.mean(abs_err)) if finite else math.nan
         # A preset under which the female column would be flipped is ranked on its flipped accuracy.
-        flips = finite and _convention_inverted(correct, genders) is not None if free_female_index else False
+        flips = free_female_index and finite and _convention_inverted(correct, genders) is not None
         needs_flip.append(flips)
         rows.append({"preset": preset, "gender_acc": acc, "age_mae": mae})
     table = pd.DataFrame(rows)
