@@ -17,11 +17,24 @@ Old files need shims because Keras 3 misreads or rejects valid Keras 2 configs:
 - node references to nested models are renumbered (Keras 2 counted their calls from 1, Keras 3
   from 0), and flat `TFOpLambda` nodes are wrapped as lists of inputs. The patched config is written
   to a temporary copy; the user's file is never changed.
+
+A `Lambda` layer that applies a keras.applications `preprocess_input` is replaced by an identity
+layer (with a note), so no code runs and the input preprocessing is left to calibration, whose
+presets include every keras.applications mode: Keras 3 stores such a Lambda as a bare function name
+(`preprocess_input`, module "builtins") that even Keras cannot load back, Keras 2 as that function's
+bytecode with its module (`keras.applications.mobilenet_v2`).
+
+Keras 3 files need no shim for the same idiom: an operation written on a symbolic tensor
+(`x / 127.5 - 1`, or `keras.applications.*.preprocess_input(inputs)` as in TensorFlow's
+transfer-learning tutorial) is stored as an op node (`TrueDivide`, `Subtract`, `GetItem`, ...) of
+`keras.ops`. Those are Keras' own code; they are accepted from a fixed list of op modules, and only
+when their stored arguments are tensors and constants, never functions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import shutil
@@ -30,6 +43,7 @@ import zipfile
 from pathlib import Path
 
 import keras
+import numpy as np
 
 
 class ModelLoadError(ValueError):
@@ -195,16 +209,21 @@ def _is_layer_config(item: dict) -> bool:
 
 def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> None:
     """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for."""
-    lambdas, custom, unsupported = [], [], []
+    lambdas, custom, unsupported, ops, h5_ops = [], [], [], [], []
     for item in _iter_layer_configs(config):
         if not _is_layer_config(item):
             continue
         class_name = item["class_name"]
         layer_name = item["config"].get("name", item.get("name", "?"))
-        if class_name == "Lambda":
+        if class_name == "Lambda" and _preprocess_input_source(item) is None:
             lambdas.append(layer_name)
         elif class_name == "SlicingOpLambda" or (class_name == "TFOpLambda" and not _tf_op_supported(item)):
             unsupported.append(f"{layer_name} (Keras 2 TensorFlow op {item['config'].get('function', '?')})")
+        elif str(item.get("module")).startswith("keras.src.ops."):
+            if not _is_keras_op(item):
+                ops.append(f"{layer_name} ({item['module']}.{class_name})")
+        elif "module" not in item and not hasattr(keras.layers, class_name) and _keras_op_class(class_name):
+            h5_ops.append(f"{layer_name} ({class_name})")
         elif not _is_builtin_layer(item):
             custom.append(f"{layer_name} ({class_name})")
     if lambdas and not allow_unsafe:
@@ -223,6 +242,19 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
             f"{path.name} uses Keras 2 TensorFlow-op layer(s) {', '.join(unsupported)} that Keras 3 cannot "
             f"rebuild; only elementwise arithmetic with a constant ({', '.join(sorted(_TF_OP_NAMES))}) is "
             "supported. Re-save the model with standard Keras layers."
+        )
+    if ops:
+        raise ModelFileError(
+            f"{path.name} uses Keras operation(s) {', '.join(ops)} that facecheck does not load: only operations "
+            f"on arrays from {', '.join(_KERAS_OP_MODULES)} whose stored arguments are tensors and constants "
+            "(never functions) are accepted. Re-save the model with standard Keras layers."
+        )
+    if h5_ops:
+        raise ModelFileError(
+            f"{path.name} holds Keras operation(s) {', '.join(h5_ops)} (written as arithmetic or "
+            "preprocess_input on a tensor), which Keras 3's .h5 format stores without saying where they come "
+            "from: Keras itself cannot load this file. Save the model as .keras instead "
+            "(model.save('model.keras')), where these operations load."
         )
     if custom:
         raise ModelFileError(
@@ -243,6 +275,73 @@ def _tf_op_supported(item: dict) -> bool:
             y = extra.get("y")
             if not isinstance(y, (int, float)) or isinstance(y, bool):
                 return False
+    return True
+
+
+def _preprocess_input_source(item: dict) -> str | None:
+    """Where a Lambda layer's function comes from when it is a keras.applications `preprocess_input`
+    ("keras.applications.<model>" for Keras 2, "a function named preprocess_input" for Keras 3), else None."""
+    config = item["config"]
+    function, module = config.get("function"), str(config.get("module") or "")
+    if isinstance(function, dict) and function.get("class_name") == "function" and function.get("config") == "preprocess_input":
+        return "a function named preprocess_input"  # Keras 3: the name only, no code
+    if config.get("function_type") == "lambda" and module.startswith(("keras.", "tensorflow.")) and ".applications." in module:
+        return module[module.index("applications."):]  # Keras 2: the function's bytecode, never run here
+    return None
+
+
+def _replace_preprocess_input_lambdas(config: dict, notes: list[str]) -> bool:
+    """Turn the Lambda layers _preprocess_input_source recognises into identity layers; True if any."""
+    replaced = []
+    for item in _iter_layer_configs(config):
+        if item["class_name"] == "Lambda" and _is_layer_config(item) and (source := _preprocess_input_source(item)):
+            old = item["config"]
+            item.update(class_name="Identity", module="keras.layers", registered_name=None)
+            item["config"] = {key: old[key] for key in ("name", "trainable", "dtype") if key in old}
+            for node in item.get("inbound_nodes") or []:  # Lambda took a `mask` argument, Identity does not
+                calls = [node] if isinstance(node, dict) else [ref for ref in node if isinstance(ref, list)]
+                for call in calls:
+                    extra = call.get("kwargs") if isinstance(call, dict) else (call[3] if len(call) > 3 else None)
+                    if isinstance(extra, dict):
+                        extra.pop("mask", None)
+            replaced.append(f"{old.get('name', '?')} ({source})")
+    if replaced:
+        notes.append(
+            f"Lambda layer(s) {', '.join(replaced)} replaced by an identity layer: the file holds no runnable "
+            "preprocessing (and no code is run from it); the input preprocessing is chosen by calibration, "
+            "whose presets include every keras.applications mode (caffe, torch, [-1, 1], 0–1)"
+        )
+    return bool(replaced)
+
+
+# Keras 3 op nodes accepted in a model (see the module docstring), and the serialized values
+# their arguments may hold: tensors, constants, slices — no functions (`__lambda__` or a named one).
+_KERAS_OP_MODULES = ("keras.src.ops.numpy", "keras.src.ops.math", "keras.src.ops.nn", "keras.src.ops.image")
+_DATA_CLASS_NAMES = frozenset({"__keras_tensor__", "__tensor__", "__numpy__", "__ellipsis__", "__slice__", "__bytes__"})
+
+
+def _keras_op_class(class_name: str, modules=_KERAS_OP_MODULES):
+    """The Keras 3 op class (not a layer) of that name in one of `modules`, else None."""
+    for module in modules:
+        cls = getattr(importlib.import_module(module), class_name, None)
+        if isinstance(cls, type) and issubclass(cls, keras.Operation) and not issubclass(cls, keras.layers.Layer):
+            return cls
+    return None
+
+
+def _is_keras_op(item: dict) -> bool:
+    """A Keras 3 op node from _KERAS_OP_MODULES whose stored arguments are data only."""
+    if item.get("module") not in _KERAS_OP_MODULES or _keras_op_class(item["class_name"], [item["module"]]) is None:
+        return False
+    stack = [item.get("inbound_nodes")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "class_name" in value and value["class_name"] not in _DATA_CLASS_NAMES:
+                return False
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
     return True
 
 
@@ -420,6 +519,16 @@ def _loadable_copy(path: Path, suffix: str, config: dict | None):
         return
     with tempfile.TemporaryDirectory(prefix="facecheck-model-") as folder:
         copy = Path(folder) / f"model{suffix}"
+        if config is not None and suffix == ".keras":
+            with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w", zipfile.ZIP_DEFLATED) as target:
+                for info in source.infolist():
+                    if info.filename == "config.json":
+                        target.writestr("config.json", json.dumps(config))
+                    else:
+                        with source.open(info) as entry, target.open(info.filename, "w", force_zip64=True) as out:
+                            shutil.copyfileobj(entry, out, 2**20)
+            yield copy
+            return
         shutil.copyfile(path, copy)
         if config is not None:
             import h5py
@@ -445,6 +554,9 @@ def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, n
         shims, shim_notes = _legacy_shims(config)
         custom_objects.update(shims)
         notes += shim_notes
+    candidate = patched or json.loads(json.dumps(config))
+    if _replace_preprocess_input_lambdas(candidate, notes):
+        patched = candidate
     suffix = ".keras" if kind == "keras" else ".h5"
     try:
         with _loadable_copy(path, suffix, patched) as loadable:
@@ -464,7 +576,7 @@ def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, n
     return model
 
 
-# ---------------------------------------------------------------- reading a rebuilt TFOpLambda layer
+# ---------------------------------------------------------------- reading arithmetic op layers and op nodes
 
 
 def tf_op_constant(layer) -> float | None:
@@ -490,4 +602,74 @@ def tf_op_affine(layer) -> tuple[float, float] | None:
         return 1.0, -y
     if kind == "add":
         return 1.0, y
+    return None
+
+
+# Keras 3 op nodes that are a·x + b when one operand is a constant: (a, b) from the constant c.
+_KERAS_OP_AFFINE = {
+    "Add": lambda c, first: (1.0, c),
+    "Multiply": lambda c, first: (c, 0.0),
+    "Subtract": lambda c, first: (1.0, -c) if first else (-1.0, c),  # x - c, or c - x
+    "TrueDivide": lambda c, first: (1.0 / c, 0.0) if first and c else None,
+    "Divide": lambda c, first: (1.0 / c, 0.0) if first and c else None,
+}
+
+
+def _node_args(op) -> tuple:
+    try:
+        return tuple(op._inbound_nodes[0].arguments.args)
+    except (IndexError, AttributeError):
+        return ()
+
+
+def keras_op_affine(op) -> tuple[float, float, str] | None:
+    """(a, b, description) when a Keras 3 op node computes a·x + b with a constant c, else None.
+
+    A per-channel constant (e.g. the ImageNet mean) is averaged over its channels, as the other
+    preprocessing readers do with per-channel means and variances."""
+    rule = _KERAS_OP_AFFINE.get(type(op).__name__)
+    args = _node_args(op)
+    if rule is None or isinstance(op, keras.layers.Layer) or len(args) != 2:
+        return None
+    symbolic = [isinstance(arg, keras.KerasTensor) for arg in args]
+    if symbolic.count(True) != 1:
+        return None
+    try:
+        values = np.asarray(keras.ops.convert_to_numpy(args[symbolic.index(False)]), float).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    if not 1 <= values.size <= 4 or not np.all(np.isfinite(values)):
+        return None
+    affine = rule(float(values.mean()), symbolic[0])
+    if affine is None:
+        return None
+    shown = ", ".join(f"{v:.4g}" for v in values)
+    return (*affine, f"{type(op).__name__}({shown})")
+
+
+def keras_channel_order(op) -> tuple[int, ...] | None:
+    """The channel order a Keras 3 `Stack` node builds from `x[..., k]` slices of one tensor (e.g.
+    (2, 1, 0) for the RGB → BGR flip of keras.applications' "caffe" preprocessing), else None."""
+    args = _node_args(op)
+    if type(op).__name__ != "Stack" or getattr(op, "axis", None) not in (-1, 3) or len(args) != 1:
+        return None
+    order, sources = [], set()
+    for tensor in args[0] if isinstance(args[0], (list, tuple)) else ():
+        history = getattr(tensor, "_keras_history", None)
+        channel = keras_channel_slice(history.operation) if history else None
+        if channel is None:
+            return None
+        order.append(channel)
+        sources.add(id(_node_args(history.operation)[0]))
+    return tuple(order) if len(sources) == 1 and sorted(order) == list(range(len(order))) else None
+
+
+def keras_channel_slice(op) -> int | None:
+    """k when a Keras 3 `GetItem` node takes `x[..., k]` (one channel), else None."""
+    args = _node_args(op)
+    if type(op).__name__ != "GetItem" or len(args) != 2 or not isinstance(args[0], keras.KerasTensor):
+        return None
+    key = args[1]
+    if isinstance(key, (list, tuple)) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], int):
+        return key[1]
     return None

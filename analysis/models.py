@@ -32,7 +32,15 @@ import keras
 import numpy as np
 import pandas as pd
 
-from analysis.compat import ModelLoadError, load_model_file, tf_op_affine, tf_op_constant
+from analysis.compat import (
+    ModelLoadError,
+    keras_channel_order,
+    keras_channel_slice,
+    keras_op_affine,
+    load_model_file,
+    tf_op_affine,
+    tf_op_constant,
+)
 from analysis.dataset import file_digest
 from analysis.metrics import gender_correct
 from analysis.mapping import (
@@ -433,25 +441,34 @@ def _resolve_input_size(declared: tuple, override, notes: list[str]) -> tuple[in
 # ---------------------------------------------------------------- preprocessing inside the model
 
 
-def _iter_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _iter_layers(layer)
+def _iter_operations(model):
+    """The model's layers and Keras 3 op nodes in graph order, looking through sub-models."""
+    # A Sequential model has no op nodes (and no `operations`): its layers are its graph.
+    for operation in getattr(model, "operations", None) or model.layers:
+        if isinstance(operation, keras.Model):
+            yield from _iter_operations(operation)
         else:
-            yield layer
+            yield operation
+
+
+# Mean subtraction on 0–255 pixels (keras.applications' "caffe" mode subtracts about 104–124 per
+# channel): a preprocessing with scale 1 and an offset in this range wants raw 0–255 input.
+CAFFE_OFFSET_RANGE = (90.0, 140.0)
 
 
 def detect_preprocessing_inside(model) -> tuple[str, str] | None:
     """(preset to feed, description) when the model starts by rescaling/normalising its input, else None.
 
-    Looks at the first layers (through sub-models and shape-only layers) for Rescaling,
-    Normalization or Keras 2 arithmetic ops, composes them into one affine map f(x) = a·x + b, and
-    picks the input range that f turns into a unit-scale range (span between 0.5 and 10).
+    Looks at the first operations (through sub-models and shape-only layers) for Rescaling,
+    Normalization, Keras 2 arithmetic op layers or Keras 3 arithmetic op nodes (and the channel
+    flip of keras.applications' "caffe" preprocessing), composes them into one affine map
+    f(x) = a·x + b, and picks the input range that f turns into a unit-scale range (span between
+    0.5 and 10) — or raw 0–255 for a caffe-style mean subtraction.
     """
     scale, offset, found = 1.0, 0.0, []
-    for layer in _iter_layers(model):
+    for layer in _iter_operations(model):
         class_name = type(layer).__name__
-        if class_name in _INPUT_TRANSPARENT:
+        if class_name in _INPUT_TRANSPARENT and isinstance(layer, keras.layers.Layer):
             continue
         if class_name == "Rescaling":
             a, b = float(np.mean(layer.scale)), float(np.mean(layer.offset))
@@ -466,12 +483,22 @@ def detect_preprocessing_inside(model) -> tuple[str, str] | None:
         elif class_name == "TFOpLambda" and (affine := tf_op_affine(layer)) is not None:
             a, b = affine
             found.append(f"{layer.function}({tf_op_constant(layer):g})")
+        elif (op_affine := keras_op_affine(layer)) is not None:
+            a, b, description = op_affine
+            found.append(description)
+        elif keras_channel_slice(layer) is not None:
+            continue  # one channel of x[..., k]: checked where the channels are stacked back
+        elif (order := keras_channel_order(layer)) is not None:
+            found.append(f"channels reordered {order}")
+            continue
         else:
             break
         scale, offset = a * scale, a * offset + b
-    if not found:
-        return None
+    if (scale, offset) == (1.0, 0.0):
+        return None  # nothing that tells the input's scale (or only a channel reordering)
     description = " → ".join(found)
+    if math.isclose(scale, 1.0) and CAFFE_OFFSET_RANGE[0] <= -offset <= CAFFE_OFFSET_RANGE[1]:
+        return "rgb_0_255", description
     for preset, low, high in (("rgb_0_255", 0.0, 255.0), ("rgb_0_1", 0.0, 1.0), ("rgb_-1_1", -1.0, 1.0)):
         if 0.5 <= abs(scale) * (high - low) <= 10:
             return preset, description

@@ -434,6 +434,84 @@ def test_keras2_arithmetic_preprocessing_ops_are_rebuilt_and_detected(tmp_path):
         load_model(path)
 
 
+# keras.applications' preprocess_input called on the input tensor, as in TensorFlow's transfer-
+# learning tutorial: Keras 3 stores it as op nodes (TrueDivide, GetItem, Stack, Add, ...).
+# mode -> (application module, the same preprocessing in numpy on RGB 0–255).
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+KERAS_APP_MODES = {
+    "tf": (keras.applications.mobilenet_v2, lambda x: x / 127.5 - 1),
+    "caffe": (keras.applications.resnet50, lambda x: x[..., ::-1] - np.array([103.939, 116.779, 123.68])),
+    "torch": (keras.applications.densenet, lambda x: (x / 255 - IMAGENET_MEAN) / IMAGENET_STD),
+}
+
+
+def _preprocess_input_model(application):
+    inputs = keras.Input((8, 8, 3), name="image")
+    means = layers.GlobalAveragePooling2D()(application.preprocess_input(inputs))  # channel order matters
+    return keras.Model(inputs, {"age": layers.Dense(1, name="age")(means),
+                                "gender": layers.Dense(1, activation="sigmoid", name="gender")(means)})
+
+
+@pytest.mark.parametrize("mode", sorted(KERAS_APP_MODES))
+def test_keras3_preprocess_input_op_nodes_load_and_are_detected(tmp_path, mode):
+    application, preprocess = KERAS_APP_MODES[mode]
+    model = _preprocess_input_model(application)
+    path = save(model, tmp_path, "ops.keras")
+    assert '"module": "keras.src.ops.numpy"' in zipfile.ZipFile(path).read("config.json").decode()
+    loaded = load_model(path)
+    assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
+    assert ("channels reordered (2, 1, 0)" in " ".join(loaded.notes)) == (mode == "caffe")
+
+    images = images_for((8, 8))
+    means = preprocess(images.astype(float)).reshape(len(images), -1, 3).mean(axis=1)
+    age_kernel, age_bias = model.get_layer("age").get_weights()
+    gender_kernel, gender_bias = model.get_layer("gender").get_weights()
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, means @ age_kernel[:, 0] + age_bias[0], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(p_female, sigmoid(means @ gender_kernel[:, 0] + gender_bias[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_keras3_h5_with_op_nodes_is_refused_with_the_way_out(tmp_path):
+    model = _preprocess_input_model(keras.applications.resnet50)
+    path = save(model, tmp_path, "ops.h5")
+    with pytest.raises(ValueError, match="GetItem"):  # Keras itself cannot read it back
+        keras.saving.load_model(path, compile=False)
+    with pytest.raises(ModelLoadError, match=r"operation\(s\) .*get_item\w* \(GetItem\).*model\.save\('model\.keras'\)") as error:
+        load_model(path)
+    assert "(Add)" not in str(error.value)  # named like the Add layer, so not called an operation
+
+
+def _rewrite_config(path, change):
+    """Apply `change` to the stored config of a .keras file (in place)."""
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    change(config)
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize("tamper", ["function_argument", "module_outside_the_list", "not_an_operation"])
+def test_keras3_op_nodes_holding_functions_or_from_elsewhere_are_refused(tmp_path, tamper):
+    path = save(_preprocess_input_model(keras.applications.mobilenet_v2), tmp_path, "ops.keras")
+
+    def change(config):
+        node = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "TrueDivide")
+        if tamper == "function_argument":  # Keras would import os.system by name to rebuild the call
+            node["inbound_nodes"][0]["args"][1] = {"module": "os", "class_name": "function", "config": "system",
+                                                   "registered_name": "function"}
+        elif tamper == "module_outside_the_list":
+            node.update(module="keras.src.ops.core", class_name="Cond")
+        else:
+            node.update(class_name="convert_to_tensor")  # a function of that module, not an Operation
+
+    _rewrite_config(path, change)
+    with pytest.raises(ModelLoadError, match=r"uses Keras operation\(s\) true_divide\w* .*never functions"):
+        load_model(path)
+
+
 # ---------------------------------------------------------------- safety
 
 
@@ -486,6 +564,40 @@ def test_lambda_layers_are_refused_without_running_them(tmp_path, file_name):
     images = images_for((8, 8))
     out = raw(model, images / 255.0)
     np.testing.assert_allclose(loaded.predict_batch(images)[0], out["age"][:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("file_name", ["prep.keras", "prep.h5", "prep_keras2.h5"])
+def test_a_preprocess_input_lambda_becomes_identity_and_calibration_finds_its_scaling(tmp_path, file_name):
+    # Right only on RGB in [-1, 1]: what mobilenet_v2.preprocess_input makes of raw 0–255 pixels.
+    inner = preset_model("rgb_-1_1")
+    inputs = keras.Input((12, 12, 3), name="image")
+    outputs = inner(layers.Lambda(keras.applications.mobilenet_v2.preprocess_input, name="prep")(inputs))
+    model = keras.Model(inputs, {"age": outputs["age"], "gender": outputs["gender"]})
+    path = save(model, tmp_path, file_name)
+    if file_name == "prep_keras2.h5":  # Keras 2 stored the function's bytecode (this fake one cannot run)
+        with h5py.File(path, "r+") as handle:
+            config = json.loads(handle.attrs["model_config"])
+            prep = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Lambda")
+            prep["config"].update(function=["bm90IGNvZGU=", None, None], function_type="lambda",
+                                  module="keras.applications.mobilenet_v2")
+            handle.attrs["model_config"] = json.dumps(config).encode()
+            handle.attrs["keras_version"] = b"2.11.0"
+    else:  # Keras 3 stores only the name: Keras itself cannot load it back, even unsafely
+        with pytest.raises(Exception, match="preprocess_input"):
+            keras.saving.load_model(path, compile=False, safe_mode=False)
+
+    before = path.read_bytes()
+    loaded = load_model(path)
+    assert path.read_bytes() == before  # the identity layer is patched into a temporary copy
+    note = next(n for n in loaded.notes if n.startswith("Lambda layer(s) prep ("))
+    assert "identity" in note and ("applications.mobilenet_v2" in note) == (file_name == "prep_keras2.h5")
+    images, ages, genders = preset_images()
+    calibrated, _ = calibrate_preprocessing(loaded, images, ages, genders)
+    assert calibrated.preprocessing == "rgb_-1_1"
+    age, p_female = calibrated.predict_batch(images)
+    expected = model.predict_on_batch(images.astype(np.float32))  # the original model, with its Lambda
+    np.testing.assert_allclose(age, expected["age"][:, 0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(p_female, expected["gender"][:, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_custom_layers_are_refused_with_a_reason(tmp_path):
