@@ -314,10 +314,12 @@ def _replace_preprocess_input_lambdas(config: dict, notes: list[str]) -> bool:
     return bool(replaced)
 
 
-# Keras 3 op nodes accepted in a model (see the module docstring), and the serialized values
-# their arguments may hold: tensors, constants, slices — no functions (`__lambda__` or a named one).
+# Keras 3 op nodes accepted in a model (see the module docstring), and the serialized objects
+# their config and arguments may hold: tensors, constants, slices, a dtype policy — no functions
+# (`__lambda__` or a named one; e.g. `Vectorize` takes one).
 _KERAS_OP_MODULES = ("keras.src.ops.numpy", "keras.src.ops.math", "keras.src.ops.nn", "keras.src.ops.image")
-_DATA_CLASS_NAMES = frozenset({"__keras_tensor__", "__tensor__", "__numpy__", "__ellipsis__", "__slice__", "__bytes__"})
+_DATA_CLASS_NAMES = frozenset({"__keras_tensor__", "__tensor__", "__numpy__", "__ellipsis__", "__slice__", "__bytes__",
+                               "DTypePolicy"})
 
 
 def _keras_op_class(class_name: str, modules=_KERAS_OP_MODULES):
@@ -330,10 +332,10 @@ def _keras_op_class(class_name: str, modules=_KERAS_OP_MODULES):
 
 
 def _is_keras_op(item: dict) -> bool:
-    """A Keras 3 op node from _KERAS_OP_MODULES whose stored arguments are data only."""
+    """A Keras 3 op node from _KERAS_OP_MODULES whose stored config and arguments are data only."""
     if item.get("module") not in _KERAS_OP_MODULES or _keras_op_class(item["class_name"], [item["module"]]) is None:
         return False
-    stack = [item.get("inbound_nodes")]
+    stack = [item["config"], item.get("inbound_nodes")]
     while stack:
         value = stack.pop()
         if isinstance(value, dict):

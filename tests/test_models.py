@@ -493,7 +493,8 @@ def _rewrite_config(path, change):
             archive.writestr(name, data)
 
 
-@pytest.mark.parametrize("tamper", ["function_argument", "module_outside_the_list", "not_an_operation"])
+@pytest.mark.parametrize("tamper", ["function_argument", "function_in_config", "module_outside_the_list",
+                                    "not_an_operation"])
 def test_keras3_op_nodes_holding_functions_or_from_elsewhere_are_refused(tmp_path, tamper):
     path = save(_preprocess_input_model(keras.applications.mobilenet_v2), tmp_path, "ops.keras")
 
@@ -502,6 +503,10 @@ def test_keras3_op_nodes_holding_functions_or_from_elsewhere_are_refused(tmp_pat
         if tamper == "function_argument":  # Keras would import os.system by name to rebuild the call
             node["inbound_nodes"][0]["args"][1] = {"module": "os", "class_name": "function", "config": "system",
                                                    "registered_name": "function"}
+        elif tamper == "function_in_config":  # an op whose constructor takes a function
+            node.update(class_name="Vectorize")
+            node["config"]["pyfunc"] = {"module": "os", "class_name": "function", "config": "system",
+                                        "registered_name": "function"}
         elif tamper == "module_outside_the_list":
             node.update(module="keras.src.ops.core", class_name="Cond")
         else:
