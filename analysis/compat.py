@@ -189,12 +189,13 @@ def _is_text(head: bytes) -> bool:
 
 
 def _iter_layer_configs(config):
-    """Yield every layer config dict (class_name + config) in a stored model config, nested ones too."""
+    """Yield every layer entry (a dict with a class_name) in a stored model config, nested ones too —
+    also one whose `config` is not a dict (Keras reads a null config as empty: see _refuse_unloadable)."""
     stack = [config]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            if "class_name" in item and isinstance(item.get("config"), dict):
+            if "class_name" in item:
                 yield item
             for key, value in item.items():
                 if key in ("layers", "layer", "forward_layer", "backward_layer", "config", "cell", "cells"):
@@ -210,10 +211,14 @@ def _is_layer_config(item: dict) -> bool:
 def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> None:
     """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for."""
     lambdas, custom, unsupported, ops, h5_ops = [], [], [], [], []
-    for item in _iter_layer_configs(config):
-        if not _is_layer_config(item):
-            continue
+    for item in _iter_layer_configs(config):  # every entry, named or not: a Sequential's layers need no name
         class_name = item["class_name"]
+        if not isinstance(item.get("config"), dict):
+            raise ModelFileError(
+                f"{path.name}: the stored entry {item.get('name', '?')} ({class_name}) has no configuration "
+                f"dictionary (config is {type(item.get('config')).__name__}). Keras 3 cannot read that safely (it "
+                "would load the entry unchecked); the file is damaged, edited, or from a very old Keras — not loaded"
+            )
         layer_name = item["config"].get("name", item.get("name", "?"))
         if class_name == "Lambda" and _preprocess_input_source(item) is None:
             lambdas.append(layer_name)
@@ -246,8 +251,9 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
     if ops:
         raise ModelFileError(
             f"{path.name} uses Keras operation(s) {', '.join(ops)} that facecheck does not load: only operations "
-            f"on arrays from {', '.join(_KERAS_OP_MODULES)} whose stored arguments are tensors and constants "
-            "(never functions) are accepted. Re-save the model with standard Keras layers."
+            f"on arrays from {', '.join(_KERAS_OP_MODULES[:-1])} (and {', '.join(sorted(_KERAS_CORE_OPS))}) whose "
+            "stored arguments are tensors and constants (never functions) are accepted. Re-save the model with "
+            "standard Keras layers."
         )
     if h5_ops:
         raise ModelFileError(
@@ -294,10 +300,13 @@ def _replace_preprocess_input_lambdas(config: dict, notes: list[str]) -> bool:
     """Turn the Lambda layers _preprocess_input_source recognises into identity layers; True if any."""
     replaced = []
     for item in _iter_layer_configs(config):
-        if item["class_name"] == "Lambda" and _is_layer_config(item) and (source := _preprocess_input_source(item)):
+        if item["class_name"] == "Lambda" and (source := _preprocess_input_source(item)):
             old = item["config"]
-            item.update(class_name="Identity", module="keras.layers", registered_name=None)
+            # Activation("linear") rather than Identity: detect_preprocessing_inside looks through an
+            # Identity, but must stop here — what this layer stood for is not known.
+            item.update(class_name="Activation", module="keras.layers", registered_name=None)
             item["config"] = {key: old[key] for key in ("name", "trainable", "dtype") if key in old}
+            item["config"]["activation"] = "linear"
             for node in item.get("inbound_nodes") or []:  # Lambda took a `mask` argument, Identity does not
                 calls = [node] if isinstance(node, dict) else [ref for ref in node if isinstance(ref, list)]
                 for call in calls:
@@ -307,7 +316,8 @@ def _replace_preprocess_input_lambdas(config: dict, notes: list[str]) -> bool:
             replaced.append(f"{old.get('name', '?')} ({source})")
     if replaced:
         notes.append(
-            f"Lambda layer(s) {', '.join(replaced)} replaced by an identity layer: the file holds no runnable "
+            f"Lambda layer(s) {', '.join(replaced)} replaced by an identity (linear activation) layer: the file "
+            "holds no runnable "
             "preprocessing (and no code is run from it); the input preprocessing is chosen by calibration, "
             "whose presets include every keras.applications mode (caffe, torch, [-1, 1], 0–1)"
         )
@@ -317,7 +327,11 @@ def _replace_preprocess_input_lambdas(config: dict, notes: list[str]) -> bool:
 # Keras 3 op nodes accepted in a model (see the module docstring), and the serialized objects
 # their config and arguments may hold: tensors, constants, slices, a dtype policy — no functions
 # (`__lambda__` or a named one; e.g. `Vectorize` takes one).
-_KERAS_OP_MODULES = ("keras.src.ops.numpy", "keras.src.ops.math", "keras.src.ops.nn", "keras.src.ops.image")
+_KERAS_OP_MODULES = ("keras.src.ops.numpy", "keras.src.ops.math", "keras.src.ops.nn", "keras.src.ops.image",
+                     "keras.src.ops.core")
+# From keras.src.ops.core (control flow and functions otherwise) only these: `ops.cast(x, "float32")`
+# starts models with a uint8 input.
+_KERAS_CORE_OPS = frozenset({"Cast"})
 _DATA_CLASS_NAMES = frozenset({"__keras_tensor__", "__tensor__", "__numpy__", "__ellipsis__", "__slice__", "__bytes__",
                                "DTypePolicy"})
 
@@ -325,6 +339,8 @@ _DATA_CLASS_NAMES = frozenset({"__keras_tensor__", "__tensor__", "__numpy__", "_
 def _keras_op_class(class_name: str, modules=_KERAS_OP_MODULES):
     """The Keras 3 op class (not a layer) of that name in one of `modules`, else None."""
     for module in modules:
+        if module == "keras.src.ops.core" and class_name not in _KERAS_CORE_OPS:
+            continue
         cls = getattr(importlib.import_module(module), class_name, None)
         if isinstance(cls, type) and issubclass(cls, keras.Operation) and not issubclass(cls, keras.layers.Layer):
             return cls

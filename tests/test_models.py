@@ -605,6 +605,64 @@ def test_a_preprocess_input_lambda_becomes_identity_and_calibration_finds_its_sc
     np.testing.assert_allclose(p_female, expected["gender"][:, 0], rtol=1e-5, atol=1e-6)
 
 
+def test_a_replaced_lambda_hides_what_follows_from_the_inside_detection(tmp_path):
+    # Whatever the Lambda did is unknown, so a Rescaling after it (as MobileNetV3 and EfficientNet
+    # backbones start) says nothing about the input the model wants: calibration must stay free.
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Lambda(keras.applications.mobilenet_v2.preprocess_input, name="prep")(inputs)
+    x = layers.Rescaling(1 / 127.5, offset=-1, name="backbone_rescaling")(x)
+    loaded = load_model(save(_preprocess_input_model_after(x, inputs), tmp_path))
+    assert not loaded.preprocessing_inside
+    assert any(n.startswith("preprocessing not known") for n in loaded.notes)
+
+
+def _preprocess_input_model_after(x, inputs):
+    means = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, {"age": layers.Dense(1, name="age")(means),
+                                "gender": layers.Dense(1, activation="sigmoid", name="gender")(means)})
+
+
+def test_an_unnamed_lambda_in_a_sequential_is_refused_too(tmp_path):
+    # Layers of a Sequential need no name; stripping it must not get a Lambda past the check
+    # (Keras' safe mode blocks stored bytecode, not a Lambda naming a Keras function).
+    inner = keras.Sequential([keras.Input((8, 8, 3)), layers.Lambda(keras.ops.relu), layers.Conv2D(2, 1)], name="inner")
+    inputs = keras.Input((8, 8, 3), name="image")
+    path = save(_preprocess_input_model_after(inner(inputs), inputs), tmp_path)
+
+    def strip(config):
+        sequential = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Sequential")
+        lam = next(layer for layer in sequential["config"]["layers"] if layer["class_name"] == "Lambda")
+        lam.pop("build_config", None)
+        lam.pop("name", None)
+        lam["config"].pop("name", None)
+
+    _rewrite_config(path, strip)
+    with pytest.raises(ModelLoadError, match="Lambda layer"):
+        load_model(path)
+
+
+def test_an_entry_without_a_config_dict_is_refused_not_loaded_unchecked(tmp_path):
+    # Keras reads "config": null as an empty config, which would skip every check on the entry.
+    path = save(_preprocess_input_model(keras.applications.mobilenet_v2), tmp_path, "ops.keras")
+
+    def blank(config):
+        node = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "TrueDivide")
+        node.update(module="keras.src.ops.core", class_name="Switch", config=None)
+
+    _rewrite_config(path, blank)
+    with pytest.raises(ModelLoadError, match=r"true_divide\w* \(Switch\) has no configuration dictionary"):
+        load_model(path)
+
+
+def test_a_uint8_input_cast_to_float_loads(tmp_path):
+    inputs = keras.Input((8, 8, 3), dtype="uint8", name="image")
+    x = keras.applications.mobilenet_v2.preprocess_input(keras.ops.cast(inputs, "float32"))
+    model = _preprocess_input_model_after(x, inputs)
+    loaded = load_model(save(model, tmp_path))
+    images = images_for((8, 8))
+    np.testing.assert_allclose(loaded.predict_batch(images)[0], model.predict_on_batch(images)["age"][:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_custom_layers_are_refused_with_a_reason(tmp_path):
     path = save(heads_model((8, 8, 3)), tmp_path, "custom.keras")
     with zipfile.ZipFile(path) as archive:
