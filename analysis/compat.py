@@ -10,8 +10,10 @@ pick their behaviour from fixed tables. Keras then loads in safe mode; a `Lambda
 Python code) is refused unless the caller knowingly passes `allow_unsafe=True`.
 
 Old files need shims because Keras 3 misreads or rejects valid Keras 2 configs:
-- arguments Keras 3 no longer accepts (e.g. `DepthwiseConv2D(groups=1)`) are dropped by a lenient
-  subclass of the built-in layer, with a note per dropped argument;
+- arguments Keras 3 no longer accepts (e.g. `DepthwiseConv2D(groups=1)`) are dropped from the config,
+  with a note per dropped argument; a BatchNormalization axis stored as a list becomes a number, and
+  model classes stored under Keras 2's `keras.src.engine` modules point to Keras 3's (tf.keras 2.13–2.15
+  wrote `.keras` archives with such configs; they get the same shims as Keras 2 `.h5` files);
 - `TFOpLambda` layers (Keras 2 recorded `x / 127.5 - 1` on a tensor as TensorFlow-op layers) are
   rebuilt from a fixed table of elementwise arithmetic with one constant; any other op is refused;
 - node references to nested models are renumbered (Keras 2 counted their calls from 1, Keras 3
@@ -72,7 +74,8 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def _inspect_file(path: Path) -> tuple[str, str, dict]:
-    """Identify the file without running anything: ("keras" | "h5" | "h5-legacy", format label, config)."""
+    """Identify the file without running anything: ("keras" | "keras-legacy" | "h5" | "h5-legacy", format
+    label, config); the -legacy kinds hold a Keras 2 config."""
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if path.is_dir():
@@ -106,7 +109,9 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
                 f"{path.name} looks like a .keras archive but cannot be read ({exc}); "
                 "it is probably truncated or damaged — download it again"
             ) from None
-        version = metadata.get("keras_version", "unknown")
+        version = str(metadata.get("keras_version", "unknown"))
+        if version.startswith("2."):  # tf.keras 2.13–2.15 wrote .keras archives with Keras 2 configs
+            return "keras-legacy", f".keras (Keras {version}, legacy)", config
         return "keras", f".keras (Keras {version})", config
 
     if head.startswith(_HDF5_MAGIC):
@@ -437,41 +442,54 @@ def _accepted_kwargs(cls) -> set[str]:
     return names
 
 
-def _lenient_class(cls, dropped: set[str]):
-    """Subclass of a built-in layer whose from_config drops keyword arguments Keras 3 no longer knows."""
-
-    class Lenient(cls):
-        @classmethod
-        def from_config(klass, config):
-            return super().from_config({k: v for k, v in config.items() if k not in dropped})
-
-    Lenient.__name__ = Lenient.__qualname__ = cls.__name__
-    return Lenient
-
-
-def _legacy_shims(config: dict) -> tuple[dict, list[str]]:
-    """custom_objects that let Keras 3 read an old config, and a note per dropped argument."""
+def _drop_unknown_arguments(config: dict) -> list[str]:
+    """Delete the layer arguments Keras 3 no longer accepts (e.g. `DepthwiseConv2D(groups=1)`) from a
+    Keras 2 config, in place; a note per class. (Keras 2.13–2.15 .keras files name every class with
+    registered_name null, so Keras 3 would ignore a custom_objects substitute: the config must change.)"""
     dropped: dict[str, dict[str, set]] = {}
     for item in _iter_layer_configs(config):
-        if not _is_layer_config(item):
-            continue
         cls = getattr(keras.layers, item["class_name"], None)
         if not isinstance(cls, type) or not issubclass(cls, keras.layers.Layer) or issubclass(cls, keras.Model):
             continue
-        extra = set(item["config"]) - _accepted_kwargs(cls)
-        for key in extra:
-            dropped.setdefault(item["class_name"], {}).setdefault(key, set()).add(
-                json.dumps(item["config"][key], sort_keys=True)
-            )
-    custom = {class_name: _lenient_class(getattr(keras.layers, class_name), set(keys))
-              for class_name, keys in dropped.items()}
-    notes = [
+        for key in set(item["config"]) - _accepted_kwargs(cls):
+            value = item["config"].pop(key)
+            dropped.setdefault(item["class_name"], {}).setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+    return [
         f"compatibility shim: dropped old {class_name} argument(s) "
         + ", ".join(f"{key}={'/'.join(sorted(values))}" for key, values in sorted(keys.items()))
         + " that Keras 3 rejects"
         for class_name, keys in sorted(dropped.items())
     ]
-    return custom, notes
+
+
+# Where Keras 2 kept the model classes, and where Keras 3 has them.
+_KERAS3_MODEL_MODULES = {"Functional": "keras.src.models.functional", "Sequential": "keras.src.models.sequential",
+                         "Model": "keras.src.models.model"}
+
+
+def _modernise_keras2_entries(config: dict) -> None:
+    """Keras 2 config details Keras 3's .keras reader rejects, fixed in place: model classes under
+    `keras.src.engine.*`, `batch_input_shape` on layers other than the input, a BatchNormalization
+    axis stored as a one-item list, and TFOpLambda entries naming Keras 2's module (dropped, so the
+    TFOpLambda shim is used)."""
+    for item in _iter_layer_configs(config):
+        module = str(item.get("module", ""))
+        if item["class_name"] in _KERAS3_MODEL_MODULES and ".engine." in f"{module}.":
+            item["module"] = _KERAS3_MODEL_MODULES[item["class_name"]]
+        layers = item["config"].get("layers")
+        if isinstance(layers, list) and layers and isinstance(layers[0], dict) and layers[0].get("class_name") == "InputLayer":
+            for layer in layers[1:]:  # a Sequential's InputLayer already gives the shape
+                if isinstance(layer, dict) and isinstance(layer.get("config"), dict):
+                    layer["config"].pop("batch_input_shape", None)
+        shape = item["config"].pop("batch_input_shape", None)
+        if isinstance(shape, list) and shape:  # Keras 3 reads it on an InputLayer only
+            item["config"].update({"batch_shape": shape} if item["class_name"] == "InputLayer" else {"input_shape": shape[1:]})
+        axis = item["config"].get("axis")
+        if item["class_name"] == "BatchNormalization" and isinstance(axis, list) and len(axis) == 1:
+            item["config"]["axis"] = axis[0]
+        if item["class_name"] in _SHIM_CLASSES and ("module" in item or "registered_name" in item):
+            item.pop("module", None)
+            item.pop("registered_name", None)
 
 
 def _fix_legacy_nodes(config: dict) -> int:
@@ -557,25 +575,22 @@ def _loadable_copy(path: Path, suffix: str, config: dict | None):
 
 
 def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, notes: list[str]):
-    """Load with Keras (safe mode unless allowed), applying compatibility shims to old .h5 configs."""
+    """Load with Keras (safe mode unless allowed), applying compatibility shims to Keras 2 configs."""
     custom_objects: dict = {}
-    patched = None
-    if kind == "h5-legacy":
-        patched = json.loads(json.dumps(config))
+    patched = json.loads(json.dumps(config))
+    changed = _replace_preprocess_input_lambdas(patched, notes)  # first: it reads Keras 2 Lambda arguments
+    if kind in ("h5-legacy", "keras-legacy"):
         if _fix_legacy_nodes(patched):
             notes.append("compatibility shim: renumbered Keras 2 layer connections for Keras 3")
-        else:
-            patched = None
         if any(item["class_name"] == "TFOpLambda" for item in _iter_layer_configs(config)):
             custom_objects["TFOpLambda"] = _tf_op_lambda_class()
             notes.append("compatibility shim: Keras 2 arithmetic op layers (TFOpLambda) rebuilt from a fixed table")
-        shims, shim_notes = _legacy_shims(config)
-        custom_objects.update(shims)
-        notes += shim_notes
-    candidate = patched or json.loads(json.dumps(config))
-    if _replace_preprocess_input_lambdas(candidate, notes):
-        patched = candidate
-    suffix = ".keras" if kind == "keras" else ".h5"
+        _modernise_keras2_entries(patched)
+        notes += _drop_unknown_arguments(patched)
+        changed = True
+    if not changed:
+        patched = None
+    suffix = ".keras" if kind.startswith("keras") else ".h5"
     try:
         with _loadable_copy(path, suffix, patched) as loadable:
             model = keras.saving.load_model(

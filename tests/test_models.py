@@ -7,7 +7,9 @@ numpy from the raw Keras outputs, never taken from the code under test.
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
+from pathlib import Path
 
 import h5py
 import keras
@@ -515,6 +517,27 @@ def test_keras3_op_nodes_holding_functions_or_from_elsewhere_are_refused(tmp_pat
     _rewrite_config(path, change)
     with pytest.raises(ModelLoadError, match=r"uses Keras operation\(s\) true_divide\w* .*never functions"):
         load_model(path)
+
+
+def test_a_keras_archive_written_by_tf_keras_2_15_loads_with_the_keras2_shims(tmp_path):
+    # Written by TensorFlow 2.15 (tests/data/keras215/build.py), as Colab saved coursework in 2023–24:
+    # model classes under keras.src.engine, batch_input_shape on a Sequential's first layer, a
+    # BatchNormalization axis list, DepthwiseConv2D(groups=1), TFOpLambda preprocessing, a nested model.
+    source = Path(__file__).parent / "data" / "keras215"
+    path = tmp_path / "coursework.keras"
+    shutil.copyfile(source / "keras215.keras", path)
+    expected = np.load(source / "keras215_expected.npz")  # TensorFlow 2.15's own predictions
+    with pytest.raises(Exception, match="keras.src.engine.functional"):  # Keras 3 alone cannot read it
+        keras.saving.load_model(path, compile=False)
+
+    loaded = load_model(path)
+    assert loaded.file_format == ".keras (Keras 2.15.0, legacy)"
+    assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
+    assert any("DepthwiseConv2D argument(s) groups=1" in n for n in loaded.notes)
+    ages, p_female = loaded.predict_batch(expected["images"])
+    np.testing.assert_allclose(ages, expected["age"], atol=1e-5)
+    np.testing.assert_allclose(p_female, expected["p_female"], atol=1e-6)
+    assert path.read_bytes() == (source / "keras215.keras").read_bytes()
 
 
 # ---------------------------------------------------------------- safety

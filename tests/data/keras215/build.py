@@ -1,0 +1,35 @@
+"""Writes keras215.keras and keras215_expected.npz (test fixtures): a tiny age+gender model saved the
+way coursework on Colab was in 2023-24, exercising what Keras 3 rejects in Keras 2.15 .keras files.
+
+Run with TensorFlow 2.15, e.g. `python -m venv /tmp/tf215 && /tmp/tf215/bin/pip install
+tensorflow-cpu==2.15.1 && /tmp/tf215/bin/python tests/data/keras215/build.py`. Random weights, no data.
+"""
+from pathlib import Path
+
+import numpy as np, tensorflow as tf
+from tensorflow import keras
+from tensorflow.keras import layers
+tf.keras.utils.set_random_seed(3)
+inputs = keras.Input((16, 16, 3), name="image")
+x = tf.keras.applications.mobilenet_v2.preprocess_input(inputs)   # TFOpLambda layers
+trunk = keras.Sequential([
+    layers.Conv2D(6, 3, padding="same", input_shape=(16, 16, 3)),
+    layers.BatchNormalization(),                                     # axis stored as [3]
+    layers.ReLU(),
+    layers.DepthwiseConv2D(3, padding="same"),                       # groups=1 stored
+    layers.GlobalAveragePooling2D(),
+], name="trunk")                                                     # nested: nodes numbered from 1
+f = trunk(x)
+model = keras.Model(inputs, {"age_output": layers.Dense(1, name="age_output")(f),
+                             "gender_output": layers.Dense(2, activation="softmax", name="gender_output")(f)})
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (8, 16, 16, 3)).astype("uint8")
+# BatchNorm statistics from a real batch, so outputs depend on the input
+bn = trunk.layers[1]
+feats = trunk.layers[0](tf.keras.applications.mobilenet_v2.preprocess_input(images.astype("float32"))).numpy()
+bn.set_weights([np.ones(6), np.zeros(6), feats.mean((0, 1, 2)), feats.var((0, 1, 2)) + 1e-3])
+HERE = Path(__file__).parent
+model.save(HERE / "keras215.keras")
+out = model.predict(images.astype("float32"), verbose=0)
+np.savez(HERE / "keras215_expected.npz", images=images, age=out["age_output"][:, 0], p_female=out["gender_output"][:, 1])
+print(out["age_output"][:, 0], out["gender_output"][:, 1])
