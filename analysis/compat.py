@@ -227,7 +227,7 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
         layer_name = item["config"].get("name", item.get("name", "?"))
         if class_name == "Lambda" and _preprocess_input_source(item) is None:
             lambdas.append(layer_name)
-        elif class_name == "SlicingOpLambda" or (class_name == "TFOpLambda" and not _tf_op_supported(item)):
+        elif class_name in _SHIM_CLASSES and not _tf_op_supported(item):
             unsupported.append(f"{layer_name} (Keras 2 TensorFlow op {item['config'].get('function', '?')})")
         elif str(item.get("module")).startswith("keras.src.ops."):
             if not _is_keras_op(item):
@@ -250,8 +250,8 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
     if unsupported:
         raise ModelFileError(
             f"{path.name} uses Keras 2 TensorFlow-op layer(s) {', '.join(unsupported)} that Keras 3 cannot "
-            f"rebuild; only elementwise arithmetic with a constant ({', '.join(sorted(_TF_OP_NAMES))}) is "
-            "supported. Re-save the model with standard Keras layers."
+            f"rebuild; only elementwise arithmetic with a constant ({', '.join(sorted(_TF_OP_NAMES))}) and the "
+            "channel reversal x[..., ::-1] are supported. Re-save the model with standard Keras layers."
         )
     if ops:
         raise ModelFileError(
@@ -276,17 +276,42 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
 
 
 def _tf_op_supported(item: dict) -> bool:
-    """A Keras 2 TFOpLambda we can rebuild: known arithmetic, called with one numeric constant."""
-    if item["config"].get("function") not in _TF_OP_NAMES:
+    """A Keras 2 TFOpLambda / SlicingOpLambda we can rebuild: known arithmetic with a numeric constant
+    (or a per-channel bias), or the channel reversal x[..., ::-1]."""
+    function = item["config"].get("function")
+    if function not in (_TF_OP_NAMES if item["class_name"] == "TFOpLambda" else {_GETITEM}):
         return False
     for node in item.get("inbound_nodes") or []:
         refs = [node] if node and isinstance(node[0], str) else node
         for ref in refs:
             extra = ref[3] if isinstance(ref, list) and len(ref) > 3 and isinstance(ref[3], dict) else {}
-            y = extra.get("y")
-            if not isinstance(y, (int, float)) or isinstance(y, bool):
+            if _tf_op_operand(function, extra) is None:
                 return False
     return True
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _tf_op_operand(function: str, kwargs: dict):
+    """The constant a Keras 2 op layer was called with: a number ("y"), a per-channel bias (list),
+    or "reverse" for the slice x[..., ::-1]; None when the call is anything else."""
+    if function == _GETITEM:
+        spec = kwargs.get("slice_spec")
+        if isinstance(spec, (list, tuple)) and len(spec) == 2:  # stored serialized, or rebuilt by Keras
+            ellipsis = spec[0] is Ellipsis or spec[0] == {"class_name": "__ellipsis__"}
+            reverse = spec[1] == slice(None, None, -1) or spec[1] == {"start": None, "stop": None, "step": -1}
+            if ellipsis and reverse:
+                return "reverse"
+        return None
+    if function == _BIAS_ADD:
+        bias = kwargs.get("bias")
+        ok = (isinstance(bias, (list, tuple)) and 1 <= len(bias) <= 4 and all(map(_is_number, bias))
+              and kwargs.get("data_format") in (None, "NHWC"))
+        return [float(b) for b in bias] if ok else None
+    y = kwargs.get("y")
+    return float(y) if _is_number(y) else None
 
 
 def _preprocess_input_source(item: dict) -> str | None:
@@ -386,44 +411,60 @@ def _is_builtin_layer(item: dict) -> bool:
 # ---------------------------------------------------------------- compatibility shims for old files
 
 
-def _tf_op_lambda_class():
-    """A stand-in for Keras 2's `TFOpLambda` (layers made by writing `x / 127.5 - 1` on a tensor).
+def _tf_op_lambda_classes() -> dict:
+    """Stand-ins for Keras 2's `TFOpLambda` and `SlicingOpLambda` (layers made by writing `x / 127.5 - 1`
+    or `x[..., ::-1]` on a tensor, as keras.applications' preprocess_input does).
 
-    Only elementwise arithmetic with constants is allowed — the op is chosen from a fixed table by
-    name, so nothing from the file is executed.
+    Only elementwise arithmetic with constants and the channel reversal are allowed — the op is
+    chosen from a fixed table by name, so nothing from the file is executed.
     """
     ops = keras.ops
     by_kind = {"divide": ops.divide, "multiply": ops.multiply, "subtract": ops.subtract, "add": ops.add}
-    table = {name: by_kind[kind] for name, kind in _TF_OPS.items()}
 
     class TFOpLambda(keras.layers.Layer):
         def __init__(self, function, **kwargs):
             kwargs.pop("module", None)
             super().__init__(**kwargs)
-            if function not in table:
+            if function not in _TF_OPS:
                 raise ValueError(
                     f"Keras 2 op layer '{function}' is not supported (only elementwise arithmetic with constants)"
                 )
             self.function = function
 
-        def call(self, x, y=None, name=None, **kwargs):
-            if kwargs or not isinstance(y, (int, float)) or isinstance(y, bool):
+        def call(self, x, name=None, **kwargs):
+            operand = _tf_op_operand(self.function, kwargs)
+            if operand is None or set(kwargs) - {"y", "bias", "data_format"}:
                 raise ValueError(f"Keras 2 op layer '{self.function}' is supported only with one constant operand")
-            return table[self.function](x, ops.cast(y, x.dtype))
+            return by_kind[_TF_OPS[self.function]](x, ops.cast(operand, x.dtype))
 
         def get_config(self):
             return {**super().get_config(), "function": self.function}
 
-    return TFOpLambda
+    class SlicingOpLambda(TFOpLambda):
+        def __init__(self, function, **kwargs):
+            keras.layers.Layer.__init__(self, **{k: v for k, v in kwargs.items() if k != "module"})
+            if function != _GETITEM:
+                raise ValueError(f"Keras 2 slicing layer '{function}' is not supported")
+            self.function = function
+
+        def call(self, x, slice_spec=None, name=None):
+            if _tf_op_operand(self.function, {"slice_spec": slice_spec}) != "reverse":
+                raise ValueError("Keras 2 slicing layers are supported only as the channel reversal x[..., ::-1]")
+            return ops.flip(x, axis=-1)
+
+    return {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda}
 
 
-_SHIM_CLASSES = {"TFOpLambda"}
+_SHIM_CLASSES = {"TFOpLambda", "SlicingOpLambda"}
+_GETITEM = "__operators__.getitem"
+_BIAS_ADD = "nn.bias_add"  # x + a per-channel constant (keras.applications' "caffe" mean)
 # Keras 2 `TFOpLambda` function names we rebuild, and the arithmetic each one is.
 _TF_OPS = {
     "math.truediv": "divide", "math.divide": "divide", "__operators__.truediv": "divide",
     "math.multiply": "multiply", "__operators__.mul": "multiply",
     "math.subtract": "subtract", "__operators__.sub": "subtract",
     "math.add": "add", "__operators__.add": "add",
+    _BIAS_ADD: "add",
 }
 _TF_OP_NAMES = frozenset(_TF_OPS)
 
@@ -582,9 +623,10 @@ def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, n
     if kind in ("h5-legacy", "keras-legacy"):
         if _fix_legacy_nodes(patched):
             notes.append("compatibility shim: renumbered Keras 2 layer connections for Keras 3")
-        if any(item["class_name"] == "TFOpLambda" for item in _iter_layer_configs(config)):
-            custom_objects["TFOpLambda"] = _tf_op_lambda_class()
-            notes.append("compatibility shim: Keras 2 arithmetic op layers (TFOpLambda) rebuilt from a fixed table")
+        if any(item["class_name"] in _SHIM_CLASSES for item in _iter_layer_configs(config)):
+            custom_objects.update(_tf_op_lambda_classes())
+            notes.append("compatibility shim: Keras 2 arithmetic op layers (TFOpLambda, SlicingOpLambda) rebuilt "
+                         "from a fixed table")
         _modernise_keras2_entries(patched)
         notes += _drop_unknown_arguments(patched)
         changed = True
@@ -612,40 +654,48 @@ def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, n
 # ---------------------------------------------------------------- reading arithmetic op layers and op nodes
 
 
-def tf_op_constant(layer) -> float | None:
-    """The constant operand a Keras 2 arithmetic op layer was called with, if it is one number."""
+def tf_op_affine(layer) -> tuple[float, float, str] | None:
+    """(a, b, description) when a rebuilt Keras 2 op layer computes a·x + b with a constant (a
+    per-channel bias is averaged over its channels), else None."""
     try:
-        value = layer._inbound_nodes[0].arguments.kwargs.get("y")
+        kwargs = dict(layer._inbound_nodes[0].arguments.kwargs)
     except (IndexError, AttributeError):
         return None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def tf_op_affine(layer) -> tuple[float, float] | None:
-    """(a, b) such that the Keras 2 op layer computes a·x + b, for arithmetic with a constant; else None."""
-    y = tf_op_constant(layer)
-    if y is None:
-        return None
+    kwargs.pop("name", None)
+    operand = _tf_op_operand(layer.function, kwargs)
     kind = _TF_OPS.get(layer.function)
-    if kind == "divide" and y != 0:
-        return 1.0 / y, 0.0
-    if kind == "multiply":
-        return y, 0.0
-    if kind == "subtract":
-        return 1.0, -y
+    if operand is None or operand == "reverse" or kind is None:
+        return None
+    affine = _affine(kind, float(np.mean(operand)))
+    shown = ", ".join(f"{v:.4g}" for v in np.atleast_1d(operand))
+    return None if affine is None else (*affine, f"{layer.function}({shown})")
+
+
+def tf_op_reverses_channels(layer) -> bool:
+    """True for a rebuilt Keras 2 slicing layer that computes x[..., ::-1]."""
+    try:
+        kwargs = layer._inbound_nodes[0].arguments.kwargs
+    except (IndexError, AttributeError):
+        return False
+    return type(layer).__name__ == "SlicingOpLambda" and _tf_op_operand(_GETITEM, kwargs) == "reverse"
+
+
+def _affine(kind: str, c: float, tensor_first: bool = True) -> tuple[float, float] | None:
+    """(a, b) such that `x <kind> c` (or `c <kind> x`) is a·x + b; None when it is not affine in x."""
     if kind == "add":
-        return 1.0, y
+        return 1.0, c
+    if kind == "multiply":
+        return c, 0.0
+    if kind == "subtract":
+        return (1.0, -c) if tensor_first else (-1.0, c)
+    if kind == "divide" and tensor_first and c:
+        return 1.0 / c, 0.0
     return None
 
 
-# Keras 3 op nodes that are a·x + b when one operand is a constant: (a, b) from the constant c.
-_KERAS_OP_AFFINE = {
-    "Add": lambda c, first: (1.0, c),
-    "Multiply": lambda c, first: (c, 0.0),
-    "Subtract": lambda c, first: (1.0, -c) if first else (-1.0, c),  # x - c, or c - x
-    "TrueDivide": lambda c, first: (1.0 / c, 0.0) if first and c else None,
-    "Divide": lambda c, first: (1.0 / c, 0.0) if first and c else None,
-}
+# Keras 3 op nodes that are arithmetic with a constant operand, by kind (see _affine).
+_KERAS_OP_KINDS = {"Add": "add", "Multiply": "multiply", "Subtract": "subtract", "TrueDivide": "divide",
+                   "Divide": "divide"}
 
 
 def _node_args(op) -> tuple:
@@ -660,9 +710,9 @@ def keras_op_affine(op) -> tuple[float, float, str] | None:
 
     A per-channel constant (e.g. the ImageNet mean) is averaged over its channels, as the other
     preprocessing readers do with per-channel means and variances."""
-    rule = _KERAS_OP_AFFINE.get(type(op).__name__)
+    kind = _KERAS_OP_KINDS.get(type(op).__name__)
     args = _node_args(op)
-    if rule is None or isinstance(op, keras.layers.Layer) or len(args) != 2:
+    if kind is None or isinstance(op, keras.layers.Layer) or len(args) != 2:
         return None
     symbolic = [isinstance(arg, keras.KerasTensor) for arg in args]
     if symbolic.count(True) != 1:
@@ -673,7 +723,7 @@ def keras_op_affine(op) -> tuple[float, float, str] | None:
         return None
     if not 1 <= values.size <= 4 or not np.all(np.isfinite(values)):
         return None
-    affine = rule(float(values.mean()), symbolic[0])
+    affine = _affine(kind, float(values.mean()), tensor_first=symbolic[0])
     if affine is None:
         return None
     shown = ", ".join(f"{v:.4g}" for v in values)

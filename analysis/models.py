@@ -39,7 +39,7 @@ from analysis.compat import (
     keras_op_affine,
     load_model_file,
     tf_op_affine,
-    tf_op_constant,
+    tf_op_reverses_channels,
 )
 from analysis.dataset import file_digest
 from analysis.metrics import gender_correct
@@ -481,12 +481,12 @@ def detect_preprocessing_inside(model) -> tuple[str, str] | None:
                 break
             a, b = 1.0 / std, -mean / std
             found.append(f"Normalization(mean={mean:.4g}, std={std:.4g})")
-        elif class_name == "TFOpLambda" and (affine := tf_op_affine(layer)) is not None:
-            a, b = affine
-            found.append(f"{layer.function}({tf_op_constant(layer):g})")
-        elif (op_affine := keras_op_affine(layer)) is not None:
-            a, b, description = op_affine
+        elif (affine := tf_op_affine(layer) if class_name == "TFOpLambda" else keras_op_affine(layer)) is not None:
+            a, b, description = affine
             found.append(description)
+        elif class_name == "SlicingOpLambda" and tf_op_reverses_channels(layer):
+            found.append("channels reversed")
+            continue
         elif keras_channel_slice(layer) is not None:
             continue  # one channel of x[..., k]: checked where the channels are stacked back
         elif (order := keras_channel_order(layer)) is not None:

@@ -540,6 +540,29 @@ def test_a_keras_archive_written_by_tf_keras_2_15_loads_with_the_keras2_shims(tm
     assert path.read_bytes() == (source / "keras215.keras").read_bytes()
 
 
+def test_keras2_caffe_preprocessing_channel_flip_and_bias_are_rebuilt_and_detected(tmp_path):
+    # resnet50.preprocess_input written on the input by TensorFlow 2.15: x[..., ::-1] (SlicingOpLambda)
+    # then nn.bias_add of minus the ImageNet mean (TFOpLambda); fixture from tests/data/keras215/build.py.
+    source = Path(__file__).parent / "data" / "keras215"
+    expected = np.load(source / "keras215_caffe_expected.npz")
+    loaded = load_model(source / "keras215_caffe.h5")
+    assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
+    assert any("channels reversed → nn.bias_add(-103.9, -116.8, -123.7)" in n for n in loaded.notes)
+    ages, p_female = loaded.predict_batch(expected["images"])
+    np.testing.assert_allclose(ages, expected["age"], atol=1e-5)
+    np.testing.assert_allclose(p_female, expected["p_female"], atol=1e-6)
+
+    # Any other slice is refused by name before Keras sees it.
+    path = tmp_path / "other_slice.h5"
+    shutil.copyfile(source / "keras215_caffe.h5", path)
+    with h5py.File(path, "r+") as handle:
+        text = handle.attrs["model_config"]
+        text = text.decode() if isinstance(text, bytes) else text
+        handle.attrs["model_config"] = text.replace('"step": -1', '"step": 2').encode()
+    with pytest.raises(ModelLoadError, match=r"TensorFlow op __operators__\.getitem"):
+        load_model(path)
+
+
 # ---------------------------------------------------------------- safety
 
 

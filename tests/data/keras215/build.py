@@ -33,3 +33,15 @@ model.save(HERE / "keras215.keras")
 out = model.predict(images.astype("float32"), verbose=0)
 np.savez(HERE / "keras215_expected.npz", images=images, age=out["age_output"][:, 0], p_female=out["gender_output"][:, 1])
 print(out["age_output"][:, 0], out["gender_output"][:, 1])
+
+# keras.applications' "caffe" preprocessing written on the input, saved as .h5 (TF 2.15 cannot save
+# this one as .keras): a SlicingOpLambda (x[..., ::-1]) and a TFOpLambda (nn.bias_add of -mean).
+inputs = keras.Input((16, 16, 3), name="image")
+x = tf.keras.applications.resnet50.preprocess_input(inputs)
+x = layers.Conv2D(4, 1, activation="tanh", kernel_initializer=keras.initializers.RandomNormal(stddev=0.02))(x)
+f = layers.GlobalAveragePooling2D()(x)
+caffe = keras.Model(inputs, [layers.Dense(1, name="age")(f), layers.Dense(1, activation="sigmoid", name="gender")(f)])
+caffe.save(HERE / "keras215_caffe.h5")
+age, gender = caffe.predict(images.astype("float32"), verbose=0)
+np.savez(HERE / "keras215_caffe_expected.npz", images=images, age=age[:, 0], p_female=gender[:, 0])
+print(age[:, 0], gender[:, 0])
