@@ -469,18 +469,30 @@ _TF_OPS = {
 _TF_OP_NAMES = frozenset(_TF_OPS)
 
 
+# Arguments Keras 3 layers still read from **kwargs, not their signature (Keras' layers/*.py: grep
+# "kwargs.pop"): dropping LeakyReLU's Keras 2 `alpha` would silently change the model.
+_KWARGS_READ = {"LeakyReLU": {"alpha"}, "LayerNormalization": {"rms_scaling"}, "LSTM": {"implementation"},
+                "GRU": {"implementation"}, "Embedding": {"input_length"}}
+
+
 def _accepted_kwargs(cls) -> set[str]:
-    names = {"input_shape", "input_dim", "batch_input_shape", "batch_size", "batch_shape"}
+    """The keyword arguments `cls(**config)` accepts: its __init__'s parameters and, as long as each
+    __init__ passes **kwargs on, its parents' up to keras.layers.Layer (which also reads input shapes).
+    E.g. SpatialDropout2D takes no `noise_shape` or `trainable` although Dropout and Layer do."""
+    names = set()
     for klass in cls.__mro__:
+        names |= _KWARGS_READ.get(klass.__name__, set())
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
-        for param in inspect.signature(init).parameters.values():
-            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
-                names.add(param.name)
-        if klass is keras.layers.Layer:
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             break
-    return names
+        if klass is keras.layers.Layer:
+            names |= {"input_shape", "input_dim", "batch_input_shape", "batch_size", "batch_shape"}
+            break
+    return names - {"self"}
 
 
 def _drop_unknown_arguments(config: dict) -> list[str]:
@@ -508,12 +520,22 @@ _KERAS3_MODEL_MODULES = {"Functional": "keras.src.models.functional", "Sequentia
                          "Model": "keras.src.models.model"}
 
 
-def _modernise_keras2_entries(config: dict) -> None:
+def _modernise_keras2_entries(config: dict) -> list[str]:
     """Keras 2 config details Keras 3's .keras reader rejects, fixed in place: model classes under
     `keras.src.engine.*`, `batch_input_shape` on layers other than the input, a BatchNormalization
-    axis stored as a one-item list, and TFOpLambda entries naming Keras 2's module (dropped, so the
-    TFOpLambda shim is used)."""
+    axis stored as a one-item list, LeakyReLU's `alpha` (now `negative_slope`), TFOpLambda entries
+    naming Keras 2's module (dropped, so the
+    TFOpLambda shim is used), and Keras 2 mixed-precision policies, which Keras 3 misreads: layers
+    trained in mixed_float16 / mixed_bfloat16 run in float32 (their weights are float32 anyway).
+    Returns a note per kind of change the user should know about."""
+    mixed = set()
     for item in _iter_layer_configs(config):
+        dtype = item["config"].get("dtype")
+        if isinstance(dtype, dict) and dtype.get("class_name") == "Policy":
+            name = str((dtype.get("config") or {}).get("name", "float32"))
+            if name.startswith("mixed_"):
+                mixed.add(name)
+            item["config"]["dtype"] = "float32" if name.startswith("mixed_") else name
         module = str(item.get("module", ""))
         if item["class_name"] in _KERAS3_MODEL_MODULES and ".engine." in f"{module}.":
             item["module"] = _KERAS3_MODEL_MODULES[item["class_name"]]
@@ -525,12 +547,18 @@ def _modernise_keras2_entries(config: dict) -> None:
         shape = item["config"].pop("batch_input_shape", None)
         if isinstance(shape, list) and shape:  # Keras 3 reads it on an InputLayer only
             item["config"].update({"batch_shape": shape} if item["class_name"] == "InputLayer" else {"input_shape": shape[1:]})
+        if item["class_name"] == "LeakyReLU" and "alpha" in item["config"]:
+            item["config"]["negative_slope"] = item["config"].pop("alpha")  # its Keras 3 name
         axis = item["config"].get("axis")
         if item["class_name"] == "BatchNormalization" and isinstance(axis, list) and len(axis) == 1:
             item["config"]["axis"] = axis[0]
         if item["class_name"] in _SHIM_CLASSES and ("module" in item or "registered_name" in item):
             item.pop("module", None)
             item.pop("registered_name", None)
+    if not mixed:
+        return []
+    return [f"compatibility shim: layers trained in {'/'.join(sorted(mixed))} run in float32 (their weights are "
+            "float32; Keras 3 cannot read Keras 2's mixed-precision policy)"]
 
 
 def _fix_legacy_nodes(config: dict) -> int:
@@ -627,7 +655,7 @@ def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, n
             custom_objects.update(_tf_op_lambda_classes())
             notes.append("compatibility shim: Keras 2 arithmetic op layers (TFOpLambda, SlicingOpLambda) rebuilt "
                          "from a fixed table")
-        _modernise_keras2_entries(patched)
+        notes += _modernise_keras2_entries(patched)
         notes += _drop_unknown_arguments(patched)
         changed = True
     if not changed:

@@ -563,6 +563,21 @@ def test_keras2_caffe_preprocessing_channel_flip_and_bias_are_rebuilt_and_detect
         load_model(path)
 
 
+def test_keras2_arguments_keras3_reads_differently_keep_the_model_exact():
+    # LeakyReLU(alpha=0.05) (Keras 3: negative_slope, default 0.3), SpatialDropout2D stored with
+    # noise_shape and trainable (its Keras 3 __init__ takes neither), a mixed_float16 layer (Keras 3
+    # misreads Keras 2's policy): all written by TensorFlow 2.15 (tests/data/keras215/build.py).
+    source = Path(__file__).parent / "data" / "keras215"
+    expected = np.load(source / "keras215_layers_expected.npz")
+    loaded = load_model(source / "keras215_layers.h5")
+    assert any("mixed_float16 run in float32" in n for n in loaded.notes)
+    assert any("SpatialDropout2D argument(s) noise_shape=null, trainable=true" in n for n in loaded.notes)
+    assert not any("LeakyReLU" in n for n in loaded.notes)  # renamed, not dropped
+    ages, p_female = loaded.predict_batch(expected["images"])
+    np.testing.assert_allclose(ages, expected["age"], atol=5e-4)  # the conv ran in float16 there
+    np.testing.assert_allclose(p_female, expected["p_female"], atol=5e-4)
+
+
 # ---------------------------------------------------------------- safety
 
 
