@@ -255,10 +255,10 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
         )
     if ops:
         raise ModelFileError(
-            f"{path.name} uses Keras operation(s) {', '.join(ops)} that facecheck does not load: only operations "
-            f"on arrays from {', '.join(_KERAS_OP_MODULES[:-1])} (and {', '.join(sorted(_KERAS_CORE_OPS))}) whose "
-            "stored arguments are tensors and constants (never functions) are accepted. Re-save the model with "
-            "standard Keras layers."
+            f"{path.name} uses Keras operation(s) {', '.join(ops)} that facecheck does not load: only array "
+            f"operations of keras.ops (numpy, math, nn, image; from core only {', '.join(sorted(_KERAS_CORE_OPS))}) "
+            "whose stored arguments are tensors and constants (never functions) are accepted. Re-save the model "
+            "with standard Keras layers."
         )
     if h5_ops:
         raise ModelFileError(
