@@ -36,6 +36,7 @@ from models_zoo import (
 )
 
 RNG = np.random.default_rng(7)
+KERAS215 = Path(__file__).parent / "data" / "keras215"  # files written by TensorFlow 2.15 (build.py there)
 # Keras 3.15 + numpy 2 warn inside model.save (keras/src/backend/tensorflow/core.py); not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -523,10 +524,9 @@ def test_a_keras_archive_written_by_tf_keras_2_15_loads_with_the_keras2_shims(tm
     # Written by TensorFlow 2.15 (tests/data/keras215/build.py), as Colab saved coursework in 2023–24:
     # model classes under keras.src.engine, batch_input_shape on a Sequential's first layer, a
     # BatchNormalization axis list, DepthwiseConv2D(groups=1), TFOpLambda preprocessing, a nested model.
-    source = Path(__file__).parent / "data" / "keras215"
     path = tmp_path / "coursework.keras"
-    shutil.copyfile(source / "keras215.keras", path)
-    expected = np.load(source / "keras215_expected.npz")  # TensorFlow 2.15's own predictions
+    shutil.copyfile(KERAS215 / "keras215.keras", path)
+    expected = np.load(KERAS215 / "keras215_expected.npz")  # TensorFlow 2.15's own predictions
     with pytest.raises(Exception, match="keras.src.engine.functional"):  # Keras 3 alone cannot read it
         keras.saving.load_model(path, compile=False)
 
@@ -537,15 +537,14 @@ def test_a_keras_archive_written_by_tf_keras_2_15_loads_with_the_keras2_shims(tm
     ages, p_female = loaded.predict_batch(expected["images"])
     np.testing.assert_allclose(ages, expected["age"], atol=1e-5)
     np.testing.assert_allclose(p_female, expected["p_female"], atol=1e-6)
-    assert path.read_bytes() == (source / "keras215.keras").read_bytes()
+    assert path.read_bytes() == (KERAS215 / "keras215.keras").read_bytes()
 
 
 def test_keras2_caffe_preprocessing_channel_flip_and_bias_are_rebuilt_and_detected(tmp_path):
     # resnet50.preprocess_input written on the input by TensorFlow 2.15: x[..., ::-1] (SlicingOpLambda)
     # then nn.bias_add of minus the ImageNet mean (TFOpLambda); fixture from tests/data/keras215/build.py.
-    source = Path(__file__).parent / "data" / "keras215"
-    expected = np.load(source / "keras215_caffe_expected.npz")
-    loaded = load_model(source / "keras215_caffe.h5")
+    expected = np.load(KERAS215 / "keras215_caffe_expected.npz")
+    loaded = load_model(KERAS215 / "keras215_caffe.h5")
     assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
     assert any("channels reversed → nn.bias_add(-103.9, -116.8, -123.7)" in n for n in loaded.notes)
     ages, p_female = loaded.predict_batch(expected["images"])
@@ -554,7 +553,7 @@ def test_keras2_caffe_preprocessing_channel_flip_and_bias_are_rebuilt_and_detect
 
     # Any other slice is refused by name before Keras sees it.
     path = tmp_path / "other_slice.h5"
-    shutil.copyfile(source / "keras215_caffe.h5", path)
+    shutil.copyfile(KERAS215 / "keras215_caffe.h5", path)
     with h5py.File(path, "r+") as handle:
         text = handle.attrs["model_config"]
         text = text.decode() if isinstance(text, bytes) else text
@@ -567,9 +566,8 @@ def test_keras2_arguments_keras3_reads_differently_keep_the_model_exact():
     # LeakyReLU(alpha=0.05) (Keras 3: negative_slope, default 0.3), SpatialDropout2D stored with
     # noise_shape and trainable (its Keras 3 __init__ takes neither), a mixed_float16 layer (Keras 3
     # misreads Keras 2's policy): all written by TensorFlow 2.15 (tests/data/keras215/build.py).
-    source = Path(__file__).parent / "data" / "keras215"
-    expected = np.load(source / "keras215_layers_expected.npz")
-    loaded = load_model(source / "keras215_layers.h5")
+    expected = np.load(KERAS215 / "keras215_layers_expected.npz")
+    loaded = load_model(KERAS215 / "keras215_layers.h5")
     assert any("mixed_float16 run in float32" in n for n in loaded.notes)
     assert any("SpatialDropout2D argument(s) noise_shape=null, trainable=true" in n for n in loaded.notes)
     assert not any("LeakyReLU" in n for n in loaded.notes)  # renamed, not dropped
@@ -726,15 +724,12 @@ def test_a_uint8_input_cast_to_float_loads(tmp_path):
 
 def test_custom_layers_are_refused_with_a_reason(tmp_path):
     path = save(heads_model((8, 8, 3)), tmp_path, "custom.keras")
-    with zipfile.ZipFile(path) as archive:
-        files = {name: archive.read(name) for name in archive.namelist()}
-    config = json.loads(files["config.json"])
-    conv = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Conv2D")
-    conv.update(module="my_package.layers", class_name="FancyConv", registered_name="my_package>FancyConv")
-    files["config.json"] = json.dumps(config).encode()
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
+
+    def rename(config):
+        conv = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Conv2D")
+        conv.update(module="my_package.layers", class_name="FancyConv", registered_name="my_package>FancyConv")
+
+    _rewrite_config(path, rename)
     with pytest.raises(ModelLoadError, match=r"custom layer\(s\) conv \(FancyConv\)"):
         load_model(path)
 
