@@ -38,10 +38,9 @@ from analysis.compat import (
     keras_channel_slice,
     keras_op_affine,
     load_model_file,
-    tf_op_affine,
-    tf_op_reverses_channels,
 )
 from analysis.dataset import file_digest
+from analysis.keras2 import tf_op_affine, tf_op_reverses_channels
 from analysis.metrics import gender_correct
 from analysis.mapping import (
     AGE_KINDS,

@@ -1,0 +1,327 @@
+"""Keras 2 model configs made readable by Keras 3 — the shims `analysis.compat` applies to Keras 2
+`.h5` files and to the `.keras` archives tf.keras 2.13–2.15 wrote.
+
+Keras 3 misreads or rejects valid Keras 2 configs. Every fix here rewrites the stored JSON config
+(never the user's file: compat loads a patched temporary copy) or stands in for a Keras 2 layer
+class with a fixed table of operations — nothing from the file is executed:
+- node references to nested models are renumbered (Keras 2 counted their calls from 1, Keras 3
+  from 0), and flat TFOpLambda nodes are wrapped as lists of inputs;
+- arguments Keras 3 no longer accepts (e.g. `DepthwiseConv2D(groups=1)`) are dropped, LeakyReLU's
+  alpha is renamed, a BatchNormalization axis list becomes a number, model classes stored under
+  `keras.src.engine` point to Keras 3's, and mixed-precision policies become float32;
+- TensorFlow ops written on tensors (`TFOpLambda`, `SlicingOpLambda`): arithmetic with a constant
+  and the channel reversal `x[..., ::-1]` run in stand-in layers. Any other op is refused by compat
+  with a message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import keras
+import numpy as np
+
+
+def layer_entries(config):
+    """Yield every layer entry (a dict with a class_name) in a stored model config, nested ones too —
+    also one whose `config` is not a dict (Keras reads a null config as empty: see _refuse_unloadable)."""
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "class_name" in item:
+                yield item
+            for key, value in item.items():
+                if key in ("layers", "layer", "forward_layer", "backward_layer", "config", "cell", "cells"):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+
+def tf_op_supported(item: dict) -> bool:
+    """A Keras 2 TFOpLambda / SlicingOpLambda we can rebuild: known arithmetic with a numeric constant
+    (or a per-channel bias), or the channel reversal x[..., ::-1]."""
+    function = item["config"].get("function")
+    if function not in (TF_OP_NAMES if item["class_name"] == "TFOpLambda" else {_GETITEM}):
+        return False
+    for node in item.get("inbound_nodes") or []:
+        refs = [node] if node and isinstance(node[0], str) else node
+        for ref in refs:
+            extra = ref[3] if isinstance(ref, list) and len(ref) > 3 and isinstance(ref[3], dict) else {}
+            if _tf_op_operand(function, extra) is None:
+                return False
+    return True
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _tf_op_operand(function: str, kwargs: dict):
+    """The constant a Keras 2 op layer was called with: a number ("y"), a per-channel bias (list),
+    or "reverse" for the slice x[..., ::-1]; None when the call is anything else."""
+    if function == _GETITEM:
+        spec = kwargs.get("slice_spec")
+        if isinstance(spec, (list, tuple)) and len(spec) == 2:  # stored serialized, or rebuilt by Keras
+            ellipsis = spec[0] is Ellipsis or spec[0] == {"class_name": "__ellipsis__"}
+            reverse = spec[1] == slice(None, None, -1) or spec[1] == {"start": None, "stop": None, "step": -1}
+            if ellipsis and reverse:
+                return "reverse"
+        return None
+    if function == _BIAS_ADD:
+        bias = kwargs.get("bias")
+        ok = (isinstance(bias, (list, tuple)) and 1 <= len(bias) <= 4 and all(map(_is_number, bias))
+              and kwargs.get("data_format") in (None, "NHWC"))
+        return [float(b) for b in bias] if ok else None
+    y = kwargs.get("y")
+    return float(y) if _is_number(y) else None
+
+
+
+def tf_op_lambda_classes() -> dict:
+    """Stand-ins for Keras 2's `TFOpLambda` and `SlicingOpLambda` (layers made by writing `x / 127.5 - 1`
+    or `x[..., ::-1]` on a tensor, as keras.applications' preprocess_input does).
+
+    Only elementwise arithmetic with constants and the channel reversal are allowed — the op is
+    chosen from a fixed table by name, so nothing from the file is executed.
+    """
+    ops = keras.ops
+    by_kind = {"divide": ops.divide, "multiply": ops.multiply, "subtract": ops.subtract, "add": ops.add}
+
+    class TFOpLambda(keras.layers.Layer):
+        def __init__(self, function, **kwargs):
+            kwargs.pop("module", None)
+            super().__init__(**kwargs)
+            if function not in _TF_OPS:
+                raise ValueError(
+                    f"Keras 2 op layer '{function}' is not supported (only elementwise arithmetic with constants)"
+                )
+            self.function = function
+
+        def call(self, x, name=None, **kwargs):
+            operand = _tf_op_operand(self.function, kwargs)
+            if operand is None or set(kwargs) - {"y", "bias", "data_format"}:
+                raise ValueError(f"Keras 2 op layer '{self.function}' is supported only with one constant operand")
+            return by_kind[_TF_OPS[self.function]](x, ops.cast(operand, x.dtype))
+
+        def get_config(self):
+            return {**super().get_config(), "function": self.function}
+
+    class SlicingOpLambda(TFOpLambda):
+        def __init__(self, function, **kwargs):
+            keras.layers.Layer.__init__(self, **{k: v for k, v in kwargs.items() if k != "module"})
+            if function != _GETITEM:
+                raise ValueError(f"Keras 2 slicing layer '{function}' is not supported")
+            self.function = function
+
+        def call(self, x, slice_spec=None, name=None):
+            if _tf_op_operand(self.function, {"slice_spec": slice_spec}) != "reverse":
+                raise ValueError("Keras 2 slicing layers are supported only as the channel reversal x[..., ::-1]")
+            return ops.flip(x, axis=-1)
+
+    return {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda}
+
+
+SHIM_CLASSES = {"TFOpLambda", "SlicingOpLambda"}
+_GETITEM = "__operators__.getitem"
+_BIAS_ADD = "nn.bias_add"  # x + a per-channel constant (keras.applications' "caffe" mean)
+# Keras 2 `TFOpLambda` function names we rebuild, and the arithmetic each one is.
+_TF_OPS = {
+    "math.truediv": "divide", "math.divide": "divide", "__operators__.truediv": "divide",
+    "math.multiply": "multiply", "__operators__.mul": "multiply",
+    "math.subtract": "subtract", "__operators__.sub": "subtract",
+    "math.add": "add", "__operators__.add": "add",
+    _BIAS_ADD: "add",
+}
+TF_OP_NAMES = frozenset(_TF_OPS)
+
+
+
+# Arguments Keras 3 layers still read from **kwargs, not their signature (Keras' layers/*.py: grep
+# "kwargs.pop"): dropping LeakyReLU's Keras 2 `alpha` would silently change the model.
+_KWARGS_READ = {"LeakyReLU": {"alpha"}, "LayerNormalization": {"rms_scaling"}, "LSTM": {"implementation"},
+                "GRU": {"implementation"}, "Embedding": {"input_length"}}
+
+
+def _accepted_kwargs(cls) -> set[str]:
+    """The keyword arguments `cls(**config)` accepts: its __init__'s parameters and, as long as each
+    __init__ passes **kwargs on, its parents' up to keras.layers.Layer (which also reads input shapes).
+    E.g. SpatialDropout2D takes no `noise_shape` or `trainable` although Dropout and Layer do."""
+    names = set()
+    for klass in cls.__mro__:
+        names |= _KWARGS_READ.get(klass.__name__, set())
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+        if klass is keras.layers.Layer:
+            names |= {"input_shape", "input_dim", "batch_input_shape", "batch_size", "batch_shape"}
+            break
+    return names - {"self"}
+
+
+def drop_unknown_arguments(config: dict) -> list[str]:
+    """Delete the layer arguments Keras 3 no longer accepts (e.g. `DepthwiseConv2D(groups=1)`) from a
+    Keras 2 config, in place; a note per class. (Keras 2.13–2.15 .keras files name every class with
+    registered_name null, so Keras 3 would ignore a custom_objects substitute: the config must change.)"""
+    dropped: dict[str, dict[str, set]] = {}
+    for item in layer_entries(config):
+        cls = getattr(keras.layers, item["class_name"], None)
+        if not isinstance(cls, type) or not issubclass(cls, keras.layers.Layer) or issubclass(cls, keras.Model):
+            continue
+        for key in set(item["config"]) - _accepted_kwargs(cls):
+            value = item["config"].pop(key)
+            dropped.setdefault(item["class_name"], {}).setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+    return [
+        f"compatibility shim: dropped old {class_name} argument(s) "
+        + ", ".join(f"{key}={'/'.join(sorted(values))}" for key, values in sorted(keys.items()))
+        + " that Keras 3 rejects"
+        for class_name, keys in sorted(dropped.items())
+    ]
+
+
+# Where Keras 2 kept the model classes, and where Keras 3 has them.
+_KERAS3_MODEL_MODULES = {"Functional": "keras.src.models.functional", "Sequential": "keras.src.models.sequential",
+                         "Model": "keras.src.models.model"}
+
+
+def modernise_keras2_entries(config: dict) -> list[str]:
+    """Keras 2 config details Keras 3's .keras reader rejects, fixed in place: model classes under
+    `keras.src.engine.*`, `batch_input_shape` on layers other than the input, a BatchNormalization
+    axis stored as a one-item list, LeakyReLU's `alpha` (now `negative_slope`), TFOpLambda entries
+    naming Keras 2's module (dropped, so the
+    TFOpLambda shim is used), and Keras 2 mixed-precision policies, which Keras 3 misreads: layers
+    trained in mixed_float16 / mixed_bfloat16 run in float32 (their weights are float32 anyway).
+    Returns a note per kind of change the user should know about."""
+    mixed = set()
+    for item in layer_entries(config):
+        dtype = item["config"].get("dtype")
+        if isinstance(dtype, dict) and dtype.get("class_name") == "Policy":
+            name = str((dtype.get("config") or {}).get("name", "float32"))
+            if name.startswith("mixed_"):
+                mixed.add(name)
+            item["config"]["dtype"] = "float32" if name.startswith("mixed_") else name
+        module = str(item.get("module", ""))
+        if item["class_name"] in _KERAS3_MODEL_MODULES and ".engine." in f"{module}.":
+            item["module"] = _KERAS3_MODEL_MODULES[item["class_name"]]
+        layers = item["config"].get("layers")
+        if isinstance(layers, list) and layers and isinstance(layers[0], dict) and layers[0].get("class_name") == "InputLayer":
+            for layer in layers[1:]:  # a Sequential's InputLayer already gives the shape
+                if isinstance(layer, dict) and isinstance(layer.get("config"), dict):
+                    layer["config"].pop("batch_input_shape", None)
+        shape = item["config"].pop("batch_input_shape", None)
+        if isinstance(shape, list) and shape:  # Keras 3 reads it on an InputLayer only
+            item["config"].update({"batch_shape": shape} if item["class_name"] == "InputLayer" else {"input_shape": shape[1:]})
+        if item["class_name"] == "LeakyReLU" and "alpha" in item["config"]:
+            item["config"]["negative_slope"] = item["config"].pop("alpha")  # its Keras 3 name
+        axis = item["config"].get("axis")
+        if item["class_name"] == "BatchNormalization" and isinstance(axis, list) and len(axis) == 1:
+            item["config"]["axis"] = axis[0]
+        if item["class_name"] in SHIM_CLASSES and ("module" in item or "registered_name" in item):
+            item.pop("module", None)
+            item.pop("registered_name", None)
+    if not mixed:
+        return []
+    return [f"compatibility shim: layers trained in {'/'.join(sorted(mixed))} run in float32 (their weights are "
+            "float32; Keras 3 cannot read Keras 2's mixed-precision policy)"]
+
+
+def fix_legacy_nodes(config: dict) -> int:
+    """Rewrite Keras 2 node references Keras 3 misreads; returns how many were changed.
+
+    Keras 2 gave every nested Functional/Sequential model an extra node at construction, so
+    calls to it are numbered from 1; Keras 3 numbers them from 0 (it corrects this only for the
+    model's outputs). Keras 2 `TFOpLambda` nodes are stored as one flat input, not a list of inputs.
+    """
+    changed = 0
+    models_by_scope = []
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            inner = item.get("config")
+            if isinstance(inner, dict) and isinstance(inner.get("layers"), list):
+                models_by_scope.append(inner["layers"])
+            for value in item.values():
+                if isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+    for layers in models_by_scope:
+        nested = {
+            layer.get("name") or layer["config"].get("name")
+            for layer in layers
+            if isinstance(layer, dict) and layer.get("class_name") in ("Functional", "Model", "Sequential")
+        }
+        for layer in layers:
+            nodes = layer.get("inbound_nodes") if isinstance(layer, dict) else None
+            if not isinstance(nodes, list):
+                continue
+            for n, node in enumerate(nodes):
+                if isinstance(node, list) and node and isinstance(node[0], str):
+                    nodes[n] = node = [node]  # flat TFOpLambda-style node → list of inputs
+                    changed += 1
+                if not isinstance(node, list):
+                    continue
+                for ref in node:
+                    if isinstance(ref, list) and len(ref) >= 3 and ref[0] in nested and ref[1] >= 1:
+                        ref[1] -= 1
+                        changed += 1
+    return changed
+
+
+def is_legacy_config(config: dict) -> bool:
+    for item in layer_entries(config):
+        nodes = item.get("inbound_nodes")
+        if isinstance(nodes, list) and nodes:
+            return isinstance(nodes[0], list)
+        if "module" in item:
+            return False
+    return True
+
+
+
+def tf_op_affine(layer) -> tuple[float, float, str] | None:
+    """(a, b, description) when a rebuilt Keras 2 op layer computes a·x + b with a constant (a
+    per-channel bias is averaged over its channels), else None."""
+    try:
+        kwargs = dict(layer._inbound_nodes[0].arguments.kwargs)
+    except (IndexError, AttributeError):
+        return None
+    kwargs.pop("name", None)
+    operand = _tf_op_operand(layer.function, kwargs)
+    kind = _TF_OPS.get(layer.function)
+    if operand is None or operand == "reverse" or kind is None:
+        return None
+    affine = affine_map(kind, float(np.mean(operand)))
+    shown = ", ".join(f"{v:.4g}" for v in np.atleast_1d(operand))
+    return None if affine is None else (*affine, f"{layer.function}({shown})")
+
+
+def tf_op_reverses_channels(layer) -> bool:
+    """True for a rebuilt Keras 2 slicing layer that computes x[..., ::-1]."""
+    try:
+        kwargs = layer._inbound_nodes[0].arguments.kwargs
+    except (IndexError, AttributeError):
+        return False
+    return type(layer).__name__ == "SlicingOpLambda" and _tf_op_operand(_GETITEM, kwargs) == "reverse"
+
+
+def affine_map(kind: str, c: float, tensor_first: bool = True) -> tuple[float, float] | None:
+    """(a, b) such that `x <kind> c` (or `c <kind> x`) is a·x + b; None when it is not affine in x."""
+    if kind == "add":
+        return 1.0, c
+    if kind == "multiply":
+        return c, 0.0
+    if kind == "subtract":
+        return (1.0, -c) if tensor_first else (-1.0, c)
+    if kind == "divide" and tensor_first and c:
+        return 1.0 / c, 0.0
+    return None
+
+
