@@ -42,12 +42,9 @@ import numpy as np
 from analysis.keras2 import (
     SHIM_CLASSES,
     TF_OP_NAMES,
-    drop_unknown_arguments,
-    fix_legacy_nodes,
     is_legacy_config,
     layer_entries,
-    modernise_keras2_entries,
-    tf_op_lambda_classes,
+    patch_keras2_config,
     tf_op_supported,
 )
 from analysis.keras2 import affine_map
@@ -68,8 +65,22 @@ def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tupl
     Raises ModelLoadError (a ValueError) with a readable message for anything it cannot or must not load.
     """
     kind, file_format, config = _inspect_file(path)
-    _refuse_unloadable(config, path, allow_unsafe, notes)
-    return _load_keras_model(path, kind, config, allow_unsafe, notes), file_format
+    _refuse_malformed(config, path)
+    patched = json.loads(json.dumps(config))
+    changed = _replace_preprocess_input_lambdas(patched, notes)  # first: it reads Keras 2 Lambda arguments
+    custom_objects = {}
+    if kind.endswith("-legacy"):
+        try:
+            custom_objects = patch_keras2_config(patched, notes, archive=kind == "keras-legacy")
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise ModelFileError(f"{path.name}: its stored Keras 2 configuration is malformed ({type(exc).__name__}: "
+                                 f"{exc}); the file is damaged or was edited") from None
+        changed = True
+    _refuse_unloadable(patched, path, allow_unsafe, notes)
+    if kind.startswith("h5"):  # .h5 configs name no module: Keras needs these classes handed over
+        custom_objects.update({entry["class_name"]: _application_layer(entry["class_name"])
+                               for entry in layer_entries(patched) if entry["class_name"] in APPLICATION_LAYERS})
+    return _load_keras_model(path, kind, patched if changed else None, custom_objects, allow_unsafe), file_format
 
 
 # ---------------------------------------------------------------- what the file is
@@ -202,17 +213,23 @@ def _is_layer_config(item: dict) -> bool:
     return "name" in item or "inbound_nodes" in item or "build_config" in item or "name" in item["config"]
 
 
+def _refuse_malformed(config: dict, path: Path) -> None:
+    """Refuse an entry whose config is not a dict: Keras reads `null` as empty, which would load the
+    entry past every check below."""
+    for item in layer_entries(config):
+        if not isinstance(item.get("config"), dict):
+            raise ModelFileError(
+                f"{path.name}: the stored entry {item.get('name', '?')} ({item['class_name']}) has no configuration "
+                f"dictionary (config is {type(item.get('config')).__name__}). Keras 3 cannot read that safely (it "
+                "would load the entry unchecked); the file is damaged, edited, or from a very old Keras — not loaded"
+            )
+
+
 def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> None:
     """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for."""
     lambdas, custom, unsupported, ops, h5_ops = [], [], [], [], []
     for item in layer_entries(config):  # every entry, named or not: a Sequential's layers need no name
         class_name = item["class_name"]
-        if not isinstance(item.get("config"), dict):
-            raise ModelFileError(
-                f"{path.name}: the stored entry {item.get('name', '?')} ({class_name}) has no configuration "
-                f"dictionary (config is {type(item.get('config')).__name__}). Keras 3 cannot read that safely (it "
-                "would load the entry unchecked); the file is damaged, edited, or from a very old Keras — not loaded"
-            )
         layer_name = item["config"].get("name", item.get("name", "?"))
         if class_name == "Lambda" and _preprocess_input_source(item) is None:
             lambdas.append(layer_name)
@@ -343,6 +360,19 @@ def _is_keras_op(item: dict) -> bool:
     return True
 
 
+# Layer classes that keras.applications models use and keras.layers does not export, by module.
+APPLICATION_LAYERS = {"LayerScale": "keras.src.applications.convnext"}
+
+
+def _application_layer(class_name: str, module: str | None = None):
+    """The layer class `class_name` of a keras.applications module (Keras' own code), else None."""
+    try:
+        cls = getattr(importlib.import_module(module or APPLICATION_LAYERS[class_name]), class_name, None)
+    except (ImportError, KeyError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, keras.layers.Layer) else None
+
+
 def _is_builtin_layer(item: dict) -> bool:
     class_name = item["class_name"]
     module = item.get("module")
@@ -352,6 +382,10 @@ def _is_builtin_layer(item: dict) -> bool:
         return True  # Keras' own add-on packages: Keras imports them only if installed
     if module and not (module == "keras" or module.startswith("keras.")):
         return False
+    if module and module.startswith("keras.src.applications."):  # e.g. ConvNeXt's LayerScale: Keras' own code
+        return _application_layer(class_name, module) is not None
+    if not module and class_name in APPLICATION_LAYERS:  # .h5 files name no module
+        return True
     registered = item.get("registered_name")
     if registered and registered != class_name and ">" in str(registered):
         return False
@@ -389,23 +423,8 @@ def _loadable_copy(path: Path, suffix: str, config: dict | None):
         yield copy
 
 
-def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, notes: list[str]):
-    """Load with Keras (safe mode unless allowed), applying compatibility shims to Keras 2 configs."""
-    custom_objects: dict = {}
-    patched = json.loads(json.dumps(config))
-    changed = _replace_preprocess_input_lambdas(patched, notes)  # first: it reads Keras 2 Lambda arguments
-    if kind in ("h5-legacy", "keras-legacy"):
-        if fix_legacy_nodes(patched):
-            notes.append("compatibility shim: renumbered Keras 2 layer connections for Keras 3")
-        if any(item["class_name"] in SHIM_CLASSES for item in layer_entries(config)):
-            custom_objects.update(tf_op_lambda_classes())
-            notes.append("compatibility shim: Keras 2 arithmetic op layers (TFOpLambda, SlicingOpLambda) rebuilt "
-                         "from a fixed table")
-        notes += modernise_keras2_entries(patched)
-        notes += drop_unknown_arguments(patched)
-        changed = True
-    if not changed:
-        patched = None
+def _load_keras_model(path: Path, kind: str, patched: dict | None, custom_objects: dict, allow_unsafe: bool):
+    """Load with Keras (safe mode unless allowed), from a temporary copy holding `patched` if given."""
     suffix = ".keras" if kind.startswith("keras") else ".h5"
     try:
         with _loadable_copy(path, suffix, patched) as loadable:
@@ -416,10 +435,12 @@ def _load_keras_model(path: Path, kind: str, config: dict, allow_unsafe: bool, n
         raise
     except Exception as exc:  # Keras raises many types; the user needs one readable message
         message = str(exc).split("\n")[0][:600]
-        raise ModelFileError(
-            f"Keras could not load {path.name} ({type(exc).__name__}: {message}). "
-            "If the file is complete, it may use layers or options this Keras version does not support."
-        ) from exc
+        hint = ("If the file is complete, it may use layers or options this Keras version does not support.")
+        if kind == "h5":  # written by Keras 3, whose .h5 format drops what operation nodes need
+            hint = ("Keras 3's .h5 format cannot store every model (e.g. operations on tensors inside Keras 3's "
+                    "MobileNetV3 or ConvNeXt), so Keras itself cannot read some of its .h5 files back: save the "
+                    "model as .keras (model.save('model.keras')) and load that.")
+        raise ModelFileError(f"Keras could not load {path.name} ({type(exc).__name__}: {message}). {hint}") from exc
     if not isinstance(model, keras.Model):
         raise ModelFileError(f"{path.name} holds a {type(model).__name__}, not a Keras model")
     return model

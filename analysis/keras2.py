@@ -75,7 +75,9 @@ def _tf_op_operand(function: str, kwargs: dict):
         ok = (isinstance(bias, (list, tuple)) and 1 <= len(bias) <= 4 and all(map(_is_number, bias))
               and kwargs.get("data_format") in (None, "NHWC"))
         return [float(b) for b in bias] if ok else None
-    y = kwargs.get("y")
+    y = kwargs.get("y")  # a number, or one per channel (densenet.preprocess_input divides by the std)
+    if isinstance(y, (list, tuple)) and 1 <= len(y) <= 4 and all(map(_is_number, y)):
+        return [float(v) for v in y]
     return float(y) if _is_number(y) else None
 
 
@@ -100,11 +102,12 @@ def tf_op_lambda_classes() -> dict:
                 )
             self.function = function
 
-        def call(self, x, name=None, **kwargs):
+        def call(self, x, name=None, reverse=False, **kwargs):
             operand = _tf_op_operand(self.function, kwargs)
             if operand is None or set(kwargs) - {"y", "bias", "data_format"}:
                 raise ValueError(f"Keras 2 op layer '{self.function}' is supported only with one constant operand")
-            return by_kind[_TF_OPS[self.function]](x, ops.cast(operand, x.dtype))
+            operation, constant = by_kind[_TF_OPS[self.function]], ops.cast(operand, x.dtype)
+            return operation(constant, x) if reverse else operation(x, constant)  # reverse: `2.0 - x`
 
         def get_config(self):
             return {**super().get_config(), "function": self.function}
@@ -190,16 +193,25 @@ _KERAS3_MODEL_MODULES = {"Functional": "keras.src.models.functional", "Sequentia
                          "Model": "keras.src.models.model"}
 
 
-def modernise_keras2_entries(config: dict) -> list[str]:
+def modernise_keras2_entries(config: dict, *, archive: bool = False) -> list[str]:
     """Keras 2 config details Keras 3's .keras reader rejects, fixed in place: model classes under
     `keras.src.engine.*`, `batch_input_shape` on layers other than the input, a BatchNormalization
     axis stored as a one-item list, LeakyReLU's `alpha` (now `negative_slope`), TFOpLambda entries
     naming Keras 2's module (dropped, so the
     TFOpLambda shim is used), and Keras 2 mixed-precision policies, which Keras 3 misreads: layers
     trained in mixed_float16 / mixed_bfloat16 run in float32 (their weights are float32 anyway).
+    In a `.keras` archive (archive=True), a Lambda's Keras 2 function [code, defaults, closure] takes
+    the form Keras 3's reader expects (still refused unless the caller allows unsafe loading).
     Returns a note per kind of change the user should know about."""
+    notes = []
+    if renamed := rename_slashed_layers(config):
+        notes.append(f"compatibility shim: {renamed} layer name(s) with '/' (which Keras 3 rejects) use '_' instead")
     mixed = set()
     for item in layer_entries(config):
+        function = item["config"].get("function")
+        if archive and item["class_name"] == "Lambda" and isinstance(function, list) and len(function) == 3:
+            item["config"]["function"] = {"class_name": "__lambda__", "config": dict(
+                zip(("code", "defaults", "closure"), function))}
         dtype = item["config"].get("dtype")
         if isinstance(dtype, dict) and dtype.get("class_name") == "Policy":
             name = str((dtype.get("config") or {}).get("name", "float32"))
@@ -225,10 +237,10 @@ def modernise_keras2_entries(config: dict) -> list[str]:
         if item["class_name"] in SHIM_CLASSES and ("module" in item or "registered_name" in item):
             item.pop("module", None)
             item.pop("registered_name", None)
-    if not mixed:
-        return []
-    return [f"compatibility shim: layers trained in {'/'.join(sorted(mixed))} run in float32 (their weights are "
-            "float32; Keras 3 cannot read Keras 2's mixed-precision policy)"]
+    if mixed:
+        notes.append(f"compatibility shim: layers trained in {'/'.join(sorted(mixed))} run in float32 (their "
+                     "weights are float32; Keras 3 cannot read Keras 2's mixed-precision policy)")
+    return notes
 
 
 def fix_legacy_nodes(config: dict) -> int:
@@ -294,12 +306,13 @@ def tf_op_affine(layer) -> tuple[float, float, str] | None:
     except (IndexError, AttributeError):
         return None
     kwargs.pop("name", None)
+    reverse = bool(kwargs.pop("reverse", False))
     operand = _tf_op_operand(layer.function, kwargs)
     kind = _TF_OPS.get(layer.function)
     if operand is None or operand == "reverse" or kind is None:
         return None
-    affine = affine_map(kind, float(np.mean(operand)))
-    shown = ", ".join(f"{v:.4g}" for v in np.atleast_1d(operand))
+    affine = affine_map(kind, float(np.mean(operand)), tensor_first=not reverse)
+    shown = ", ".join(f"{v:.4g}" for v in np.atleast_1d(operand)) + (", x" if reverse else "")
     return None if affine is None else (*affine, f"{layer.function}({shown})")
 
 
@@ -325,3 +338,132 @@ def affine_map(kind: str, c: float, tensor_first: bool = True) -> tuple[float, f
     return None
 
 
+
+
+# ---------------------------------------------------------------- the whole patch
+
+
+def patch_keras2_config(config: dict, notes: list[str], *, archive: bool) -> dict:
+    """Rewrite a Keras 2 config in place so Keras 3 reads it; returns the custom_objects it needs
+    (the TF-op stand-ins) and appends a note per shim. archive: the config came from a `.keras` file."""
+    notes += rewrite_tf_op_layers(config)  # first: it turns tensors passed as arguments into inputs
+    if fix_legacy_nodes(config):
+        notes.append("compatibility shim: renumbered Keras 2 layer connections for Keras 3")
+    notes += modernise_keras2_entries(config, archive=archive)
+    notes += drop_unknown_arguments(config)
+    if not any(item["class_name"] in SHIM_CLASSES for item in layer_entries(config)):
+        return {}
+    notes.append("compatibility shim: Keras 2 arithmetic op layers (TFOpLambda, SlicingOpLambda) rebuilt from a "
+                 "fixed table")
+    return tf_op_lambda_classes()
+
+
+# ---------------------------------------------------------------- TensorFlow ops as standard layers
+
+# TensorFlow functions Keras 2 recorded as TFOpLambda layers that a standard Keras layer computes.
+_TF_ACTIVATIONS = {"nn.relu": "relu", "nn.relu6": "relu6", "math.sigmoid": "sigmoid", "nn.sigmoid": "sigmoid",
+                   "math.tanh": "tanh", "nn.tanh": "tanh", "nn.silu": "silu", "nn.swish": "silu", "nn.elu": "elu",
+                   "nn.gelu": "gelu", "math.softplus": "softplus", "nn.softplus": "softplus"}
+_TF_MERGES = {"add": "Add", "multiply": "Multiply", "subtract": "Subtract"}  # of two tensors
+_TF_SPATIAL = {"math.reduce_mean": "GlobalAveragePooling2D", "math.reduce_max": "GlobalMaxPooling2D"}
+_RESIZE_METHODS = {"bilinear", "nearest", "bicubic", "lanczos3", "lanczos5", "area"}
+_CONSTANT = "_CONSTANT_VALUE"  # how Keras 2 stored the constant of `2.0 * x` (the tensor came second)
+
+
+def _is_ref(value) -> bool:
+    """A Keras 2 reference to a layer output: [layer name, node index, tensor index]."""
+    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:]))
+
+
+def _as_layer(function: str, refs: list, kwargs: dict):
+    """(class_name, config, node) of a standard layer computing the TF op, or of the TFOpLambda
+    stand-in with the constant moved after the tensor; None to leave the entry as it is."""
+    kind = _TF_OPS.get(function)
+    y = kwargs.get("y")
+    if kind and len(refs) == 1 and refs[0][0] == _CONSTANT and _is_ref(y) and set(kwargs) <= {"y"}:
+        call = {"y": refs[0][2]} if kind in ("add", "multiply") else {"y": refs[0][2], "reverse": True}
+        return "TFOpLambda", {"function": function}, [[*y, call]]
+    if kind in _TF_MERGES and function != _BIAS_ADD and len(refs) == 1 and _is_ref(y) and set(kwargs) <= {"y"}:
+        return _TF_MERGES[kind], {}, [[*refs[0][:3], {}], [*y, {}]]
+    if function in _TF_ACTIVATIONS and len(refs) == 1 and not kwargs:
+        return "Activation", {"activation": _TF_ACTIVATIONS[function]}, [[*refs[0][:3], {}]]
+    if function == "concat" and refs and all(set(ref[3]) == {"axis"} and ref[3] == refs[0][3] for ref in refs):
+        axis = refs[0][3]["axis"]
+        if isinstance(axis, int) and not isinstance(axis, bool):
+            return "Concatenate", {"axis": axis}, [[*ref[:3], {}] for ref in refs]
+    if function in _TF_SPATIAL and len(refs) == 1 and list(kwargs.get("axis") or []) == [1, 2] \
+            and set(kwargs) <= {"axis", "keepdims"} and kwargs.get("keepdims") in (None, False, True):
+        return _TF_SPATIAL[function], {"keepdims": bool(kwargs.get("keepdims"))}, [[*refs[0][:3], {}]]
+    if function == "image.resize" and len(refs) == 1 and set(kwargs) <= {"size", "method", "antialias",
+                                                                          "preserve_aspect_ratio"}:
+        size, method = kwargs.get("size"), kwargs.get("method") or "bilinear"
+        if (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+                and method in _RESIZE_METHODS and not kwargs.get("antialias") and not kwargs.get("preserve_aspect_ratio")):
+            return "Resizing", {"height": size[0], "width": size[1], "interpolation": method}, [[*refs[0][:3], {}]]
+    return None
+
+
+def rewrite_tf_op_layers(config: dict) -> list[str]:
+    """Keras 2 TFOpLambda layers that a standard layer computes become that layer (`x + y` of two
+    tensors → Add, `tf.nn.relu` → Activation, `tf.concat` → Concatenate, a spatial mean → global
+    pooling, `tf.image.resize` → Resizing); a constant written first (`2.0 * x`) moves after the tensor.
+    Returns a note naming what was rewritten."""
+    rewritten: dict[str, int] = {}
+    for item in layer_entries(config):
+        nodes = item.get("inbound_nodes")
+        if item["class_name"] != "TFOpLambda" or not isinstance(nodes, list) or len(nodes) != 1 or not nodes[0]:
+            continue  # a TF-op layer called more than once stays as it is (and is checked by compat)
+        refs = [nodes[0]] if isinstance(nodes[0][0], str) else nodes[0]
+        if not all(isinstance(ref, list) and len(ref) == 4 and isinstance(ref[3], dict) for ref in refs):
+            continue
+        function = item["config"].get("function")
+        kwargs = {k: v for k, v in refs[0][3].items() if k != "name"}
+        layer = _as_layer(function, refs, kwargs)
+        if layer is None:
+            continue
+        class_name, layer_config, node = layer
+        old = item["config"]
+        item["config"] = {**{k: old[k] for k in ("name", "trainable", "dtype") if k in old}, **layer_config}
+        item["class_name"], item["inbound_nodes"] = class_name, [node]
+        item.pop("module", None)
+        item.pop("registered_name", None)
+        if class_name != "TFOpLambda":
+            rewritten[f"{function} → {class_name}"] = rewritten.get(f"{function} → {class_name}", 0) + 1
+    if not rewritten:
+        return []
+    return ["compatibility shim: Keras 2 TensorFlow-op layers rebuilt as standard layers ("
+            + ", ".join(f"{what}{f' ×{n}' if n > 1 else ''}" for what, n in sorted(rewritten.items())) + ")"]
+
+
+# ---------------------------------------------------------------- names Keras 3 rejects
+
+
+def rename_slashed_layers(config: dict) -> int:
+    """Keras 2 allowed "/" in layer names (MobileNetV3's `Conv/BatchNorm`, DenseNet's `conv1/conv`);
+    Keras 3 rejects it. Each such name becomes "_"-joined wherever the config uses it (the weights are
+    matched by position in .h5 files and by the rewritten names in .keras archives). Returns how many."""
+    names = {item["config"].get("name") for item in layer_entries(config)} | {
+        item.get("name") for item in layer_entries(config)}
+    taken = {n for n in names if isinstance(n, str)}
+    renames = {}
+    for name in sorted(n for n in taken if "/" in n):
+        new = name.replace("/", "_")
+        while new in taken:
+            new += "_"
+        renames[name] = new
+        taken.add(new)
+    if renames:
+        _replace_strings(config, renames)
+    return len(renames)
+
+
+def _replace_strings(value, renames: dict):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = renames.get(item, item) if isinstance(item, str) else _replace_strings(item, renames)
+        return value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            value[i] = renames.get(item, item) if isinstance(item, str) else _replace_strings(item, renames)
+    return value

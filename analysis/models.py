@@ -468,8 +468,8 @@ def detect_preprocessing_inside(model) -> tuple[str, str] | None:
     for layer in _iter_operations(model):
         class_name = type(layer).__name__
         is_layer = isinstance(layer, keras.layers.Layer)
-        if (is_layer and class_name in _INPUT_TRANSPARENT) or (not is_layer and class_name == "Cast"):
-            continue  # shape-only layers, and the op `ops.cast(x, "float32")` of a uint8 input
+        if (is_layer and class_name in _INPUT_TRANSPARENT) or (not is_layer and class_name in ("Cast", "Resize")):
+            continue  # shape-only layers, and the ops `ops.cast(x, "float32")` and `ops.image.resize`
         if class_name == "Rescaling":
             a, b = float(np.mean(layer.scale)), float(np.mean(layer.offset))
             found.append(f"Rescaling(scale={a:.4g}, offset={b:.4g})")

@@ -484,13 +484,15 @@ def test_keras3_h5_with_op_nodes_is_refused_with_the_way_out(tmp_path):
     assert "(Add)" not in str(error.value)  # named like the Add layer, so not called an operation
 
 
-def _rewrite_config(path, change):
-    """Apply `change` to the stored config of a .keras file (in place)."""
+def _rewrite_config(path, change, metadata=None):
+    """Apply `change` to the stored config of a .keras file (in place), and replace its metadata if given."""
     with zipfile.ZipFile(path) as archive:
         files = {name: archive.read(name) for name in archive.namelist()}
     config = json.loads(files["config.json"])
     change(config)
     files["config.json"] = json.dumps(config).encode()
+    if metadata is not None:
+        files["metadata.json"] = json.dumps(metadata).encode()
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
@@ -576,6 +578,25 @@ def test_keras2_arguments_keras3_reads_differently_keep_the_model_exact():
     np.testing.assert_allclose(p_female, expected["p_female"], atol=5e-4)
 
 
+def test_keras2_tensorflow_ops_become_standard_layers_and_slashed_names_are_renamed():
+    # Written by TensorFlow 2.15: 2.0 * (x / 255) - 1, then 1 - x (constants written first), a conv
+    # named "block1/conv", tf.nn.relu, a + b of two tensors, tf.concat with ConvNeXt's LayerScale,
+    # tf.image.resize and tf.reduce_mean over the image — each refused or unreadable before.
+    expected = np.load(KERAS215 / "keras215_tfops_expected.npz")
+    loaded = load_model(KERAS215 / "keras215_tfops.h5")
+    notes = " ".join(loaded.notes)
+    for rewrite in ("__operators__.add → Add", "concat → Concatenate", "image.resize → Resizing",
+                    "math.reduce_mean → GlobalAveragePooling2D", "nn.relu → Activation"):
+        assert rewrite in notes
+    assert "3 layer name(s) with '/'" in notes
+    # 1 - (2x/255 - 1) = 2 - 2x/255: raw 0–255 in, and the constant-first subtraction is read as c - x
+    assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
+    assert "math.subtract(1, x)" in notes
+    ages, p_female = loaded.predict_batch(expected["images"])
+    np.testing.assert_allclose(ages, expected["age"], atol=1e-5)
+    np.testing.assert_allclose(p_female, expected["p_female"], atol=1e-6)
+
+
 # ---------------------------------------------------------------- safety
 
 
@@ -588,27 +609,35 @@ def _lambda_model(marker):
                                 "gender": layers.Dense(1, activation="sigmoid", name="gender")(x)})
 
 
-def _keras2_lambda_h5(path):
-    """Rewrite a Keras 3 .h5 Lambda config into the Keras 2 shape ([code, defaults, closure])."""
+def _keras2_lambda(config):
+    """A Keras 3 Lambda config in the Keras 2 shape ([code, defaults, closure])."""
+    for layer in config["config"]["layers"]:
+        if layer["class_name"] == "Lambda":
+            fn = layer["config"]["function"]["config"]
+            layer["config"]["function"] = [fn["code"], fn["defaults"], fn["closure"]]
+            layer["config"]["function_type"] = "lambda"
+
+
+def _keras2_lambda_file(path):
+    """Rewrite a Keras 3 file's Lambda into the Keras 2 shape, and say Keras 2.x wrote it."""
+    if path.suffix == ".keras":  # as tf.keras 2.13–2.15 wrote .keras archives
+        _rewrite_config(path, _keras2_lambda, metadata={"keras_version": "2.15.0"})
+        return
     with h5py.File(path, "r+") as handle:
         config = json.loads(handle.attrs["model_config"])
-        for layer in config["config"]["layers"]:
-            if layer["class_name"] == "Lambda":
-                fn = layer["config"]["function"]["config"]
-                layer["config"]["function"] = [fn["code"], fn["defaults"], fn["closure"]]
-                layer["config"]["function_type"] = "lambda"
+        _keras2_lambda(config)
         handle.attrs["model_config"] = json.dumps(config).encode()
         handle.attrs["keras_version"] = b"2.11.0"
 
 
-@pytest.mark.parametrize("file_name", ["lambda.keras", "lambda.h5", "lambda_keras2.h5"])
+@pytest.mark.parametrize("file_name", ["lambda.keras", "lambda.h5", "lambda_keras2.h5", "lambda_keras2.keras"])
 def test_lambda_layers_are_refused_without_running_them(tmp_path, file_name):
     marker = tmp_path / "code_ran"
     model = _lambda_model(marker)
     path = tmp_path / file_name
     model.save(path)
-    if file_name == "lambda_keras2.h5":
-        _keras2_lambda_h5(path)
+    if file_name.startswith("lambda_keras2"):
+        _keras2_lambda_file(path)
     marker.unlink()  # building the model ran it once
 
     with pytest.raises(ModelLoadError) as error:

@@ -61,3 +61,22 @@ mixed.save(HERE / "keras215_layers.h5")
 out = mixed.predict(images.astype("float32"), verbose=0)
 np.savez(HERE / "keras215_layers_expected.npz", images=images, age=out["age"][:, 0], p_female=out["gender"][:, 0])
 print(out["age"][:, 0])
+
+# TensorFlow ops written on tensors that standard Keras layers compute, a constant written first,
+# a layer name with "/" (as Keras 2's MobileNetV3 and DenseNet have) and ConvNeXt's LayerScale.
+from keras.src.applications.convnext import LayerScale
+
+inputs = keras.Input((16, 16, 3), name="image")
+x = 2.0 * (inputs / 255.0) - 1.0                       # constant first: _CONSTANT_VALUE
+x = 1.0 - x                                             # constant first, not commutative
+a = tf.nn.relu(layers.Conv2D(4, 3, padding="same", name="block1/conv")(x))
+b = layers.Conv2D(4, 1, name="block1/shortcut")(x)
+x = a + b                                               # two tensors
+x = tf.concat([x, LayerScale(0.5, 4, name="block1/scale")(a)], axis=-1)
+x = tf.image.resize(x, (8, 8))
+f = tf.reduce_mean(x, axis=[1, 2])
+tfops = keras.Model(inputs, [layers.Dense(1, name="age")(f), layers.Dense(1, activation="sigmoid", name="gender")(f)])
+tfops.save(HERE / "keras215_tfops.h5")
+age, gender = tfops.predict(images.astype("float32"), verbose=0)
+np.savez(HERE / "keras215_tfops_expected.npz", images=images, age=age[:, 0], p_female=gender[:, 0])
+print(age[:, 0])
