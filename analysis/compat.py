@@ -64,19 +64,21 @@ def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tupl
 
     Raises ModelLoadError (a ValueError) with a readable message for anything it cannot or must not load.
     """
-    kind, file_format, config = _inspect_file(path)
-    _refuse_malformed(config, path)
-    patched = json.loads(json.dumps(config))
-    changed = _replace_preprocess_input_lambdas(patched, notes)  # first: it reads Keras 2 Lambda arguments
-    custom_objects = {}
-    if kind.endswith("-legacy"):
-        try:
+    try:  # a hostile or damaged config must end in a readable refusal, whatever it breaks on the way
+        kind, file_format, config = _inspect_file(path)
+        _refuse_malformed(config, path)
+        patched = json.loads(json.dumps(config))
+        changed = _replace_preprocess_input_lambdas(patched, notes)  # first: it reads Keras 2 Lambda arguments
+        custom_objects = {}
+        if kind.endswith("-legacy"):
             custom_objects = patch_keras2_config(patched, notes, archive=kind == "keras-legacy")
-        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            raise ModelFileError(f"{path.name}: its stored Keras 2 configuration is malformed ({type(exc).__name__}: "
-                                 f"{exc}); the file is damaged or was edited") from None
-        changed = True
-    _refuse_unloadable(patched, path, allow_unsafe, notes)
+            changed = True
+        _refuse_unloadable(patched, path, allow_unsafe, notes)
+    except ModelLoadError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError, RecursionError) as exc:
+        raise ModelFileError(f"{path.name}: its stored model configuration is malformed ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); the file is damaged or was edited — not loaded") from None
     if kind.startswith("h5"):  # .h5 configs name no module: Keras needs these classes handed over
         custom_objects.update({entry["class_name"]: _application_layer(entry["class_name"])
                                for entry in layer_entries(patched) if entry["class_name"] in APPLICATION_LAYERS})
@@ -118,6 +120,7 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
                 _check_unpacked_sizes(archive, path)
                 config = json.loads(archive.read("config.json"))
                 metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
+                metadata = metadata if isinstance(metadata, dict) else {}
                 if not any(n.endswith(".h5") or n.endswith(".npz") for n in names):
                     raise ModelFileError(f"{path.name} has a model config but no weights file inside")
         except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -256,8 +259,10 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
     if unsupported:
         raise ModelFileError(
             f"{path.name} uses Keras 2 TensorFlow-op layer(s) {', '.join(unsupported)} that Keras 3 cannot "
-            f"rebuild; only elementwise arithmetic with a constant ({', '.join(sorted(TF_OP_NAMES))}) and the "
-            "channel reversal x[..., ::-1] are supported. Re-save the model with standard Keras layers."
+            f"rebuild. Supported: elementwise arithmetic with a constant ({', '.join(sorted(TF_OP_NAMES))}), the "
+            "channel reversal x[..., ::-1], and, called once, the sum, product or difference of two tensors, "
+            "activations such as tf.nn.relu, tf.concat, a spatial tf.reduce_mean/reduce_max and tf.image.resize. "
+            "Re-save the model with standard Keras layers."
         )
     if ops:
         raise ModelFileError(

@@ -47,7 +47,9 @@ def tf_op_supported(item: dict) -> bool:
     if function not in (TF_OP_NAMES if item["class_name"] == "TFOpLambda" else {_GETITEM}):
         return False
     for node in item.get("inbound_nodes") or []:
-        refs = [node] if node and isinstance(node[0], str) else node
+        if not isinstance(node, list) or not node:
+            return False  # a Keras 3 node (dict) or something else: not a Keras 2 op layer we rebuild
+        refs = [node] if isinstance(node[0], str) else node
         for ref in refs:
             extra = ref[3] if isinstance(ref, list) and len(ref) > 3 and isinstance(ref[3], dict) else {}
             if _tf_op_operand(function, extra) is None:
@@ -56,7 +58,8 @@ def tf_op_supported(item: dict) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number of float range (a file could store a 400-digit integer)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
 
 
 def _tf_op_operand(function: str, kwargs: dict):
@@ -179,7 +182,9 @@ def drop_unknown_arguments(config: dict) -> list[str]:
             continue
         for key in set(item["config"]) - _accepted_kwargs(cls):
             value = item["config"].pop(key)
-            dropped.setdefault(item["class_name"], {}).setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+            shown = json.dumps(value, sort_keys=True)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            dropped.setdefault(item["class_name"], {}).setdefault(key, set()).add(shown)
     return [
         f"compatibility shim: dropped old {class_name} argument(s) "
         + ", ".join(f"{key}={'/'.join(sorted(values))}" for key, values in sorted(keys.items()))
@@ -388,8 +393,9 @@ def _as_layer(function: str, refs: list, kwargs: dict):
         return _TF_MERGES[kind], {}, [[*refs[0][:3], {}], [*y, {}]]
     if function in _TF_ACTIVATIONS and len(refs) == 1 and not kwargs:
         return "Activation", {"activation": _TF_ACTIVATIONS[function]}, [[*refs[0][:3], {}]]
-    if function == "concat" and refs and all(set(ref[3]) == {"axis"} and ref[3] == refs[0][3] for ref in refs):
-        axis = refs[0][3]["axis"]
+    calls = [{k: v for k, v in ref[3].items() if k != "name"} for ref in refs]
+    if function == "concat" and all(set(call) == {"axis"} and call == calls[0] for call in calls):
+        axis = calls[0]["axis"]
         if isinstance(axis, int) and not isinstance(axis, bool):
             return "Concatenate", {"axis": axis}, [[*ref[:3], {}] for ref in refs]
     if function in _TF_SPATIAL and len(refs) == 1 and list(kwargs.get("axis") or []) == [1, 2] \
@@ -441,29 +447,38 @@ def rewrite_tf_op_layers(config: dict) -> list[str]:
 
 def rename_slashed_layers(config: dict) -> int:
     """Keras 2 allowed "/" in layer names (MobileNetV3's `Conv/BatchNorm`, DenseNet's `conv1/conv`);
-    Keras 3 rejects it. Each such name becomes "_"-joined wherever the config uses it (the weights are
-    matched by position in .h5 files and by the rewritten names in .keras archives). Returns how many."""
-    names = {item["config"].get("name") for item in layer_entries(config)} | {
-        item.get("name") for item in layer_entries(config)}
-    taken = {n for n in names if isinstance(n, str)}
+    Keras 3 rejects it. Each such name becomes "_"-joined where the config names or references a
+    layer — its `name` fields, the inbound nodes and a model's input and output layers — and nowhere
+    else (a function or class named like a layer is not a reference). The weights are matched by
+    position in .h5 files and by layer class in .keras archives. Returns how many were renamed."""
+    entries = list(layer_entries(config))
+    taken = {name for item in entries for name in (item.get("name"), item["config"].get("name")) if isinstance(name, str)}
     renames = {}
     for name in sorted(n for n in taken if "/" in n):
         new = name.replace("/", "_")
         while new in taken:
             new += "_"
-        renames[name] = new
-        taken.add(new)
-    if renames:
-        _replace_strings(config, renames)
+        renames[name] = taken_name = new
+        taken.add(taken_name)
+    if not renames:
+        return 0
+    for item in entries:
+        for holder in (item, item["config"]):
+            if isinstance(holder.get("name"), str):
+                holder["name"] = renames.get(holder["name"], holder["name"])
+        for key in ("inbound_nodes", "input_layers", "output_layers"):
+            for where in (item, item["config"]):
+                if key in where:
+                    where[key] = _replace_strings(where[key], renames)
     return len(renames)
 
 
 def _replace_strings(value, renames: dict):
+    """`value` (nested lists and dicts) with every string that is a key of `renames` replaced."""
+    if isinstance(value, str):
+        return renames.get(value, value)
     if isinstance(value, dict):
-        for key, item in value.items():
-            value[key] = renames.get(item, item) if isinstance(item, str) else _replace_strings(item, renames)
-        return value
+        return {key: _replace_strings(item, renames) for key, item in value.items()}
     if isinstance(value, list):
-        for i, item in enumerate(value):
-            value[i] = renames.get(item, item) if isinstance(item, str) else _replace_strings(item, renames)
+        return [_replace_strings(item, renames) for item in value]
     return value

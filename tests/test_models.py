@@ -751,6 +751,61 @@ def test_a_uint8_input_cast_to_float_loads(tmp_path):
     np.testing.assert_allclose(loaded.predict_batch(images)[0], model.predict_on_batch(images)["age"][:, 0], rtol=1e-5, atol=1e-5)
 
 
+def _tamper_h5_config(path, change):
+    with h5py.File(path, "r+") as handle:
+        text = handle.attrs["model_config"]
+        text = text.decode() if isinstance(text, bytes) else text
+        handle.attrs["model_config"] = change(text).encode()
+
+
+def _first_tf_op(config):
+    return next(item for item in config["config"]["layers"] if item["class_name"] == "TFOpLambda")
+
+
+def _json_edit(edit):
+    def change(text):
+        config = json.loads(text)
+        edit(config)
+        return json.dumps(config)
+    return change
+
+
+HOSTILE_CONFIGS = {  # what a damaged or crafted Keras 2 config may hold, and what broke on it before
+    "400_digit_constant": lambda text: text.replace('"bias": [', '"bias": [1' + "0" * 400 + ", "),
+    "5000_digit_integer": lambda text: text.replace('"step": -1', '"step": 1' + "0" * 5000),
+    "nested_5000_deep": lambda text: text.replace('"data_format": "NHWC"', '"data_format": ' + "[" * 5000 + "]" * 5000),
+    "node_is_a_dict": _json_edit(lambda config: _first_tf_op(config).update(inbound_nodes=[{"args": [], "kwargs": {}}])),
+    "node_is_a_number": _json_edit(lambda config: _first_tf_op(config).update(inbound_nodes=[5, 6])),
+    "class_name_is_a_list": _json_edit(lambda config: _first_tf_op(config).update(class_name=["Dense"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_hostile_keras2_configs_end_in_a_readable_refusal(tmp_path, case):
+    path = tmp_path / "hostile.h5"
+    shutil.copyfile(KERAS215 / "keras215_caffe.h5", path)
+    _tamper_h5_config(path, HOSTILE_CONFIGS[case])
+    with pytest.raises(ModelLoadError):  # not OverflowError, RecursionError, KeyError or TypeError
+        load_model(path)
+
+
+def test_renaming_slashed_layers_does_not_turn_a_lambda_into_preprocess_input(tmp_path):
+    # Only names and references are renamed: a Lambda named "preprocess/input" calling a function of
+    # that name must stay a Lambda (refused), not become keras.applications' preprocess_input.
+    path = tmp_path / "renamed.keras"
+    shutil.copyfile(KERAS215 / "keras215.keras", path)
+
+    def to_lambda(config):
+        op = _first_tf_op(config)
+        op.update(class_name="Lambda", name="preprocess/input")
+        op["config"] = {"name": "preprocess/input", "function": {"class_name": "function", "config": "preprocess/input",
+                                                                 "module": "keras.applications.mobilenet_v2"}}
+
+    _rewrite_config(path, to_lambda)
+    with pytest.raises(ModelLoadError, match="Lambda layer"):
+        load_model(path)
+
+
 def test_custom_layers_are_refused_with_a_reason(tmp_path):
     path = save(heads_model((8, 8, 3)), tmp_path, "custom.keras")
 
