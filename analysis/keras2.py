@@ -144,7 +144,6 @@ _TF_OPS = {
 TF_OP_NAMES = frozenset(_TF_OPS)
 
 
-
 # Arguments Keras 3 layers still read from **kwargs, not their signature (Keras' layers/*.py: grep
 # "kwargs.pop"): dropping LeakyReLU's Keras 2 `alpha` would silently change the model.
 _KWARGS_READ = {"LeakyReLU": {"alpha"}, "LayerNormalization": {"rms_scaling"}, "LSTM": {"implementation"},
@@ -199,53 +198,53 @@ _KERAS3_MODEL_MODULES = {"Functional": "keras.src.models.functional", "Sequentia
 
 
 def modernise_keras2_entries(config: dict, *, archive: bool = False) -> list[str]:
-    """Keras 2 config details Keras 3's .keras reader rejects, fixed in place: model classes under
-    `keras.src.engine.*`, `batch_input_shape` on layers other than the input, a BatchNormalization
-    axis stored as a one-item list, LeakyReLU's `alpha` (now `negative_slope`), TFOpLambda entries
-    naming Keras 2's module (dropped, so the
-    TFOpLambda shim is used), and Keras 2 mixed-precision policies, which Keras 3 misreads: layers
-    trained in mixed_float16 / mixed_bfloat16 run in float32 (their weights are float32 anyway).
-    In a `.keras` archive (archive=True), a Lambda's Keras 2 function [code, defaults, closure] takes
-    the form Keras 3's reader expects (still refused unless the caller allows unsafe loading).
-    Returns a note per kind of change the user should know about."""
+    """Keras 2 config details Keras 3 rejects or misreads, fixed in place (see _modernise_entry), and
+    layer names with "/" renamed. archive: the config came from a `.keras` file. Returns a note per
+    kind of change the user should know about."""
     notes = []
     if renamed := rename_slashed_layers(config):
         notes.append(f"compatibility shim: {renamed} layer name(s) with '/' (which Keras 3 rejects) use '_' instead")
-    mixed = set()
-    for item in layer_entries(config):
-        function = item["config"].get("function")
-        if archive and item["class_name"] == "Lambda" and isinstance(function, list) and len(function) == 3:
-            item["config"]["function"] = {"class_name": "__lambda__", "config": dict(
-                zip(("code", "defaults", "closure"), function))}
-        dtype = item["config"].get("dtype")
-        if isinstance(dtype, dict) and dtype.get("class_name") == "Policy":
-            name = str((dtype.get("config") or {}).get("name", "float32"))
-            if name.startswith("mixed_"):
-                mixed.add(name)
-            item["config"]["dtype"] = "float32" if name.startswith("mixed_") else name
-        module = str(item.get("module", ""))
-        if item["class_name"] in _KERAS3_MODEL_MODULES and ".engine." in f"{module}.":
-            item["module"] = _KERAS3_MODEL_MODULES[item["class_name"]]
-        layers = item["config"].get("layers")
-        if isinstance(layers, list) and layers and isinstance(layers[0], dict) and layers[0].get("class_name") == "InputLayer":
-            for layer in layers[1:]:  # a Sequential's InputLayer already gives the shape
-                if isinstance(layer, dict) and isinstance(layer.get("config"), dict):
-                    layer["config"].pop("batch_input_shape", None)
-        shape = item["config"].pop("batch_input_shape", None)
-        if isinstance(shape, list) and shape:  # Keras 3 reads it on an InputLayer only
-            item["config"].update({"batch_shape": shape} if item["class_name"] == "InputLayer" else {"input_shape": shape[1:]})
-        if item["class_name"] == "LeakyReLU" and "alpha" in item["config"]:
-            item["config"]["negative_slope"] = item["config"].pop("alpha")  # its Keras 3 name
-        axis = item["config"].get("axis")
-        if item["class_name"] == "BatchNormalization" and isinstance(axis, list) and len(axis) == 1:
-            item["config"]["axis"] = axis[0]
-        if item["class_name"] in SHIM_CLASSES and ("module" in item or "registered_name" in item):
-            item.pop("module", None)
-            item.pop("registered_name", None)
+    mixed = {policy for item in layer_entries(config) if (policy := _modernise_entry(item, archive))}
     if mixed:
         notes.append(f"compatibility shim: layers trained in {'/'.join(sorted(mixed))} run in float32 (their "
                      "weights are float32; Keras 3 cannot read Keras 2's mixed-precision policy)")
     return notes
+
+
+def _modernise_entry(item: dict, archive: bool) -> str | None:
+    """Fix one Keras 2 layer entry in place: a mixed-precision policy becomes float32 (returned, for the
+    note); model classes under `keras.src.engine.*` point to Keras 3's modules; `batch_input_shape`
+    stays on input layers only; LeakyReLU's `alpha` is renamed `negative_slope`; a BatchNormalization
+    axis list becomes a number; TFOpLambda entries lose Keras 2's module (so the stand-in is used);
+    and, in a `.keras` archive, a Lambda's [code, defaults, closure] takes the form Keras 3 reads
+    (still refused unless the caller allows unsafe loading)."""
+    config, class_name, policy = item["config"], item["class_name"], None
+    dtype = config.get("dtype")
+    if isinstance(dtype, dict) and dtype.get("class_name") == "Policy":
+        name = str((dtype.get("config") or {}).get("name", "float32"))
+        policy = name if name.startswith("mixed_") else None
+        config["dtype"] = "float32" if policy else name
+    if class_name in _KERAS3_MODEL_MODULES and ".engine." in f"{item.get('module', '')}.":
+        item["module"] = _KERAS3_MODEL_MODULES[class_name]
+    layers = config.get("layers")
+    if isinstance(layers, list) and layers and isinstance(layers[0], dict) and layers[0].get("class_name") == "InputLayer":
+        for layer in layers[1:]:  # a Sequential's InputLayer already gives the shape
+            if isinstance(layer, dict) and isinstance(layer.get("config"), dict):
+                layer["config"].pop("batch_input_shape", None)
+    shape = config.pop("batch_input_shape", None)
+    if isinstance(shape, list) and shape:  # Keras 3 reads it on an InputLayer only
+        config.update({"batch_shape": shape} if class_name == "InputLayer" else {"input_shape": shape[1:]})
+    if class_name == "LeakyReLU" and "alpha" in config:
+        config["negative_slope"] = config.pop("alpha")
+    if class_name == "BatchNormalization" and isinstance(config.get("axis"), list) and len(config["axis"]) == 1:
+        config["axis"] = config["axis"][0]
+    if class_name in SHIM_CLASSES:
+        item.pop("module", None)
+        item.pop("registered_name", None)
+    function = config.get("function")
+    if archive and class_name == "Lambda" and isinstance(function, list) and len(function) == 3:
+        config["function"] = {"class_name": "__lambda__", "config": dict(zip(("code", "defaults", "closure"), function))}
+    return policy
 
 
 def fix_legacy_nodes(config: dict) -> int:
