@@ -440,7 +440,7 @@ def _load_keras_model(path: Path, kind: str, patched: dict | None, custom_object
         raise
     except Exception as exc:  # Keras raises many types; the user needs one readable message
         message = str(exc).split("\n")[0][:600]
-        hint = ("If the file is complete, it may use layers or options this Keras version does not support.")
+        hint = "If the file is complete, it may use layers or options this Keras version does not support."
         if kind == "h5":  # written by Keras 3, whose .h5 format drops what operation nodes need
             hint = ("Keras 3's .h5 format cannot store every model (e.g. operations on tensors inside Keras 3's "
                     "MobileNetV3 or ConvNeXt), so Keras itself cannot read some of its .h5 files back: save the "
