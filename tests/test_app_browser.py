@@ -226,7 +226,8 @@ def test_demo_upload_gradcam_and_export_in_a_real_browser(app_url, browser, cand
         # 2. A model dropped into the candidate slot becomes model B.
         _click(driver, ".st-key-candidate_0 input[type=file]", "the candidate drop zone", send_file=candidate_model)
         _wait(driver, lambda d: "Candidate browser_candidate.keras is model B" in _text(d) and _idle(d), "the candidate to load")
-        assert "Model B · browser_candidate.keras" in _text(driver)
+        # The sidebar's model heading can re-render just after the page goes idle: wait for it too.
+        _wait(driver, lambda d: "Model B · browser_candidate.keras" in _text(d), "model B's heading to name the candidate")
 
         # 3. The Errors page shows Grad-CAM overlays for both models.
         _open_page(driver, "Errors")
