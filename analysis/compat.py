@@ -410,12 +410,14 @@ def _loadable_copy(path: Path, suffix: str, config: dict | None):
     with tempfile.TemporaryDirectory(prefix="facecheck-model-") as folder:
         copy = Path(folder) / f"model{suffix}"
         if config is not None and suffix == ".keras":
-            with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w", zipfile.ZIP_DEFLATED) as target:
+            with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
                 for info in source.infolist():
+                    entry_info = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                    entry_info.compress_type = info.compress_type  # Keras stores weights uncompressed: keep it so
                     if info.filename == "config.json":
-                        target.writestr("config.json", json.dumps(config))
+                        target.writestr(entry_info, json.dumps(config))
                     else:
-                        with source.open(info) as entry, target.open(info.filename, "w", force_zip64=True) as out:
+                        with source.open(info) as entry, target.open(entry_info, "w", force_zip64=True) as out:
                             shutil.copyfileobj(entry, out, 2**20)
             yield copy
             return
