@@ -194,6 +194,8 @@ def _resolve_output(spec, outputs: list[OutputInfo], role: str, model_label: str
         index = int(spec)
     elif isinstance(spec, str) and spec in names:
         return names.index(spec)
+    elif isinstance(spec, str) and "/" in spec and spec.replace("/", "_") in names:
+        return names.index(spec.replace("/", "_"))  # a Keras 2 name the loader renamed (see keras2)
     elif isinstance(spec, str) and re.fullmatch(r"-?\d+", spec.strip()):
         index = int(spec)
     else:

@@ -542,6 +542,22 @@ def test_a_keras_archive_written_by_tf_keras_2_15_loads_with_the_keras2_shims(tm
     assert path.read_bytes() == (KERAS215 / "keras215.keras").read_bytes()
 
 
+def test_an_output_named_with_a_slash_can_still_be_given_by_its_keras2_name(tmp_path):
+    path = tmp_path / "slashed_outputs.h5"
+    shutil.copyfile(KERAS215 / "keras215_tfops.h5", path)
+
+    def rename_outputs(config):
+        for layer in config["config"]["layers"]:
+            if layer["name"] in ("age", "gender"):
+                layer["name"] = layer["config"]["name"] = f"head/{layer['name']}"
+        config["config"]["output_layers"] = [[f"head/{name}", i, j] for name, i, j in config["config"]["output_layers"]]
+
+    _tamper_h5_config(path, _json_edit(rename_outputs))
+    loaded = load_model(path, age_output="head/age", gender_output="head/gender")
+    names = loaded.mapping.output_names
+    assert (names[loaded.mapping.age_output], names[loaded.mapping.gender_output]) == ("head_age", "head_gender")
+
+
 def test_keras2_caffe_preprocessing_channel_flip_and_bias_are_rebuilt_and_detected(tmp_path):
     # resnet50.preprocess_input written on the input by TensorFlow 2.15: x[..., ::-1] (SlicingOpLambda)
     # then nn.bias_add of minus the ImageNet mean (TFOpLambda); fixture from tests/data/keras215/build.py.
