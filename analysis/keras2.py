@@ -403,7 +403,7 @@ def _as_layer(function: str, refs: list, kwargs: dict):
     if function == "image.resize" and len(refs) == 1 and set(kwargs) <= {"size", "method", "antialias",
                                                                           "preserve_aspect_ratio"}:
         size, method = kwargs.get("size"), kwargs.get("method") or "bilinear"
-        if (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+        if (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 0 < v <= 4096 for v in size)
                 and method in _RESIZE_METHODS and not kwargs.get("antialias") and not kwargs.get("preserve_aspect_ratio")):
             return "Resizing", {"height": size[0], "width": size[1], "interpolation": method}, [[*refs[0][:3], {}]]
     return None
