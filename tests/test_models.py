@@ -429,10 +429,7 @@ def test_keras2_arithmetic_preprocessing_ops_are_rebuilt_and_detected(tmp_path):
     np.testing.assert_allclose(p_female, gender_probs[:, 1], rtol=1e-5)
 
     # Any other TensorFlow op is refused by name before Keras sees it.
-    with h5py.File(path, "r+") as handle:
-        text = handle.attrs["model_config"]
-        text = text.decode() if isinstance(text, bytes) else text
-        handle.attrs["model_config"] = text.replace('"math.multiply"', '"nn.relu6"').encode()
+    _tamper_h5_config(path, lambda text: text.replace('"math.multiply"', '"nn.relu6"'))
     with pytest.raises(ModelLoadError, match=r"TensorFlow op nn\.relu6"):
         load_model(path)
 
@@ -496,6 +493,26 @@ def _rewrite_config(path, change, metadata=None):
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
+
+
+def _tamper_h5_config(path, change, keras_version=None):
+    """Apply `change` (text -> text) to the stored config of an .h5 file (in place); optionally say
+    which Keras version wrote it."""
+    with h5py.File(path, "r+") as handle:
+        text = handle.attrs["model_config"]
+        text = text.decode() if isinstance(text, bytes) else text
+        handle.attrs["model_config"] = change(text).encode()
+        if keras_version is not None:
+            handle.attrs["keras_version"] = keras_version
+
+
+def _json_edit(edit):
+    """A text -> text change for _tamper_h5_config that applies `edit` to the parsed config."""
+    def change(text):
+        config = json.loads(text)
+        edit(config)
+        return json.dumps(config)
+    return change
 
 
 @pytest.mark.parametrize("tamper", ["function_argument", "function_in_config", "module_outside_the_list",
@@ -572,10 +589,7 @@ def test_keras2_caffe_preprocessing_channel_flip_and_bias_are_rebuilt_and_detect
     # Any other slice is refused by name before Keras sees it.
     path = tmp_path / "other_slice.h5"
     shutil.copyfile(KERAS215 / "keras215_caffe.h5", path)
-    with h5py.File(path, "r+") as handle:
-        text = handle.attrs["model_config"]
-        text = text.decode() if isinstance(text, bytes) else text
-        handle.attrs["model_config"] = text.replace('"step": -1', '"step": 2').encode()
+    _tamper_h5_config(path, lambda text: text.replace('"step": -1', '"step": 2'))
     with pytest.raises(ModelLoadError, match=r"TensorFlow op __operators__\.getitem"):
         load_model(path)
 
@@ -639,11 +653,7 @@ def _keras2_lambda_file(path):
     if path.suffix == ".keras":  # as tf.keras 2.13–2.15 wrote .keras archives
         _rewrite_config(path, _keras2_lambda, metadata={"keras_version": "2.15.0"})
         return
-    with h5py.File(path, "r+") as handle:
-        config = json.loads(handle.attrs["model_config"])
-        _keras2_lambda(config)
-        handle.attrs["model_config"] = json.dumps(config).encode()
-        handle.attrs["keras_version"] = b"2.11.0"
+    _tamper_h5_config(path, _json_edit(_keras2_lambda), keras_version=b"2.11.0")
 
 
 @pytest.mark.parametrize("file_name", ["lambda.keras", "lambda.h5", "lambda_keras2.h5", "lambda_keras2.keras"])
@@ -684,13 +694,12 @@ def test_a_preprocess_input_lambda_becomes_identity_and_calibration_finds_its_sc
     model = keras.Model(inputs, {"age": outputs["age"], "gender": outputs["gender"]})
     path = save(model, tmp_path, file_name)
     if file_name == "prep_keras2.h5":  # Keras 2 stored the function's bytecode (this fake one cannot run)
-        with h5py.File(path, "r+") as handle:
-            config = json.loads(handle.attrs["model_config"])
+        def fake_bytecode(config):
             prep = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Lambda")
             prep["config"].update(function=["bm90IGNvZGU=", None, None], function_type="lambda",
                                   module="keras.applications.mobilenet_v2")
-            handle.attrs["model_config"] = json.dumps(config).encode()
-            handle.attrs["keras_version"] = b"2.11.0"
+
+        _tamper_h5_config(path, _json_edit(fake_bytecode), keras_version=b"2.11.0")
     else:  # Keras 3 stores only the name: Keras itself cannot load it back, even unsafely
         with pytest.raises(Exception, match="preprocess_input"):
             keras.saving.load_model(path, compile=False, safe_mode=False)
@@ -767,23 +776,8 @@ def test_a_uint8_input_cast_to_float_loads(tmp_path):
     np.testing.assert_allclose(loaded.predict_batch(images)[0], model.predict_on_batch(images)["age"][:, 0], rtol=1e-5, atol=1e-5)
 
 
-def _tamper_h5_config(path, change):
-    with h5py.File(path, "r+") as handle:
-        text = handle.attrs["model_config"]
-        text = text.decode() if isinstance(text, bytes) else text
-        handle.attrs["model_config"] = change(text).encode()
-
-
 def _first_tf_op(config):
     return next(item for item in config["config"]["layers"] if item["class_name"] == "TFOpLambda")
-
-
-def _json_edit(edit):
-    def change(text):
-        config = json.loads(text)
-        edit(config)
-        return json.dumps(config)
-    return change
 
 
 HOSTILE_CONFIGS = {  # what a damaged or crafted Keras 2 config may hold, and what broke on it before
