@@ -47,7 +47,7 @@ from analysis.keras2 import (
     patch_keras2_config,
     tf_op_supported,
 )
-from analysis.keras2 import affine_map
+from analysis.keras2 import affine_map, first_call
 
 
 class ModelLoadError(ValueError):
@@ -461,20 +461,13 @@ _KERAS_OP_KINDS = {"Add": "add", "Multiply": "multiply", "Subtract": "subtract",
                    "Divide": "divide"}
 
 
-def _node_args(op) -> tuple:
-    try:
-        return tuple(op._inbound_nodes[0].arguments.args)
-    except (IndexError, AttributeError):
-        return ()
-
-
 def keras_op_affine(op) -> tuple[float, float, str] | None:
     """(a, b, description) when a Keras 3 op node computes a·x + b with a constant c, else None.
 
     A per-channel constant (e.g. the ImageNet mean) is averaged over its channels, as the other
     preprocessing readers do with per-channel means and variances."""
     kind = _KERAS_OP_KINDS.get(type(op).__name__)
-    args = _node_args(op)
+    args = first_call(op)[0]
     if kind is None or isinstance(op, keras.layers.Layer) or len(args) != 2:
         return None
     symbolic = [isinstance(arg, keras.KerasTensor) for arg in args]
@@ -496,7 +489,7 @@ def keras_op_affine(op) -> tuple[float, float, str] | None:
 def keras_channel_order(op) -> tuple[int, ...] | None:
     """The channel order a Keras 3 `Stack` node builds from `x[..., k]` slices of one tensor (e.g.
     (2, 1, 0) for the RGB → BGR flip of keras.applications' "caffe" preprocessing), else None."""
-    args = _node_args(op)
+    args = first_call(op)[0]
     if type(op).__name__ != "Stack" or getattr(op, "axis", None) not in (-1, 3) or len(args) != 1:
         return None
     order, sources = [], set()
@@ -506,13 +499,13 @@ def keras_channel_order(op) -> tuple[int, ...] | None:
         if channel is None:
             return None
         order.append(channel)
-        sources.add(id(_node_args(history.operation)[0]))
+        sources.add(id(first_call(history.operation)[0][0]))
     return tuple(order) if len(sources) == 1 and sorted(order) == list(range(len(order))) else None
 
 
 def keras_channel_slice(op) -> int | None:
     """k when a Keras 3 `GetItem` node takes `x[..., k]` (one channel), else None."""
-    args = _node_args(op)
+    args = first_call(op)[0]
     if type(op).__name__ != "GetItem" or len(args) != 2 or not isinstance(args[0], keras.KerasTensor):
         return None
     key = args[1]

@@ -301,14 +301,19 @@ def is_legacy_config(config: dict) -> bool:
     return True
 
 
+def first_call(operation) -> tuple[tuple, dict]:
+    """(args, kwargs) a loaded layer or op node was first called with in its model; empty if none."""
+    try:
+        arguments = operation._inbound_nodes[0].arguments
+    except (IndexError, AttributeError):
+        return (), {}
+    return tuple(arguments.args), dict(arguments.kwargs)
+
 
 def tf_op_affine(layer) -> tuple[float, float, str] | None:
     """(a, b, description) when a rebuilt Keras 2 op layer computes a·x + b with a constant (a
     per-channel bias is averaged over its channels), else None."""
-    try:
-        kwargs = dict(layer._inbound_nodes[0].arguments.kwargs)
-    except (IndexError, AttributeError):
-        return None
+    kwargs = first_call(layer)[1]
     kwargs.pop("name", None)
     reverse = bool(kwargs.pop("reverse", False))
     operand = _tf_op_operand(layer.function, kwargs)
@@ -322,11 +327,7 @@ def tf_op_affine(layer) -> tuple[float, float, str] | None:
 
 def tf_op_reverses_channels(layer) -> bool:
     """True for a rebuilt Keras 2 slicing layer that computes x[..., ::-1]."""
-    try:
-        kwargs = layer._inbound_nodes[0].arguments.kwargs
-    except (IndexError, AttributeError):
-        return False
-    return type(layer).__name__ == "SlicingOpLambda" and _tf_op_operand(_GETITEM, kwargs) == "reverse"
+    return type(layer).__name__ == "SlicingOpLambda" and _tf_op_operand(_GETITEM, first_call(layer)[1]) == "reverse"
 
 
 def affine_map(kind: str, c: float, tensor_first: bool = True) -> tuple[float, float] | None:
