@@ -212,10 +212,6 @@ def _is_text(head: bytes) -> bool:
 # ---------------------------------------------------------------- safety checks on the stored config
 
 
-def _is_layer_config(item: dict) -> bool:
-    return "name" in item or "inbound_nodes" in item or "build_config" in item or "name" in item["config"]
-
-
 def _refuse_malformed(config: dict, path: Path) -> None:
     """Refuse an entry whose config is not a dict: Keras reads `null` as empty, which would load the
     entry past every check below."""
@@ -234,7 +230,7 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
     for item in layer_entries(config):  # every entry, named or not: a Sequential's layers need no name
         class_name = item["class_name"]
         layer_name = item["config"].get("name", item.get("name", "?"))
-        if class_name == "Lambda" and _preprocess_input_source(item) is None:
+        if class_name == "Lambda":  # those applying preprocess_input were replaced already
             lambdas.append(layer_name)
         elif class_name in SHIM_CLASSES and not tf_op_supported(item):
             unsupported.append(f"{layer_name} (Keras 2 TensorFlow op {item['config'].get('function', '?')})")
