@@ -306,7 +306,10 @@ def _interval(lo, hi, spec: str) -> str:
 
 
 def format_summary(evaluation) -> str:
-    """A few readable lines: headline numbers per model with CIs, then B − A if two models."""
+    """A few readable lines: headline numbers per model with CIs, B − A if two models, the gender
+    labels the models contradict, the largest gaps between groups."""
+    from analysis.report import label_check_text
+
     slices = evaluation.tables["slices"]
     overall = slices[slices["slice_by"] == "overall"]
     lines = ["", f"{'model':<28} {'gender accuracy (95% CI)':<28} {'age MAE, years (95% CI)':<26} age bias"]
@@ -325,6 +328,9 @@ def format_summary(evaluation) -> str:
                if all(math.isfinite(v) for v in (c.age_mae_delta_lo, c.age_mae_delta_hi)) else "no CI; ")
             + f"{_p(c.wilcoxon_p)}, Wilcoxon)"
         )
+    check = label_check_text(evaluation.summary["label_check"])
+    if check:
+        lines.append("\n" + check + " They are listed in tables/contradicted_labels.csv.")
     gaps = evaluation.tables.get("gaps")
     if gaps is not None and not gaps.empty:
         lines.append("\nLargest gaps between groups (slices with n ≥ 30):")

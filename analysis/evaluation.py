@@ -94,6 +94,7 @@ def compute_tables(predictions: pd.DataFrame, model_keys, *, n_boot: int = 1000,
     for key in keys:
         tables[f"worst_age_{key}"] = metrics.worst_errors(predictions, "age", model=key, k=50)
         tables[f"worst_gender_{key}"] = metrics.worst_errors(predictions, "gender", model=key, k=50)
+    tables["contradicted_labels"] = metrics.contradicted_labels(predictions, keys)
     if len(keys) == 2:
         tables["worst_disagreement"] = metrics.worst_errors(predictions, "disagreement", model=keys[0], k=50)
     return tables

@@ -14,6 +14,8 @@ Everything else is derived from one tidy table, in the spirit of fairlearn's Met
     worst_slices    the k worst groups of one metric, FROM slice_table
     calibration_table / expected_calibration_error   P(female) against the observed female fraction
     age_error_by_true_age, worst_errors, summary
+    contradicted_labels   gender labels every model contradicts with high confidence (likely
+                    wrong labels: UTKFace has some), and in `summary` what they would change
 
 Metric directions: gender_acc higher is better, age_mae lower is better, age_bias closer to 0 is
 better (positive = the model guesses too old).
@@ -62,6 +64,11 @@ GAPS_TABLE_COLUMNS = [
 ]  # fmt: skip
 CALIBRATION_COLUMNS = ["bin", "lo", "hi", "n", "mean_p_female", "frac_female"]
 AGE_ERROR_COLUMNS = ["model", "age_lo", "age_hi", "n", "age_mae", "age_bias"]
+
+# A gender label that every model contradicts at least this confidently is a candidate for a
+# wrong label. On UTKFace's test/ sample all 10 labels that both of our trained models contradicted
+# at 0.95 were visibly wrong (women labelled male, bearded men labelled female; BENCHMARKS.md).
+LABEL_CHECK_CONFIDENCE = 0.95
 
 # Indices in one (resamples x rows) block of the bootstrap; bounds memory (~8 MB of int32 each).
 _BOOTSTRAP_BLOCK = 2_000_000
@@ -731,6 +738,52 @@ def worst_errors(
     return table.iloc[order[:k]].reset_index(drop=True)
 
 
+def _p_other_gender(preds: pd.DataFrame, models) -> np.ndarray:
+    """Per image, the smallest of the models' P(the gender other than the label); shape (n,)."""
+    female = _numeric(preds, "gender") == 1
+    p_other = [np.where(female, 1 - p, p) for p in (_numeric(preds, f"p_female_{m}") for m in models)]
+    return np.min(p_other, axis=0) if len(preds) else np.zeros(0)
+
+
+def _check_confidence(confidence) -> float:
+    confidence = float(confidence)
+    if not 0.5 < confidence <= 1:
+        raise ValueError(f"confidence must be above 0.5 and at most 1, got {confidence:g}")
+    return confidence
+
+
+def contradicted_labels(preds: pd.DataFrame, models=None, confidence: float = LABEL_CHECK_CONFIDENCE) -> pd.DataFrame:
+    """Images whose gender label every model contradicts: P(the other gender) >= `confidence` for
+    each model. Candidates for a wrong label, to check by eye — not proof: one model, or two that
+    learned the same mistake, can be confidently wrong.
+
+    Rows of `preds` plus add_error_columns and `score` = the smallest of the models' P(the other
+    gender), most contradicted first (ties keep the table order). An empty table gives an empty result.
+    """
+    confidence = _check_confidence(confidence)
+    models = check_predictions(preds, models, allow_empty=True)
+    table = add_error_columns(preds, models).reset_index(drop=True)
+    table["score"] = p_other = _p_other_gender(table, models)
+    rows = np.flatnonzero(p_other >= confidence)
+    return table.iloc[rows[np.argsort(-p_other[rows], kind="stable")]].reset_index(drop=True)
+
+
+def label_check(preds: pd.DataFrame, models=None, confidence: float = LABEL_CHECK_CONFIDENCE) -> dict:
+    """What the labels of contradicted_labels would change: their number and share, and each
+    model's gender accuracy if they were wrong (those labels flipped), for summary.json."""
+    confidence = _check_confidence(confidence)
+    models = check_predictions(preds, models)
+    flagged = _p_other_gender(preds, models) >= confidence
+    corrected = np.where(flagged, 1 - _numeric(preds, "gender"), _numeric(preds, "gender"))
+    return {
+        "confidence": confidence,
+        "models": list(models),
+        "n_contradicted": int(flagged.sum()),
+        "share": float(flagged.mean()),
+        "gender_acc_if_wrong": {m: float(gender_correct(_numeric(preds, f"p_female_{m}"), corrected).mean()) for m in models},
+    }
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -754,7 +807,8 @@ def summary(
     tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> dict:
     """Headline numbers for summary.json: per model overall gender_acc, age_mae, age_bias with
-    [lo, hi] CIs and the gender ECE; with two models also the overall paired comparison (b - a).
+    [lo, hi] CIs and the gender ECE; the label check (label_check); with two models also the
+    overall paired comparison (b - a).
 
     Values are plain Python floats/ints (NaN -> None); the CIs equal the overall rows of
     slice_table / compare_table with the same seed. `tables` = the "slices" (and "comparison")
@@ -782,6 +836,7 @@ def summary(
             entry[f"{metric}_ci"] = [_plain(row[f"{metric}_lo"]), _plain(row[f"{metric}_hi"])]
         entry["gender_ece"] = expected_calibration_error(gender, _numeric(preds, f"p_female_{m}"))
         out["models"][m] = entry
+    out["label_check"] = label_check(preds, models)
     if len(models) == 2:
         a, b = models
         if tables is not None and "comparison" in tables:

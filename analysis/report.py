@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import figures
+from analysis import figures, metrics
 from analysis.constants import DEFAULT_SEED, ETHNICITIES, GENDERS, SMALL_SLICE_N
 from analysis.dataset import file_digest, load_image
 
@@ -469,6 +469,8 @@ _TABLE_NOTES = {
     "calibration": "reliability bins of P(female) per model: mean predicted probability vs observed share of women",
     "age_error_by_true_age": "age MAE and signed bias per 5-year bin of true age, per model",
     "worst_disagreement": "images where the two models disagree most (gender first, then age)",
+    "contradicted_labels": "images whose gender label every model contradicts with P ≥ "
+    f"{metrics.LABEL_CHECK_CONFIDENCE:g}: likely wrong labels, to check by eye (score = the smallest P(other gender))",
 }
 
 
@@ -675,6 +677,7 @@ def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
         overall = slices[slices["slice_by"] == "overall"]
         formatted, numeric = format_table(overall.drop(columns=["slice_by", "slice", "small"], errors="ignore"), list(evaluation.models))
         lines += ["", "## Headline numbers (95% CIs)", "", markdown_table(formatted, numeric).rstrip()]
+    lines += label_check_lines(evaluation)
     lines += ["", "## Files", "", "| File | What it is |", "|:---|:---|"]
     lines += [f"| `{path}` | {what} |" for path, what in index]
     lines += [
@@ -687,6 +690,25 @@ def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def label_check_text(check: dict) -> str | None:
+    """One sentence on the gender labels every model contradicts (summary["label_check"]), or None
+    when there are none."""
+    n = check["n_contradicted"]
+    if not n:
+        return None
+    judges = "both models" if len(check["models"]) == 2 else "the model"
+    if_wrong = ", ".join(f"{m} {acc:.1%}" for m, acc in check["gender_acc_if_wrong"].items())
+    return (f"{n} gender label{'s' if n > 1 else ''} ({check['share']:.1%} of the images) {'are' if n > 1 else 'is'} "
+            f"contradicted by {judges} with P ≥ {check['confidence']:g} — check {'them' if n > 1 else 'it'} by eye: "
+            f"UTKFace has wrong labels. If {'they are' if n > 1 else 'it is'} wrong, gender accuracy would be "
+            f"{if_wrong} (the headline numbers keep the labels as given).")
+
+
+def label_check_lines(evaluation) -> list[str]:
+    text = label_check_text(evaluation.summary["label_check"])
+    return ["", "## Gender labels the models contradict", "", text + " The images: `tables/contradicted_labels.csv`."] if text else []
 
 
 def _write_zip(folder: Path, zip_path: Path) -> None:

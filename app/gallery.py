@@ -7,6 +7,8 @@ Kinds of cases (keys of ERROR_KINDS):
     both_wrong  images both models got wrong: wrong gender from both first, then by the smaller
                 of the two absolute age errors (so both are at least that far off)
     disagree    the models disagree: different genders first, then by the age gap between them
+    contradicted  gender labels every model contradicts with P >= metrics.LABEL_CHECK_CONFIDENCE
+                (likely wrong labels), most contradicted first
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ ERROR_KINDS: dict[str, str] = {
     "gender": "Gender: wrong answers",
     "both_wrong": "Both models wrong",
     "disagree": "Models disagree",
+    "contradicted": "Labels the models contradict",
 }
 TWO_MODEL_KINDS = ("both_wrong", "disagree")
 ALL_IMAGES = "all"
@@ -69,7 +72,7 @@ def select_cases(
     Rows are `preds` rows plus metrics.add_error_columns and `score` (the ranking key).
     `min_error` (years) drops age cases below it: the model's error for "age", the smaller of
     both models' errors for "both_wrong", the gap between the models for "disagree"; gender
-    cases are kept whatever their age error.
+    and contradicted-label cases are kept whatever their age error.
     """
     if kind not in ERROR_KINDS:
         raise ValueError(f"unknown kind {kind!r}; use one of {tuple(ERROR_KINDS)}")
@@ -88,6 +91,9 @@ def select_cases(
         keep = ranked[f"abs_age_err_{model}"] >= min_error
     elif kind == "gender":
         ranked = metrics.worst_errors(in_slice, "gender", model, k=None)
+        keep = pd.Series(True, index=ranked.index)
+    elif kind == "contradicted":
+        ranked = metrics.contradicted_labels(in_slice, models)
         keep = pd.Series(True, index=ranked.index)
     elif kind == "disagree":
         ranked = metrics.worst_errors(in_slice, "disagreement", model, k=None, other=other)

@@ -303,6 +303,51 @@ def test_a_sample_no_image_of_which_decodes_is_refused_and_the_models_keep_worki
     assert_headlines(at)
 
 
+def test_gender_labels_both_models_contradict_are_pointed_out_and_shown(tmp_path, synthetic_dir, demo_models):
+    """Four labels flipped where both demo models are sure of the truth: the Overview counts the
+    labels both contradict (counted here from the models' own predictions) and Errors lists them."""
+    import shutil
+
+    from analysis.dataset import load_image
+    from analysis.models import load_model
+
+    files = sorted(Path(synthetic_dir).iterdir())
+    genders = np.array([int(f.name.split("_")[1]) for f in files])
+    p_female = {}
+    for key in "AB":
+        loaded = load_model(Path(demo_models) / f"age_gender_{key}.keras")
+        p_female[key] = loaded.predict_batch(np.stack([load_image(f, loaded.input_size) for f in files]))[1]
+    p_true = np.minimum(*[np.where(genders == 1, p, 1 - p) for p in p_female.values()])
+    flip = np.argsort(-p_true, kind="stable")[:4]
+    assert p_true[flip].min() >= 0.99, "the demo models are no longer sure of any four faces"
+    folder = tmp_path / "flipped"
+    folder.mkdir()
+    new_genders = genders.copy()
+    new_genders[flip] = 1 - genders[flip]
+    flipped_names = set()
+    for i, source in enumerate(files):
+        age, _, rest = source.name.split("_", 2)
+        name = f"{age}_{new_genders[i]}_{rest}"
+        shutil.copy(source, folder / name)
+        if i in flip:
+            flipped_names.add(name)
+    p_other = np.minimum(*[np.where(new_genders == 1, 1 - p, p) for p in p_female.values()])
+    expected = int((p_other >= 0.95).sum())
+    assert expected >= 4
+
+    at = new_app()
+    at.text_input(key="sample_path_0").input(str(folder)).run()
+    assert_clean(at)
+    note = texts(at.info)
+    assert f"{expected} gender labels ({expected / len(files):.1%} of the images) are contradicted by both models" in note
+    at.switch_page("views/errors.py").run()
+    at.segmented_control(key="error_kind").set_value("contradicted").run()
+    at.selectbox(key="error_k").set_value(24).run()
+    assert_clean(at)
+    shown = {str(c.value) for c in at.caption} & {f.name for f in folder.iterdir()}
+    assert flipped_names <= shown and len(shown) == expected
+
+
 def test_an_upload_error_names_the_uploaded_file_not_the_cache(tmp_path):
     at = new_app()
     upload(at, "sample_zip", "holiday.zip", zip_with_names({"readme.txt": b"no faces here"}))
@@ -571,6 +616,18 @@ def test_gallery_selects_the_cases_the_filters_describe():
     disagree = gallery.select_cases(preds, kind="disagree", model="A", min_error=5, k=500)
     gaps = (disagree["age_pred_A"] - disagree["age_pred_B"]).abs()
     assert ((disagree["disagreement"] == "gender") | (gaps >= 5)).all()
+
+    # Gender labels both models contradict (P(other gender) >= 0.95 for each): three images made so
+    # by hand, and one only model A contradicts, which is not listed.
+    flagged = preds.copy()
+    male = flagged.index[flagged["gender"] == 0]
+    female = flagged.index[flagged["gender"] == 1]
+    flagged.loc[male[:2], ["p_female_A", "p_female_B"]] = [[0.99, 0.97], [0.96, 0.995]]
+    flagged.loc[female[:2], ["p_female_A", "p_female_B"]] = [[0.001, 0.02], [0.01, 0.2]]
+    contradicted = gallery.select_cases(flagged, kind="contradicted", model="B", min_error=50, k=500)
+    assert list(contradicted["image_id"]) == list(flagged.loc[[female[0], male[0], male[1]], "image_id"])
+    in_slice = gallery.select_cases(flagged, kind="contradicted", model="A", slice_label="gender=male", k=500)
+    assert list(in_slice["image_id"]) == list(flagged.loc[[male[0], male[1]], "image_id"])
 
     without_others = preds[preds["ethnicity"] != 4]
     assert gallery.select_cases(without_others, kind="age", model="A", slice_label="ethnicity=Others").empty

@@ -554,6 +554,70 @@ def test_summary_is_json_and_matches_the_tables(preds):
     assert list(single["models"]) == ["A"] and "comparison" not in single
 
 
+def test_summary_holds_the_label_check(preds):
+    assert metrics.summary(preds, ("A", "B"), n_boot=50)["label_check"] == metrics.label_check(preds, ("A", "B"))
+
+
+# ---------------------------------------------------------------- labels the models contradict
+
+
+def _label_table() -> pd.DataFrame:
+    """Eight images; P(the other gender) per model, by hand (label 1 = female: P(other) = 1 - p_female):
+    row  label  A     B      contradicted by both at 0.95?
+    0    F      .99   .98    yes (smallest .98)
+    1    F      .96   .50    no (B agrees with the label)
+    2    M      .97   .993   yes (.97)
+    3    M      .96   .10    no
+    4    F      .94   .992   no (A below .95)
+    5    M      .95   .96    yes (.95, the threshold itself)
+    6    M      .991  .951   yes (.951)
+    7    F      .60   .999   no
+    """
+    table = make_predictions(n=8, drop_female_others=False)
+    table["gender"] = [1, 1, 0, 0, 1, 0, 0, 1]
+    table["p_female_A"] = [0.01, 0.04, 0.97, 0.96, 0.06, 0.95, 0.991, 0.40]
+    table["p_female_B"] = [0.02, 0.50, 0.993, 0.10, 0.008, 0.96, 0.951, 0.001]
+    return table
+
+
+def test_contradicted_labels_are_those_every_model_contradicts():
+    table = _label_table()
+    both = metrics.contradicted_labels(table)
+    assert list(both["image_id"]) == list(table["image_id"].iloc[[0, 2, 6, 5]])  # most contradicted first
+    assert both["score"].tolist() == pytest.approx([0.98, 0.97, 0.951, 0.95])
+    assert not both["gender_correct_A"].any() and not both["gender_correct_B"].any()
+    only_b = metrics.contradicted_labels(table, ("B",))
+    assert list(only_b["image_id"]) == list(table["image_id"].iloc[[7, 2, 4, 0, 5, 6]])
+    assert list(metrics.contradicted_labels(table, confidence=0.975)["image_id"]) == list(table["image_id"].iloc[[0]])
+    empty = metrics.contradicted_labels(table.iloc[:0])
+    assert empty.empty and "score" in empty.columns
+
+
+def test_label_check_says_what_the_contradicted_labels_would_change():
+    table = _label_table()
+    check = metrics.label_check(table)
+    assert check["n_contradicted"] == 4 and check["share"] == pytest.approx(0.5) and check["models"] == ["A", "B"]
+    relabelled = table["gender"].to_numpy().copy()
+    relabelled[[0, 2, 5, 6]] = 1 - relabelled[[0, 2, 5, 6]]
+    for m in "AB":
+        expected = accuracy_score(relabelled, (table[f"p_female_{m}"] >= 0.5).astype(int))
+        assert check["gender_acc_if_wrong"][m] == pytest.approx(expected)
+        # every contradicted label was an error of each model: flipping them adds their share
+        assert expected == pytest.approx(accuracy_score(table["gender"], (table[f"p_female_{m}"] >= 0.5).astype(int)) + 0.5)
+    assert json.loads(json.dumps(check)) == check
+    nothing = metrics.label_check(table, confidence=1.0)
+    assert nothing["n_contradicted"] == 0 and nothing["gender_acc_if_wrong"]["A"] == pytest.approx(
+        accuracy_score(table["gender"], (table["p_female_A"] >= 0.5).astype(int)))
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.3, 1.01, float("nan")])
+def test_label_check_refuses_a_confidence_that_is_not_a_majority(confidence):
+    with pytest.raises(ValueError, match="confidence must be above 0.5"):
+        metrics.contradicted_labels(_label_table(), confidence=confidence)
+    with pytest.raises(ValueError, match="confidence must be above 0.5"):
+        metrics.label_check(_label_table(), confidence=confidence)
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

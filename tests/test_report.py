@@ -174,6 +174,46 @@ def test_figures_are_valid_images_at_print_resolution(bundle):
         assert image.mode == "RGB" and image.height > 3 * report.GRADCAM_CELL
 
 
+def test_readme_says_what_the_contradicted_labels_would_change(tmp_path, evaluation):
+    import dataclasses
+
+    from analysis import metrics
+
+    from analysis.evaluation import compute_tables
+
+    predictions = evaluation.predictions.copy()
+    assert metrics.label_check(predictions)["n_contradicted"] == 0
+    # Both models made sure of the other gender on two images: both contradict their labels.
+    flip = [3, 7]
+    for m, p_other in (("A", 0.99), ("B", 0.97)):
+        predictions.loc[flip, f"p_female_{m}"] = np.where(predictions.loc[flip, "gender"] == 1, 1 - p_other, p_other)
+    accuracy = {m: ((predictions[f"p_female_{m}"] >= 0.5) == (predictions["gender"] == 1)).mean() for m in "AB"}
+    changed = dataclasses.replace(
+        evaluation, run=dataclasses.replace(evaluation.run, predictions=predictions), summary=metrics.summary(predictions, ("A", "B"), n_boot=20),
+        tables=compute_tables(predictions, "AB", n_boot=20),
+    )
+    report.write_bundle(changed, tmp_path / "out", seed=0, n_boot=20, gradcam=False)
+    readme = (tmp_path / "out" / "README.md").read_text()
+    n = len(predictions)
+    assert (f"2 gender labels ({2 / n:.1%} of the images) are contradicted by both models with P ≥ 0.95" in readme)
+    assert f"gender accuracy would be A {accuracy['A'] + 2 / n:.1%}, B {accuracy['B'] + 2 / n:.1%}" in readme
+    from analysis.__main__ import format_summary
+
+    assert "2 gender labels" in format_summary(changed) and "tables/contradicted_labels.csv" in format_summary(changed)
+    assert "gender labels" not in format_summary(evaluation)
+    listed = pd.read_csv(tmp_path / "out" / "tables" / "contradicted_labels.csv")
+    assert list(listed["image_id"]) == list(predictions["image_id"].iloc[flip])  # equal scores: table order
+
+
+def test_label_check_sentence():
+    check = {"confidence": 0.95, "models": ["B"], "n_contradicted": 1, "share": 0.004, "gender_acc_if_wrong": {"B": 0.9312}}
+    assert report.label_check_text(check) == (
+        "1 gender label (0.4% of the images) is contradicted by the model with P ≥ 0.95 — check it by eye: UTKFace "
+        "has wrong labels. If it is wrong, gender accuracy would be B 93.1% (the headline numbers keep the labels as given)."
+    )
+    assert report.label_check_text(check | {"n_contradicted": 0}) is None
+
+
 def test_provenance_matches_the_inputs(bundle, evaluation, model_dir):
     out, _ = bundle
     record = json.loads((out / "provenance.json").read_text())

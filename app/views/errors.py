@@ -53,7 +53,7 @@ def gallery_filter_ui(current) -> GalleryFilter:
     third, fourth = st.columns([3, 1])
     min_error = third.slider(
         "Minimum age error (years)", 0, 60, 0, key="error_min",
-        help="Drops age cases below it (for 'Models disagree': the age gap between the models). Gender cases stay.",
+        help="Drops age cases below it (for 'Models disagree': the age gap between the models). Gender and contradicted-label cases stay.",
     )
     k = fourth.selectbox("Cases", [6, 12, 24], index=0, key="error_k")
     return GalleryFilter(kind or "age", model or slots[0], slice_label, float(min_error), int(k))
@@ -68,7 +68,7 @@ def gradcam_ui(current, kind: str) -> GradcamChoice | None:
         shown = left.segmented_control(
             "Overlays for", slots, selection_mode="multi", default=slots, key="gradcam_models"
         )
-        default_target = "gender_female" if kind == "gender" else "age_older"
+        default_target = "gender_female" if kind in ("gender", "contradicted") else "age_older"
         target = middle.selectbox(
             "Head and direction", list(TARGET_LABELS), index=list(TARGET_LABELS).index(default_target),
             format_func=TARGET_LABELS.get, key=f"gradcam_target_{kind}",

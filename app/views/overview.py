@@ -3,9 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-from analysis import figures, metrics
+from analysis import figures, metrics, report
 from analysis.constants import MODEL_KEYS, SMALL_SLICE_N
-from app import layout, wording
+from app import gallery, layout, wording
 
 WORST_K = 5
 METRIC_TITLES = {"age_mae": "age MAE (years)", "gender_acc": "gender accuracy"}
@@ -49,6 +49,13 @@ def render_headlines(current) -> None:
                 wording.ci_text(row["age_mae_lo"], row["age_mae_hi"])
                 + f" · bias {row['age_bias']:+.2f} years"
             )
+
+
+def render_label_check(current) -> None:
+    """A note on the gender labels every model contradicts (likely wrong labels), when there are any."""
+    text = report.label_check_text(current.evaluation.summary["label_check"])
+    if text:
+        st.info(text + f" Errors → '{gallery.ERROR_KINDS['contradicted']}' shows them.", icon=":material/label_off:")
 
 
 def render_comparison(current) -> None:
@@ -115,6 +122,7 @@ current = layout.require_evaluation()
 st.title("Overview")
 layout.render_setup_caption(current)
 render_headlines(current)
+render_label_check(current)
 render_comparison(current)
 calibration_column, worst_column = st.columns(2, gap="large")
 with calibration_column:
