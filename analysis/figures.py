@@ -89,7 +89,8 @@ def _model_encodings(keys: Sequence[str], names: Mapping[str, str] | None, label
     """
     domain = [(labels or {}).get(k) or model_label(k, names) for k in keys]
     styles = [model_style(k) for k in keys]
-    legend = alt.Legend(orient="bottom", symbolStrokeWidth=2, labelLimit=400)
+    # One model per row: side by side, two long file names overflow a half-page chart in the app.
+    legend = alt.Legend(orient="bottom", columns=1, symbolStrokeWidth=2, labelLimit=400)
     colour = alt.Color("model_label:N", title="Model", scale=alt.Scale(domain=domain, range=[s.colour for s in styles]), legend=legend)
     dash = alt.StrokeDash("model_label:N", title="Model", scale=alt.Scale(domain=domain, range=[list(s.dash) for s in styles]), legend=legend)
     shape = alt.Shape("model_label:N", title="Model", scale=alt.Scale(domain=domain, range=[s.shape for s in styles]), legend=legend)
