@@ -328,9 +328,9 @@ def format_summary(evaluation) -> str:
                if all(math.isfinite(v) for v in (c.age_mae_delta_lo, c.age_mae_delta_hi)) else "no CI; ")
             + f"{_p(c.wilcoxon_p)}, Wilcoxon)"
         )
-    check = label_check_text(evaluation.summary["label_check"])
+    check = label_check_text(evaluation.summary["label_check"], "in tables/contradicted_labels.csv")
     if check:
-        lines.append("\n" + check + " They are listed in tables/contradicted_labels.csv.")
+        lines.append("\n" + check)
     gaps = evaluation.tables.get("gaps")
     if gaps is not None and not gaps.empty:
         lines.append("\nLargest gaps between groups (slices with n ≥ 30):")

@@ -603,7 +603,8 @@ def _write_records(evaluation, folder: Path) -> list[tuple[str, str]]:
     (folder / "models.json").write_text(json.dumps(to_jsonable(models_info), indent=2))
     evaluation.skipped.to_csv(folder / "skipped.csv", index=False)
     return [
-        ("summary.json", "headline numbers per model with 95% CIs and the gender ECE (and the overall A vs B comparison)"),
+        ("summary.json", "headline numbers per model with 95% CIs and the gender ECE, the contradicted gender labels "
+         "(label_check) and the overall A vs B comparison"),
         ("models.json", "what the loader inferred about each model (input size, preprocessing, output mapping) and the preprocessing calibration scores"),
         ("skipped.csv", "files left out of the evaluation and why (stage: reading or decoding)"),
     ]  # fmt: skip
@@ -692,23 +693,32 @@ def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def label_check_text(check: dict) -> str | None:
-    """One sentence on the gender labels every model contradicts (summary["label_check"]), or None
-    when there are none."""
+def _share(share: float) -> str:
+    """A share as a percentage that does not round a few images to 0.0%."""
+    return f"{share:.1%}" if share >= 0.001 or share == 0 else f"{share * 100:.2g}%"
+
+
+def label_check_text(check: dict, listed: str | None = None) -> str | None:
+    """Sentences on the gender labels every model contradicts (summary["label_check"]), ending with
+    where they are listed (`listed`, e.g. "in tables/contradicted_labels.csv"); None when there are none."""
     n = check["n_contradicted"]
     if not n:
         return None
-    judges = "both models" if len(check["models"]) == 2 else "the model"
+    one = n == 1
+    judges = "both models" if len(check["models"]) == 2 else "the model" if len(check["models"]) == 1 else "every model"
     if_wrong = ", ".join(f"{m} {acc:.1%}" for m, acc in check["gender_acc_if_wrong"].items())
-    return (f"{n} gender label{'s' if n > 1 else ''} ({check['share']:.1%} of the images) {'are' if n > 1 else 'is'} "
-            f"contradicted by {judges} with P ≥ {check['confidence']:g} — check {'them' if n > 1 else 'it'} by eye: "
-            f"UTKFace has wrong labels. If {'they are' if n > 1 else 'it is'} wrong, gender accuracy would be "
-            f"{if_wrong} (the headline numbers keep the labels as given).")
+    text = (
+        f"{n} gender label{'' if one else 's'} ({_share(check['share'])} of the images) {'is' if one else 'are'} "
+        f"contradicted by {judges} with P ≥ {check['confidence']:g} — check {'it' if one else 'them'} by eye: labels "
+        f"can be wrong (UTKFace has some). If {'it is' if one else 'they are'} wrong, gender accuracy would be "
+        f"{if_wrong} (the headline numbers keep the labels as given)."
+    )
+    return text + (f" {'It is' if one else 'They are'} listed {listed}." if listed else "")
 
 
 def label_check_lines(evaluation) -> list[str]:
-    text = label_check_text(evaluation.summary["label_check"])
-    return ["", "## Gender labels the models contradict", "", text + " The images: `tables/contradicted_labels.csv`."] if text else []
+    text = label_check_text(evaluation.summary["label_check"], "in `tables/contradicted_labels.csv`")
+    return ["", "## Contradicted gender labels", "", text] if text else []
 
 
 def _write_zip(folder: Path, zip_path: Path) -> None:

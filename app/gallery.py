@@ -24,10 +24,16 @@ ERROR_KINDS: dict[str, str] = {
     "gender": "Gender: wrong answers",
     "both_wrong": "Both models wrong",
     "disagree": "Models disagree",
-    "contradicted": "Labels the models contradict",
+    "contradicted": "Contradicted labels",
 }
 TWO_MODEL_KINDS = ("both_wrong", "disagree")
 ALL_IMAGES = "all"
+# What the Errors page says when no case of a kind is left (by default: the filters' fault).
+NO_CASES = {
+    "gender": "No wrong gender answer of this model in this slice.",
+    "contradicted": f"No gender label in this slice is contradicted by every model with P ≥ {metrics.LABEL_CHECK_CONFIDENCE:g}.",
+}
+NO_CASES_DEFAULT = "No case matches these filters. Lower the minimum error or pick another slice."
 _ATTRIBUTE_TITLES = {"age_band": "Age band", "gender": "Gender", "ethnicity": "Ethnicity"}
 
 

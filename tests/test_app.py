@@ -346,6 +346,14 @@ def test_gender_labels_both_models_contradict_are_pointed_out_and_shown(tmp_path
     assert_clean(at)
     shown = {str(c.value) for c in at.caption} & {f.name for f in folder.iterdir()}
     assert flipped_names <= shown and len(shown) == expected
+    # A slice without any: the page says so instead of suggesting a lower minimum error.
+    from app import gallery
+
+    bands = np.asarray(assign_age_bands([int(f.name.split("_")[0]) for f in files]).astype(str))
+    clean_band = next(band for band in pd.unique(bands) if not (p_other[bands == band] >= 0.95).any())
+    at.selectbox(key="error_slice").set_value(f"age_band={clean_band}").run()
+    assert_clean(at)
+    assert gallery.NO_CASES["contradicted"] in texts(at.info)
 
 
 def test_an_upload_error_names_the_uploaded_file_not_the_cache(tmp_path):

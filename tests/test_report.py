@@ -207,10 +207,15 @@ def test_readme_says_what_the_contradicted_labels_would_change(tmp_path, evaluat
 
 def test_label_check_sentence():
     check = {"confidence": 0.95, "models": ["B"], "n_contradicted": 1, "share": 0.004, "gender_acc_if_wrong": {"B": 0.9312}}
-    assert report.label_check_text(check) == (
-        "1 gender label (0.4% of the images) is contradicted by the model with P ≥ 0.95 — check it by eye: UTKFace "
-        "has wrong labels. If it is wrong, gender accuracy would be B 93.1% (the headline numbers keep the labels as given)."
+    assert report.label_check_text(check, "in the table") == (
+        "1 gender label (0.4% of the images) is contradicted by the model with P ≥ 0.95 — check it by eye: labels "
+        "can be wrong (UTKFace has some). If it is wrong, gender accuracy would be B 93.1% (the headline numbers keep "
+        "the labels as given). It is listed in the table."
     )
+    several = check | {"models": ["A", "B"], "n_contradicted": 2, "share": 2 / 5000, "gender_acc_if_wrong": {"A": 0.9, "B": 0.95}}
+    text = report.label_check_text(several, "in the table")
+    assert text.startswith("2 gender labels (0.04% of the images) are contradicted by both models")  # not "0.0%"
+    assert "check them by eye" in text and "If they are wrong" in text and text.endswith("They are listed in the table.")
     assert report.label_check_text(check | {"n_contradicted": 0}) is None
 
 

@@ -47,7 +47,7 @@ def gallery_filter_ui(current) -> GalleryFilter:
     model = first.segmented_control(
         "Model", slots, format_func=lambda s: f"{s}: {evaluation.models[s].name}", key="error_model",
         required=True, default=slots[0],
-        help="Whose errors to rank (for the two-model types: whose confidence orders the cases).",
+        help="Whose errors to rank (for the two-model types: whose confidence orders the cases; contradicted labels are judged by every model).",
     )
     slice_label = second.selectbox("Slice", list(options), format_func=options.get, key="error_slice")
     third, fourth = st.columns([3, 1])
@@ -147,7 +147,7 @@ except ValueError as exc:
     st.stop()
 gradcam_choice = gradcam_ui(current, chosen.kind)
 if cases.empty:
-    st.info("No case matches these filters. Lower the minimum error or pick another slice.")
+    st.info(gallery.NO_CASES.get(chosen.kind, gallery.NO_CASES_DEFAULT))
 else:
     st.caption(f"{len(cases)} case(s), worst first.")
     render_gallery(current, cases, gradcam_choice)

@@ -53,9 +53,9 @@ def render_headlines(current) -> None:
 
 def render_label_check(current) -> None:
     """A note on the gender labels every model contradicts (likely wrong labels), when there are any."""
-    text = report.label_check_text(current.evaluation.summary["label_check"])
+    text = report.label_check_text(current.evaluation.summary["label_check"], f"on Errors → '{gallery.ERROR_KINDS['contradicted']}'")
     if text:
-        st.info(text + f" Errors → '{gallery.ERROR_KINDS['contradicted']}' shows them.", icon=":material/label_off:")
+        st.info(text, icon=":material/label_off:")
 
 
 def render_comparison(current) -> None:
