@@ -693,6 +693,11 @@ def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Above this share of contradicted labels the sentence warns that the models, not the labels, are
+# likely at fault (UTKFace's wrong gender labels are about 1%; BENCHMARKS.md).
+LABEL_CHECK_MANY = 0.05
+
+
 def _share(share: float) -> str:
     """A share as a percentage that does not round a few images to 0.0%."""
     return f"{share:.1%}" if share >= 0.001 or share == 0 else f"{share * 100:.2g}%"
@@ -713,6 +718,10 @@ def label_check_text(check: dict, listed: str | None = None) -> str | None:
         f"can be wrong (UTKFace has some). If {'it is' if one else 'they are'} wrong, gender accuracy would be "
         f"{if_wrong} (the headline numbers keep the labels as given)."
     )
+    if check["share"] > LABEL_CHECK_MANY:
+        owner = "models'" if len(check["models"]) > 1 else "model's"
+        text += (" That is more than wrong labels usually explain (about 1% in UTKFace): many are likely the "
+                 f"{owner} own confident mistakes.")
     return text + (f" {'It is' if one else 'They are'} listed {listed}." if listed else "")
 
 

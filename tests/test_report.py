@@ -217,6 +217,9 @@ def test_label_check_sentence():
     assert text.startswith("2 gender labels (0.04% of the images) are contradicted by both models")  # not "0.0%"
     assert "check them by eye" in text and "If they are wrong" in text and text.endswith("They are listed in the table.")
     assert report.label_check_text(check | {"n_contradicted": 0}) is None
+    many = report.label_check_text(check | {"n_contradicted": 60, "share": 0.06})
+    assert "60 gender labels (6.0% of the images)" in many and "likely the model's own confident mistakes" in many
+    assert "own confident mistakes" not in text
 
 
 def test_provenance_matches_the_inputs(bundle, evaluation, model_dir):
