@@ -342,6 +342,7 @@ def test_gender_labels_both_models_contradict_are_pointed_out_and_shown(tmp_path
     assert f"{expected} gender labels ({expected / len(files):.1%} of the images) are contradicted by both models" in note
     at.switch_page("views/errors.py").run()
     at.segmented_control(key="error_kind").set_value("contradicted").run()
+    assert at.segmented_control(key="error_model").disabled  # every model judges these labels
     at.selectbox(key="error_k").set_value(24).run()
     assert_clean(at)
     shown = {str(c.value) for c in at.caption} & {f.name for f in folder.iterdir()}

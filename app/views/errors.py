@@ -46,8 +46,8 @@ def gallery_filter_ui(current) -> GalleryFilter:
     first, second = st.columns([1, 1])
     model = first.segmented_control(
         "Model", slots, format_func=lambda s: f"{s}: {evaluation.models[s].name}", key="error_model",
-        required=True, default=slots[0],
-        help="Whose errors to rank (for the two-model types: whose confidence orders the cases; contradicted labels are judged by every model).",
+        required=True, default=slots[0], disabled=kind == "contradicted",  # every model judges those labels
+        help="Whose errors to rank (for the two-model types: whose confidence orders the cases).",
     )
     slice_label = second.selectbox("Slice", list(options), format_func=options.get, key="error_slice")
     third, fourth = st.columns([3, 1])
