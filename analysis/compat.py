@@ -42,12 +42,13 @@ import numpy as np
 from analysis.keras2 import (
     SHIM_CLASSES,
     TF_OP_NAMES,
+    affine_map,
+    first_call,
     is_legacy_config,
     layer_entries,
     patch_keras2_config,
     tf_op_supported,
 )
-from analysis.keras2 import affine_map, first_call
 
 
 class ModelLoadError(ValueError):

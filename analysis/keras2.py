@@ -39,7 +39,6 @@ def layer_entries(config):
             stack.extend(item)
 
 
-
 def tf_op_supported(item: dict) -> bool:
     """A Keras 2 TFOpLambda / SlicingOpLambda we can rebuild: known arithmetic with a numeric constant
     (or a per-channel bias), or the channel reversal x[..., ::-1]."""
@@ -82,7 +81,6 @@ def _tf_op_operand(function: str, kwargs: dict):
     if isinstance(y, (list, tuple)) and 1 <= len(y) <= 4 and all(map(_is_number, y)):
         return [float(v) for v in y]
     return float(y) if _is_number(y) else None
-
 
 
 def tf_op_lambda_classes() -> dict:
@@ -255,19 +253,8 @@ def fix_legacy_nodes(config: dict) -> int:
     model's outputs). Keras 2 `TFOpLambda` nodes are stored as one flat input, not a list of inputs.
     """
     changed = 0
-    models_by_scope = []
-    stack = [config]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            inner = item.get("config")
-            if isinstance(inner, dict) and isinstance(inner.get("layers"), list):
-                models_by_scope.append(inner["layers"])
-            for value in item.values():
-                if isinstance(value, (dict, list)):
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, (dict, list)))
+    models_by_scope = [item["config"]["layers"] for item in layer_entries(config)
+                       if isinstance(item.get("config"), dict) and isinstance(item["config"].get("layers"), list)]
     for layers in models_by_scope:
         nested = {
             layer.get("name") or layer["config"].get("name")
@@ -341,8 +328,6 @@ def affine_map(kind: str, c: float, tensor_first: bool = True) -> tuple[float, f
     if kind == "divide" and tensor_first and c:
         return 1.0 / c, 0.0
     return None
-
-
 
 
 # ---------------------------------------------------------------- the whole patch
@@ -458,8 +443,8 @@ def rename_slashed_layers(config: dict) -> int:
         new = name.replace("/", "_")
         while new in taken:
             new += "_"
-        renames[name] = taken_name = new
-        taken.add(taken_name)
+        renames[name] = new
+        taken.add(new)
     if not renames:
         return 0
     for item in entries:
