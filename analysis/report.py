@@ -206,14 +206,13 @@ _HEADERS = {  # column -> (header, format kind)
     "gender": ("Gender", "gender"),
     "ethnicity": ("Ethnicity", "ethnicity"),
     "age_band": ("Age band", "text"),
-    "score": ("Ranking score", "float"),
     "disagreement": ("Disagreement", "text"),
 }
 _METRIC_NAMES = {"gender_acc": "Gender accuracy (%)", "age_mae": "Age MAE (years)", "age_bias": "Age bias (years)"}
 # Per-image helper columns of the worst-error tables that the readable versions leave out.
 _DROP_PREFIXES = ("gender_pred_", "gender_correct_", "age_err_")
 _DROP_COLUMNS = ("slice_1", "slice_2", "path", "image_id")
-_NUMERIC_KINDS = {"int", "pct", "points", "years", "years1", "signed_years", "p", "prob", "float", "by_metric", "gap"}
+_NUMERIC_KINDS = {"int", "pct", "points", "years", "years1", "signed_years", "p", "prob", "float", "by_metric", "gap", "disagreement"}
 
 
 def _fmt(value, kind: str, metric: str | None = None) -> str:
@@ -269,15 +268,35 @@ def _column_spec(column: str, model_keys) -> tuple[str, str] | None:
     return None
 
 
-def format_table(table: pd.DataFrame, model_keys=("A", "B")) -> tuple[pd.DataFrame, list[bool]]:
+# The ranking `score` of the per-image tables means something else in each: (header, format kind),
+# or None where another column already shows it. "disagreement" mixes units, one per row.
+_SCORE_COLUMNS = {
+    "worst_age": None,  # = "Age error <model>"
+    "worst_gender": ("Confidence in the wrong gender", "prob"),
+    "worst_disagreement": ("Disagreement size (ΔP(female) or years)", "disagreement"),
+    "contradicted_labels": ("Smallest P(other gender)", "prob"),
+}
+
+
+def _score_spec(name: str | None):
+    for prefix, spec in _SCORE_COLUMNS.items():
+        if name and (name == prefix or name.startswith(prefix + "_")):
+            return spec
+    return ("Ranking score", "float")
+
+
+def format_table(table: pd.DataFrame, model_keys=("A", "B"), name: str | None = None) -> tuple[pd.DataFrame, list[bool]]:
     """A readable copy of a metric table: text cells, human headers, CIs as "[lo, hi]".
 
+    `name` (a key of Evaluation.tables) says what the per-image tables' `score` column means.
     Returns (table of strings, per column whether it is numeric, for right alignment).
     Unknown columns keep their name and get 3 significant digits.
     """
+    score = _score_spec(name)
     columns = [
         c for c in table.columns
         if c not in _DROP_COLUMNS and not str(c).startswith(_DROP_PREFIXES) and not str(c).endswith(("_lo", "_hi"))
+        and not (c == "score" and score is None)
     ]  # fmt: skip
     out: dict[str, list[str]] = {}
     numeric: list[bool] = []
@@ -285,8 +304,15 @@ def format_table(table: pd.DataFrame, model_keys=("A", "B")) -> tuple[pd.DataFra
     for column in columns:
         if column in ("lo", "hi", "age_lo", "age_hi"):
             continue
-        header, kind = _column_spec(str(column), model_keys) or (str(column), "float" if pd.api.types.is_numeric_dtype(table[column]) else "text")
-        out[header] = [_fmt(v, kind, m) for v, m in zip(table[column], metric)]
+        if column == "score":
+            header, kind = score
+        else:
+            header, kind = _column_spec(str(column), model_keys) or (str(column), "float" if pd.api.types.is_numeric_dtype(table[column]) else "text")
+        if kind == "disagreement":  # |ΔP(female)| for a gender disagreement, |Δage| in years otherwise
+            row_kinds = table["disagreement"].map({"gender": "prob"}).fillna("years") if "disagreement" in table else ["float"] * len(table)
+            out[header] = [_fmt(v, k) + (" years" if k == "years" else "") for v, k in zip(table[column], row_kinds)]
+        else:
+            out[header] = [_fmt(v, kind, m) for v, m in zip(table[column], metric)]
         numeric.append(kind in _NUMERIC_KINDS)
         lo, hi = f"{column}_lo", f"{column}_hi"
         if lo in table and hi in table:
@@ -322,7 +348,7 @@ def markdown_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SYMBOLS = {"−": "$-$", "×": "$\\times$", "–": "--", "<": "\\textless{}", ">": "\\textgreater{}", "≥": "$\\geq$"}
+_LATEX_SYMBOLS = {"−": "$-$", "×": "$\\times$", "–": "--", "<": "\\textless{}", ">": "\\textgreater{}", "≥": "$\\geq$", "Δ": "$\\Delta$"}
 
 
 def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -> str:
@@ -650,7 +676,7 @@ def _write_tables(evaluation, folder: Path) -> list[tuple[str, str]]:
     index = [("tables/predictions.csv", _table_note("predictions"))]
     for name, table in evaluation.tables.items():
         table.to_csv(tables_dir / f"{name}.csv", index=False)
-        formatted, numeric = format_table(table, keys)
+        formatted, numeric = format_table(table, keys, name)
         (tables_dir / f"{name}.md").write_text(markdown_table(formatted, numeric))
         (tables_dir / f"{name}.tex").write_text(latex_table(formatted, numeric))
         index += [

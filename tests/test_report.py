@@ -46,6 +46,39 @@ def test_format_table_rounds_and_names_columns():
     assert dict(zip(formatted.columns, numeric))["n"] and not dict(zip(formatted.columns, numeric))["Group"]
 
 
+def test_ranking_scores_read_in_the_units_of_each_table():
+    from analysis import metrics
+    from analysis.dataset import assign_age_bands
+
+    # Three images: 0 both models wrong on gender (A 0.03, B 0.04 for a woman), 1 the models disagree
+    # on gender (|0.9 - 0.2| = 0.7), 2 they agree on gender and differ by 12.3456 years of age.
+    preds = pd.DataFrame(
+        {
+            "image_id": ["a" * 40, "b" * 40, "c" * 40], "path": ["/x/0.jpg", "/x/1.jpg", "/x/2.jpg"],
+            "file_name": ["0.jpg", "1.jpg", "2.jpg"], "age": [30, 40, 50], "gender": [1, 0, 0], "ethnicity": [0, 1, 2],
+            "age_pred_A": [31.0, 38.0, 62.3456], "age_pred_B": [30.0, 41.0, 50.0],
+            "p_female_A": [0.03, 0.9, 0.1], "p_female_B": [0.04, 0.2, 0.2],
+        }
+    )  # fmt: skip
+    preds["age_band"] = assign_age_bands(preds["age"])
+    tables = {
+        "worst_age_A": metrics.worst_errors(preds, "age", model="A"),
+        "worst_gender_A": metrics.worst_errors(preds, "gender", model="A"),
+        "worst_disagreement": metrics.worst_errors(preds, "disagreement", model="A"),
+        "contradicted_labels": metrics.contradicted_labels(preds),
+    }
+    readable = {name: report.format_table(table, ["A", "B"], name)[0] for name, table in tables.items()}
+    assert "Ranking score" not in readable["worst_age_A"] and "score" not in readable["worst_age_A"]
+    assert readable["worst_age_A"]["Age error A (years)"].tolist() == ["12.35", "2.00", "1.00"]
+    assert readable["worst_gender_A"]["Confidence in the wrong gender"].tolist() == ["0.970", "0.900"]
+    size = readable["worst_disagreement"]["Disagreement size (ΔP(female) or years)"]
+    assert size.tolist() == ["0.700", "12.35 years", "1.00 years"]
+    assert readable["contradicted_labels"]["Smallest P(other gender)"].tolist() == ["0.960"]
+    formatted, numeric = report.format_table(tables["worst_disagreement"], ["A", "B"], "worst_disagreement")
+    assert "Disagreement size ($\\Delta$P(female) or years)" in report.latex_table(formatted, numeric)
+    assert report.format_table(tables["worst_age_A"])[0]["Ranking score"].iloc[0] == "12.3"  # no name: generic
+
+
 def test_markdown_and_latex_tables():
     formatted = pd.DataFrame({"Group": ["20–29 × female", "a|b & c_d"], "p": ["<0.001", "0.25"], "Acc (%)": ["91.2", "−1.0"]})
     numeric = [False, True, True]
