@@ -71,12 +71,39 @@ def test_split_is_stratified_disjoint_and_seeded(synthetic_dir):
     assert list(other_val["image_id"]) != list(val["image_id"])
 
 
+def test_files_of_one_photo_in_two_folders_stay_on_one_side(synthetic_dir, tmp_path):
+    """UTKFace's aligned crops (UTKFace/) and its crop_part1/ hold the same photos under the same
+    names with other bytes: a split by file would validate on faces it trained on."""
+    from PIL import Image
+
+    from training.data import photo_key, read_split
+
+    names = sorted(p.name for p in synthetic_dir.iterdir())
+    for folder in ("UTKFace", "crop_part1"):
+        (tmp_path / folder).mkdir()
+    for name in names:
+        (tmp_path / "UTKFace" / name).write_bytes((synthetic_dir / name).read_bytes())
+    for name in names[::2]:  # every second photo again, re-encoded: not byte-identical
+        Image.open(synthetic_dir / name).save(tmp_path / "crop_part1" / name, quality=60)
+    split = read_split(tmp_path, 0.2, seed=0)
+    assert len(split.train) + len(split.val) == len(names) + len(names[::2])  # every file used once
+    train_photos = {name.split(".")[0].lower() for name in split.train["file_name"]}
+    val_photos = {name.split(".")[0].lower() for name in split.val["file_name"]}
+    assert train_photos.isdisjoint(val_photos)
+    assert len(train_photos | val_photos) == len(names)
+    assert photo_key("25_0_1_20170116174525125.jpg.chip.jpg") == photo_key("25_0_1_20170116174525125.JPG")
+    assert f"{len(names[::2])} files repeat a photo" in split.describe()
+    # without repeated photos the split is the plain stratified one
+    plain = read_split(synthetic_dir, 0.2, seed=0)
+    assert "repeat" not in plain.describe() and len(plain.val) == 24
+
+
 def test_large_sample_stratified_by_age_band_and_gender():
     rng = np.random.default_rng(0)
     ages = rng.integers(1, 90, 1000)
     from analysis.constants import assign_age_bands
 
-    sample = pd.DataFrame({"image_id": [str(i) for i in range(1000)], "age": ages,
+    sample = pd.DataFrame({"image_id": [str(i) for i in range(1000)], "file_name": [f"{i}.jpg" for i in range(1000)], "age": ages,
                            "gender": rng.integers(0, 2, 1000), "age_band": assign_age_bands(ages)})
     train, val, stratified_by = split_sample(sample, 0.2, seed=0)
     assert stratified_by == "age band × gender"
@@ -336,7 +363,7 @@ def test_help_explains_the_options(capsys):
     words = " ".join(text.split())
     for stated in (f"(default A {a.epochs}, B {b.epochs})", f"phase 2 (default {b.fine_tune_learning_rate:g})",
                    f"(default A {a.patience}, B {b.patience})", f"BatchNorm excepted (default {b.fine_tune_fraction:g})",
-                   f"frozen backbone (default {b.head_epochs})", f"(default {b.backbone};",
+                   f"frozen backbone (default {b.head_epochs}, at most half", f"(default {b.backbone};",
                    f"(default {lite.drop_connect:g}; other backbones ignore it)",
                    f"0 keeps every image (default {b.drop_contradicted:g} with {b.backbone}, {lite.drop_contradicted:g} with",
                    f"(efficientnet_lite<N>: {lite.image_size} px, {lite.epochs} epochs, {lite.head_epochs} of heads, "
@@ -377,6 +404,67 @@ def test_fine_tuning_unfreezes_the_top_of_nested_backbones_but_not_batchnorm():
     assert not leaves[0].trainable  # the stem stays frozen
     assert not any(layer.trainable for layer in leaves if isinstance(layer, keras.layers.BatchNormalization))
     assert any(layer.trainable for layer in leaves[-10:])
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                                  "efficientnet_v2_b0", "resnet50_v2", "densenet121", "convnext_tiny"])
+def test_every_keras_application_backbone_builds_model_b(name):
+    """Five of them once built a backbone that Model B could not call (a list of outputs)."""
+    from training.catalog import BACKBONES
+    from training.train import build_model, default_config
+
+    size = max(32, BACKBONES[name].min_size)
+    model, _ = build_model(default_config("B", backbone=name, weights="none", image_size=size))
+    assert BACKBONES[name].application  # a keras.applications backbone
+    assert model.output_names == ["age", "gender"] or sorted(model.output_names) == ["age", "gender"]
+    images = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    age, gender = (np.asarray(t) for t in model(images))
+    assert age.shape[0] == 2 and gender.shape == (2, 1) and np.all((gender >= 0) & (gender <= 1))
+
+
+def test_a_randomly_initialised_backbone_trains_its_batchnorm():
+    """With its initial BatchNorm statistics frozen, MobileNetV3's features vanish (~1e-10) and
+    Model B predicted one constant for every face."""
+    import keras
+
+    from training.models import set_backbone_trainable
+    from training.train import build_model, default_config
+
+    model, backbone = build_model(default_config("B", backbone="mobilenet_v3_small", weights="none", image_size=32, augment=0))
+    assert set_backbone_trainable(backbone, 0.0, batchnorm=True) > 0
+    norms = [layer for layer in backbone._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.trainable and layer.momentum == pytest.approx(0.9) for layer in norms)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 31  # 32 grey ramps of random direction and level
+    images = np.stack([255 * np.clip(np.stack([a * xx + b * yy + c] * 3, -1), 0, 1)
+                       for a, b, c in rng.uniform(-1, 1, (32, 3))]).astype(np.float32)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss={"age": "mae", "gender": "binary_crossentropy"})
+    model.fit(images, {"age": rng.uniform(1, 80, 32), "gender": rng.integers(0, 2, 32).astype(np.float32)},
+              batch_size=8, epochs=8, verbose=0)
+    features = np.asarray(keras.Model(model.inputs, model.get_layer("pool").output)(images[:8], training=False))
+    assert np.abs(features).mean() > 1e-3  # frozen initial statistics: ~4e-11
+    assert np.std(np.asarray(model(images[:8])[1])) > 1e-6  # frozen: exactly 0, one answer for every image
+
+
+def test_efficientnet_b0_from_a_local_file_sees_the_pixels_of_its_imagenet_build(tmp_path, monkeypatch):
+    """keras.applications.EfficientNetB0 adds a per-channel rescaling only when built with
+    weights="imagenet"; the same weights given as a file must give the same features."""
+    import keras
+    from keras.src.applications import efficientnet
+
+    from training.models import make_backbone
+
+    weights = tmp_path / "efficientnetb0_notop.weights.h5"
+    source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    rng = np.random.default_rng(0)
+    source.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32) if w.ndim > 1 else np.asarray(w) for w in source.get_weights()])
+    source.save_weights(weights)
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *a, **k: str(weights))  # the "download"
+    as_imagenet = make_backbone("efficientnet_b0", (32, 32), "imagenet")
+    from_file = make_backbone("efficientnet_b0", (32, 32), str(weights))
+    images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    expected = np.asarray(as_imagenet(images))
+    np.testing.assert_allclose(np.asarray(from_file(images)), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_stochastic_depth_drops_whole_residual_branches_only_in_training(tmp_path, synthetic_dir):
@@ -574,6 +662,37 @@ def test_default_clean_epochs_shrink_with_short_runs_but_an_explicit_value_is_ke
     assert [p.augment for p in training_phases(default_config("A", epochs=8))] == [True] + [False] * (min(full, 2) > 0)
     with pytest.raises(ValueError, match="clean epochs"):
         training_phases(default_config("A", epochs=3, clean_epochs=3))
+
+
+def test_short_model_b_runs_still_fine_tune_and_say_so_when_they_cannot(synthetic_dir, tmp_path, capsys):
+    from training.train import default_config, training_phases
+
+    def phases(**kw):
+        return [(p.name, p.epochs) for p in training_phases(default_config("B", **kw))]
+
+    assert default_config("B").head_epochs == 8  # the full run keeps its 8 head epochs
+    assert phases(epochs=10) == [("heads", 4), ("fine-tune", 4), ("clean", 2)]
+    assert phases(epochs=2) == [("heads", 1), ("fine-tune", 1)]
+    assert phases(epochs=3, head_epochs=3) == [("heads", 3)]  # an explicit value is kept
+    assert default_config("B", backbone="tiny", weights="None").weights == "none"
+    assert default_config("B", weights="ImageNet").weights == "imagenet"
+    run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "B", "--backbone", "tiny", "--weights", "none",
+            "--epochs", 1, "--image-size", 32, "--no-cache")
+    assert "the backbone is not fine-tuned" in capsys.readouterr().out
+
+
+def test_a_test_folder_among_the_training_images_is_pointed_out(synthetic_dir, tmp_path, capsys):
+    from analysis.synthetic import make_synthetic_sample
+
+    make_synthetic_sample(tmp_path / "utk" / "train_val", n=40, seed=0, size=32)
+    make_synthetic_sample(tmp_path / "utk" / "test", n=12, seed=1, size=32)
+    run_cli("--data", tmp_path / "utk", "--out", tmp_path / "out", "--model", "B", "--backbone", "tiny",
+            "--epochs", 1, "--image-size", 32, "--no-cache")
+    out = capsys.readouterr().out
+    assert f"12 of the 52 images are in a folder named like a test set ({tmp_path / 'utk' / 'test'})" in out
+    run_cli("--data", tmp_path / "utk" / "train_val", "--out", tmp_path / "out2", "--model", "B", "--backbone", "tiny",
+            "--epochs", 1, "--image-size", 32, "--no-cache")
+    assert "test set" not in capsys.readouterr().out
 
 
 def test_help_and_usage_errors_do_not_wait_for_tensorflow():

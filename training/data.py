@@ -40,9 +40,12 @@ class SplitSample:
     def describe(self) -> str:
         n = len(self.train) + len(self.val)
         stratified = "not stratified" if self.stratified_by == "none" else f"stratified by {self.stratified_by}"
+        repeated = int(pd.concat([self.train, self.val])["file_name"].map(photo_key).duplicated().sum())
         return (
             f"{n} images: {len(self.train)} for training, {len(self.val)} for validation "
             f"({len(self.val) / n:.0%}, {stratified}, seed {self.seed})"
+            + (f"; {repeated} files repeat a photo found elsewhere under the same name and stay on its side"
+               if repeated else "")
         )
 
     def without(self, reasons: dict) -> "SplitSample":
@@ -76,13 +79,32 @@ class SplitSample:
         )
 
 
+def photo_key(file_name: str) -> str:
+    """The photo a file name stands for: the name without its extensions, so UTKFace's aligned
+    crop (``25_0_1_20170116174525125.jpg.chip.jpg``) and in-the-wild image (``….jpg``) of one
+    photo, or a copy in another folder, share it."""
+    return str(file_name).split(".", 1)[0].lower()
+
+
 def split_sample(sample: pd.DataFrame, val_fraction: float = 0.2, seed: int = DEFAULT_SEED) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Split a Sample table into (train, val, stratified_by), stratified by age band × gender.
 
     Strata with a single image are pooled; when the validation part is smaller than the number
     of strata, the split falls back to gender only, then to a plain random split. Deterministic
-    for a given seed. Raises ValueError when there are too few images for a split.
+    for a given seed. Files of the same photo (same name without extensions, in different
+    folders: photo_key) go to the same side — the photos are split, each with all its files —
+    so validation never sees a face trained on. Raises ValueError when there are too few images.
     """
+    keys = sample["file_name"].map(photo_key)
+    first = ~keys.duplicated()
+    if first.all():
+        return _split_photos(sample, val_fraction, seed)
+    train, val, stratified_by = _split_photos(sample[first], val_fraction, seed)
+    in_val = keys.isin(set(keys[val.index]))
+    return sample[~in_val], sample[in_val], stratified_by
+
+
+def _split_photos(sample: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < val_fraction < 1.0:
@@ -110,13 +132,14 @@ def split_sample(sample: pd.DataFrame, val_fraction: float = 0.2, seed: int = DE
     return train.sort_index(), val.sort_index(), "none"
 
 
-def read_split(data_dir, val_fraction: float = 0.2, seed: int = DEFAULT_SEED) -> SplitSample:
-    """Read the labelled images under `data_dir` (see analysis.dataset.load_sample) and split them.
+def read_split(data_dir, val_fraction: float = 0.2, seed: int = DEFAULT_SEED, *, extract_to=None) -> SplitSample:
+    """Read the labelled images under `data_dir` (see analysis.dataset.load_sample; a zip is
+    extracted into `extract_to`, by default the cache folder) and split them.
 
     Raises ValueError (analysis.dataset.SampleError is one) for a missing or empty folder, a
     folder without UTKFace-named images, or too few images.
     """
-    result = load_sample(data_dir)
+    result = load_sample(data_dir, extract_to=extract_to)
     train, val, stratified_by = split_sample(result.sample, val_fraction, seed)
     return SplitSample(train=train, val=val, stratified_by=stratified_by, seed=seed, skipped=result.skipped)
 
@@ -177,7 +200,9 @@ def decode_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool =
             np.save(partial, images)
             os.replace(partial, cache_path)
         except OSError:
-            partial.unlink(missing_ok=True)  # caching is an optimisation; training goes on
+            pass  # caching is an optimisation; training goes on
+        finally:  # also after Ctrl-C: no half-written cache file is left behind
+            partial.unlink(missing_ok=True)
     return images, problems
 
 

@@ -252,8 +252,10 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
             "(their weights come with pip packages), or --weights PATH to a local "
             f"'notop' weights file for {spec.application}."
         ) from exc
-    if spec.scale is None:
-        return keras.Model(core.inputs, core.outputs, name=spec.name)  # scales pixels itself
+    if spec.application.startswith("EfficientNetB") and weights not in (None, "imagenet"):
+        _rescale_efficientnet_stem(core)
+    if spec.scale is None:  # scales pixels itself; core.output, not core.outputs (a list when called)
+        return keras.Model(core.input, core.output, name=spec.name)
     # Wrap it so the sub-model as a whole takes 0–255 pixels.
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.Rescaling(spec.scale[0], offset=spec.scale[1], name="rescaling")(inputs)
@@ -261,6 +263,20 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
         mean, std = spec.normalize
         x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalization")(x)
     return keras.Model(inputs, core(x), name=spec.name)
+
+
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+
+
+def _rescale_efficientnet_stem(core: keras.Model) -> None:
+    """keras.applications' EfficientNetB<N> divides its normalised input once more by
+    sqrt(ImageNet std) — but only when built with weights="imagenet", not when given the same
+    weights as a file. Fold that per-channel factor into the stem convolution (no bias; zero
+    padding stays zero), so a local "notop" file sees the pixels its weights were trained on."""
+    stem = core.get_layer("stem_conv")
+    kernel = stem.get_weights()[0]  # (3, 3, channels in, filters)
+    factors = np.array([1.0 / np.sqrt(s) for s in IMAGENET_STD_RGB], dtype=kernel.dtype)
+    stem.set_weights([kernel * factors[None, None, :, None]])
 
 
 def make_tiny_backbone(input_shape=(64, 64, 3), widths=(16, 32, 64)) -> keras.Model:
@@ -280,26 +296,37 @@ def make_model_b(
     hidden_units: int = 256,
     age_output: str = "linear",
     name: str = "age_gender_B",
+    pretrained: bool = True,
 ) -> keras.Model:
     """Model B: augmentation -> backbone (nested) -> pooling -> two heads.
 
-    The backbone is called with training=False so its BatchNorm layers stay in inference mode
-    even when the backbone is unfrozen for fine-tuning (Keras transfer-learning guide) — unless
-    it has Dropout layers (stochastic depth: training.lite with drop_connect > 0, and the
-    keras.applications EfficientNets' own), which must see the training flag: then it is called
-    with the flag, and its BatchNorm layers, kept frozen by set_backbone_trainable, run in
+    A pretrained backbone is called with training=False so its BatchNorm layers stay in
+    inference mode even when the backbone is unfrozen for fine-tuning (Keras transfer-learning
+    guide) — unless it has Dropout layers (stochastic depth: training.lite with drop_connect > 0,
+    and the keras.applications EfficientNets' own), which must see the training flag: then it is
+    called with the flag, and its BatchNorm layers, kept frozen by set_backbone_trainable, run in
     inference mode all the same (a frozen Keras 3 BatchNormalization always does).
+
+    A randomly initialised backbone (pretrained=False) has no statistics to keep: it sees the
+    flag, and its BatchNorm layers are trained (set_backbone_trainable(..., batchnorm=True)) with
+    momentum 0.9 — with their initial statistics frozen a deep network's features vanish
+    (MobileNetV2's: ~1e-12) and the model predicts a constant.
     """
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
     x = add_augmentation(inputs, augment)
     stochastic = any(isinstance(layer, layers.Dropout) for layer in _leaf_layers(backbone))
-    x = backbone(x) if stochastic else backbone(x, training=False)
+    if not pretrained:
+        for layer in _leaf_layers(backbone):
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = BN_MOMENTUM
+    x = backbone(x) if stochastic or not pretrained else backbone(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, add_heads(x, hidden_units, dropout, age_output), name=name)
 
 
-def set_backbone_trainable(backbone: keras.Model, fraction: float) -> int:
-    """Freeze the backbone except its top `fraction` of layers; BatchNorm layers stay frozen.
+def set_backbone_trainable(backbone: keras.Model, fraction: float, batchnorm: bool = False) -> int:
+    """Freeze the backbone except its top `fraction` of layers; BatchNorm layers stay frozen,
+    or, with `batchnorm` (a randomly initialised backbone), are all trained whatever `fraction`.
 
     Nested sub-models (e.g. a keras.applications model wrapped with its rescaling) are looked
     into. fraction 0 freezes everything (phase 1), 1 unfreezes all but BatchNorm. Returns the
@@ -310,7 +337,10 @@ def set_backbone_trainable(backbone: keras.Model, fraction: float) -> int:
     first_trainable = len(weighted) - int(round(fraction * len(weighted)))
     n_trainable = 0
     for index, layer in enumerate(weighted):
-        trainable = index >= first_trainable and not isinstance(layer, layers.BatchNormalization)
+        if isinstance(layer, layers.BatchNormalization):
+            trainable = batchnorm
+        else:
+            trainable = index >= first_trainable
         layer.trainable = trainable
         n_trainable += trainable
     if n_trainable == 0:

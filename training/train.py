@@ -144,10 +144,14 @@ def default_config(model_key: str, **overrides) -> TrainConfig:
     and the overrides: `backbone="efficientnet_lite2"` alone gives Lite2's tuned settings.
 
     Unless clean_epochs is given, the default number of clean epochs is capped at a quarter of
-    the epochs (so `epochs=2` trains two ordinary epochs)."""
+    the epochs (so `epochs=2` trains two ordinary epochs). Unless head_epochs is given, B's
+    default head epochs are capped at half of the other epochs, so a short run still fine-tunes."""
     if model_key not in MODEL_KEYS:
         raise ValueError(f"unknown model {model_key!r}; choose A (CNN from scratch) or B (pretrained backbone)")
     given = {k: v for k, v in overrides.items() if v is not None}
+    weights = given.get("weights")
+    if isinstance(weights, str) and weights.lower() in ("imagenet", "none") and not Path(weights).is_file():
+        given["weights"] = weights.lower()  # "ImageNet", "None"
     values = dict(MODEL_DEFAULTS[model_key])
     if model_key == "B":
         values.update(BACKBONE_DEFAULTS.get(given.get("backbone", values["backbone"]), {}))
@@ -155,6 +159,9 @@ def default_config(model_key: str, **overrides) -> TrainConfig:
     if "clean_epochs" not in given:
         epochs = values.get("epochs", TrainConfig.epochs)
         values["clean_epochs"] = min(values.get("clean_epochs", TrainConfig.clean_epochs), epochs // 4)
+    if model_key == "B" and "head_epochs" not in given:
+        other = values.get("epochs", TrainConfig.epochs) - values["clean_epochs"]
+        values["head_epochs"] = min(values.get("head_epochs", TrainConfig.head_epochs), max(1, other // 2))
     return TrainConfig(model_key=model_key, **values)
 
 
@@ -237,7 +244,7 @@ def build_model(config: TrainConfig):
     backbone = make_backbone(config.backbone, size, config.weights, drop_connect=config.drop_connect)
     model = make_model_b(
         backbone, augment=config.augment, dropout=config.dropout, hidden_units=config.hidden_units,
-        age_output=config.age_output,
+        age_output=config.age_output, pretrained=config.weights != "none",
     )
     return model, backbone
 
@@ -451,6 +458,9 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     from training.models import set_backbone_trainable, training_view
 
     phases = training_phases(config)
+    if config.model_key == "B" and not any(phase.name == "fine-tune" for phase in phases):
+        log(f"Model B: warning: all {config.epochs - config.clean_epochs} epochs besides the clean ones train the heads "
+            f"(--head-epochs {config.head_epochs}), so the backbone is not fine-tuned; give more --epochs")
     keras.utils.set_random_seed(config.seed)
     started = time.perf_counter()
     size = (config.image_size, config.image_size)
@@ -481,7 +491,7 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     epoch = 0
     for phase in phases:
         if backbone is not None:
-            n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction)
+            n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction, batchnorm=config.weights == "none")
             log(f"Model B phase '{phase.name}': {n_trainable} backbone layers trainable, learning rate {phase.learning_rate:g}")
         if not phase.augment:
             # The clean phase polishes the best weights so far, and its own best epoch is the
