@@ -529,6 +529,8 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     metrics = {
         "model": config.model_key,
         "validation": val,
+        "validation_note": "the validation images also chose the best epoch and stopped training early: "
+                           "report a held-out test set (python -m analysis evaluate), not these numbers",
         "best_epoch": best.best_epoch + 1,
         "epochs_run": epoch,
         "phases": [asdict(p) for p in phases],
