@@ -14,6 +14,10 @@ PRECISIONS = ("float32", "bfloat16")  # Model A's trunk, see training.models.mak
 # variant -> (width multiplier, depth multiplier, native resolution); the official Lite table.
 LITE_VARIANTS = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
 
+# ImageNet's per-channel pixel mean and standard deviation (RGB, pixels in 0–1).
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+
 # The smallest input side dlib's face ResNet takes (training.dlib_face.MIN_INPUT_SIDE computes it
 # from the network's layers; a test checks that the two agree).
 DLIB_FACE_MIN_SIDE = 103
@@ -55,7 +59,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("resnet50_v2", "keras.applications.ResNet50V2", "ResNet50V2", scale=(1 / 127.5, -1.0)),
         BackboneSpec(
             "densenet121", "keras.applications.DenseNet121", "DenseNet121", scale=(1 / 255, 0.0),
-            normalize=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            normalize=(IMAGENET_MEAN_RGB, IMAGENET_STD_RGB),
         ),
         BackboneSpec("convnext_tiny", "keras.applications.ConvNeXtTiny", "ConvNeXtTiny"),
     )

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from training.catalog import BACKBONES, PRECISIONS, BackboneSpec, offline_backbones
+from training.catalog import BACKBONES, IMAGENET_STD_RGB, PRECISIONS, BackboneSpec, offline_backbones
 from training.dlib_face import make_dlib_face_resnet
 from training.lite import make_efficientnet_lite
 
@@ -263,9 +263,6 @@ def _keras_application(spec: BackboneSpec, input_shape, weights) -> keras.Model:
         mean, std = spec.normalize
         x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalization")(x)
     return keras.Model(inputs, core(x), name=spec.name)
-
-
-IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 
 
 def _rescale_efficientnet_stem(core: keras.Model) -> None:
