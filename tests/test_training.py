@@ -1010,6 +1010,59 @@ def test_tensor_rebuild_handles_strides_and_offsets():
         _rebuild_tensor(storage, 10, (4,), (1,)).to_numpy()
 
 
+def _crafted_pth(path: Path, offset: int, size: tuple, stride: tuple, numel: int = 100, stored: int | None = None) -> Path:
+    """A zip .pth (torch >= 1.6 layout) written without torch: one float storage of `numel`
+    elements (`stored` of them actually in the archive) and one tensor "w" on it, opcode by opcode."""
+    import struct
+    import zipfile
+
+    def text(value: str) -> bytes:
+        return b"X" + struct.pack("<I", len(value)) + value.encode()
+
+    def ints(values) -> bytes:
+        return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
+
+    data = (b"\x80\x02}" + text("w") + b"ctorch._utils\n_rebuild_tensor_v2\n("
+            + b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + b"J" + struct.pack("<i", numel) + b"tQ"
+            + b"J" + struct.pack("<i", offset) + ints(size) + ints(stride) + b"\x89Nt" + b"Rs.")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data)
+        if stored != 0:
+            archive.writestr("archive/data/0", np.arange(numel if stored is None else stored, dtype="<f4").tobytes())
+    return path
+
+
+def test_crafted_pth_layouts_are_refused_before_any_memory_is_read(tmp_path):
+    """as_strided checks no bounds: a negative stride segfaulted, a negative offset read memory
+    outside the file as weights, a zero stride could ask for terabytes."""
+    from training.torch_weights import load_torch_state_dict
+
+    good = load_torch_state_dict(_crafted_pth(tmp_path / "good.pth", 10, (2, 3), (3, 1)))
+    np.testing.assert_array_equal(good["w"], np.arange(10, 16, dtype=np.float32).reshape(2, 3))
+    hostile = {
+        "negative stride": (0, (10,), (-100_000_000,)),
+        "negative offset": (-5, (50,), (1,)),
+        "zero stride, huge shape": (0, (1_000_000, 1_000_000), (0, 0)),
+        "past the end": (95, (10,), (1,)),
+        "negative size": (0, (-3,), (1,)),
+    }
+    for name, (offset, size, stride) in hostile.items():
+        path = _crafted_pth(tmp_path / f"{name}.pth", offset, size, stride)
+        with pytest.raises(pickle.UnpicklingError, match="impossible layout|past its end"):
+            load_torch_state_dict(path)
+    with pytest.raises(ValueError, match="storage 0 is missing"):
+        load_torch_state_dict(_crafted_pth(tmp_path / "missing.pth", 0, (4,), (1,), stored=0))
+    with pytest.raises(ValueError, match="holds 40 bytes, its tensors need 400"):
+        load_torch_state_dict(_crafted_pth(tmp_path / "short.pth", 0, (4,), (1,), stored=10))
+    with pytest.raises(ValueError, match="claims 2000000000 elements"):
+        load_torch_state_dict(_crafted_pth(tmp_path / "huge.pth", 0, (4,), (1,), numel=2_000_000_000, stored=10))
+    from training.lite import load_lite_weights
+    from training.models import make_backbone
+
+    with pytest.raises(ValueError, match="missing from the archive"):  # the message reaches the user as is
+        load_lite_weights(make_backbone("efficientnet_lite0", (32, 32), None), tmp_path / "missing.pth")
+
+
 # ------------------------------------------------------------------ committed demo models
 
 

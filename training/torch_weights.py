@@ -41,6 +41,10 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
+# The most bytes one storage may hold (EfficientNet-Lite2's largest is ~5 MB): a file that claims
+# more is refused before anything is allocated.
+MAX_STORAGE_BYTES = 1 << 30
+
 
 @dataclass(frozen=True)
 class _StorageType:
@@ -70,6 +74,8 @@ class _Storage:
         if self.base is not None:
             if self.base.raw is None:
                 return None
+            if self.base_offset < 0 or self.numel < 0 or self.base_offset + self.numel > self.base.raw.size:
+                raise pickle.UnpicklingError(f"storage view {self.key} lies outside storage {self.base.key}")
             return self.base.raw[self.base_offset : self.base_offset + self.numel]
         return self.raw
 
@@ -85,8 +91,18 @@ class _LazyTensor:
         if self.storage.data is None:
             raise pickle.UnpicklingError(f"storage {self.storage.key} has no data in the file")
         flat = self.storage.data
+        # as_strided checks nothing: every element the view can reach must lie inside the storage,
+        # and the copy may not be larger than the storage (stride 0 would let a tiny file ask for TBs).
+        if (self.offset < 0 or len(self.stride) != len(self.shape) or any(n < 0 for n in self.shape)
+                or any(s < 0 for s in self.stride) or int(np.prod(self.shape, dtype=object)) > flat.size):
+            raise pickle.UnpicklingError(f"tensor in storage {self.storage.key} has an impossible layout "
+                                         f"(offset {self.offset}, shape {self.shape}, stride {self.stride})")
         if not self.shape:
+            if self.offset >= flat.size:
+                raise pickle.UnpicklingError(f"tensor in storage {self.storage.key} reaches past its end")
             return np.array(flat[self.offset])
+        if 0 in self.shape:
+            return np.zeros(self.shape, flat.dtype)
         needed = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
         if needed > flat.size:
             raise pickle.UnpicklingError(f"tensor in storage {self.storage.key} reaches past its end")
@@ -190,7 +206,7 @@ def _load_legacy(path: Path):
             if storage is None:
                 raise pickle.UnpicklingError(f"storage {key} listed but never used")
             (numel,) = struct.unpack("<q", _read_exact(handle, 8))
-            storage.raw = np.frombuffer(_read_exact(handle, numel * storage.dtype.itemsize), storage.dtype)
+            storage.raw = np.frombuffer(_read_exact(handle, _storage_bytes(key, numel, storage.dtype)), storage.dtype)
     return result, storages
 
 
@@ -201,12 +217,31 @@ def _load_zip(path: Path):
         if len(pickles) != 1:
             raise ValueError(f"{path.name} is a zip but not a PyTorch weights file (no data.pkl)")
         prefix = pickles[0][: -len("data.pkl")]
+        if archive.getinfo(pickles[0]).file_size > MAX_STORAGE_BYTES:
+            raise ValueError(f"{path.name}: its data.pkl is over {MAX_STORAGE_BYTES:,} bytes, not a weights file we can trust")
         unpickler = TensorUnpickler(io.BytesIO(archive.read(pickles[0])))
         result = unpickler.load()
         for key, storage in unpickler.storages.items():
-            raw = archive.read(f"{prefix}data/{key}")
-            storage.raw = np.frombuffer(raw, storage.dtype, count=storage.numel)
+            nbytes = _storage_bytes(key, storage.numel, storage.dtype)
+            try:
+                info = archive.getinfo(f"{prefix}data/{key}")
+            except KeyError:
+                raise ValueError(f"{path.name} is damaged: storage {key} is missing from the archive") from None
+            if info.file_size < nbytes:
+                raise ValueError(f"{path.name} is damaged: storage {key} holds {info.file_size} bytes, "
+                                 f"its tensors need {nbytes}")
+            with archive.open(info) as member:
+                storage.raw = np.frombuffer(member.read(nbytes), storage.dtype, count=storage.numel)
     return result, unpickler.storages
+
+
+def _storage_bytes(key: str, numel: int, dtype: np.dtype) -> int:
+    """The byte size of a storage of `numel` elements, refused when negative or implausibly large."""
+    nbytes = int(numel) * dtype.itemsize
+    if not 0 <= nbytes <= MAX_STORAGE_BYTES:
+        raise ValueError(f"storage {key} claims {numel} elements ({nbytes:,} bytes; at most "
+                         f"{MAX_STORAGE_BYTES:,} are read): not a weights file we can trust")
+    return nbytes
 
 
 def _read_exact(handle, n: int) -> bytes:
