@@ -192,11 +192,13 @@ def test_an_interrupted_overwrite_leaves_no_old_model_beside_new_records(synthet
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifacts, "model_summary_text", interrupted)  # after the history, before the model
+    monkeypatch.setattr(artifacts, "chart_png", interrupted)  # after the new history, before the metrics
     with pytest.raises(SystemExit, match="interrupted: Model A was not written"):
         main(["--data", str(synthetic_dir), "--out", str(out), "--model", "A", "--epochs", "1", "--image-size", "32",
               "--no-cache", "--overwrite"])
     assert not (out / "age_gender_A.keras").exists()
+    # nor the old run's metrics, curves, summary and split beside the new history
+    assert finished_files(out) == ["history_A.csv"]
     assert not [p for p in out.iterdir() if ".partial" in p.name]
 
 
@@ -226,6 +228,30 @@ def test_a_validation_loss_that_is_never_finite_is_an_error_not_a_model(syntheti
         main(["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--model", "A", "--epochs", "2",
               "--image-size", "32", "--no-cache"])
     assert finished_files(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("factor, says", [(1e7, "the clean epochs ended worse"), (1e30, "the loss became NaN in phase 'clean'")])
+def test_a_clean_phase_that_diverges_keeps_the_epoch_before_it(synthetic_dir, tmp_path, factor, says):
+    """A clean phase that blows up (here: its rate made huge) once became the saved model, with an
+    age MAE of 1e16 years; a NaN in it threw the finished training away."""
+    from sklearn.metrics import mean_absolute_error
+
+    from training.data import load_images, read_split
+    from training.train import default_config, predict_arrays, train_model
+
+    split = read_split(synthetic_dir, 0.2, seed=0)
+    messages = []
+    config = default_config("A", epochs=3, clean_epochs=1, image_size=32, clean_learning_rate_factor=factor)
+    result = train_model(config, split, tmp_path, cache=False, verbose=0, log=messages.append)
+    assert any(says in message for message in messages), messages
+    assert result.metrics["best_epoch_phase"] == "train" and result.metrics["best_epoch"] <= 2
+    history = pd.read_csv(tmp_path / "history_A.csv")
+    kept = history[history["epoch"] == result.metrics["best_epoch"]]
+    assert float(kept["val_loss"].iloc[0]) == pytest.approx(float(history["val_loss"].iloc[:2].min()))
+    model = load_keras(tmp_path / "age_gender_A.keras")
+    age, _ = predict_arrays(model, load_images(split.val["path"], (32, 32), cache=False))
+    assert mean_absolute_error(split.val["age"], age) == pytest.approx(result.metrics["validation"]["age_mae"], rel=1e-5)
+    assert result.metrics["validation"]["age_mae"] < 100
 
 
 def test_one_gender_data_trains_with_a_warning(synthetic_dir, tmp_path, capsys):
@@ -643,7 +669,19 @@ def test_clean_phase_trains_without_augmentation_and_keeps_it_in_the_saved_model
     metrics = json.loads((tmp_path / "metrics_A.json").read_text())
     assert [(p["name"], p["epochs"], p["augment"]) for p in metrics["phases"]] == [("train", 2, True), ("clean", 1, False)]
     assert metrics["phases"][1]["learning_rate"] == pytest.approx(metrics["phases"][0]["learning_rate"] / 10)
-    assert metrics["best_epoch"] == 3  # the clean epoch is the result, whatever the earlier losses
+    assert metrics["best_epoch"] == 3 and metrics["best_epoch_phase"] == "clean"  # the clean epoch is the result
+    # the logged rate is the mean over each epoch's steps (3 here): warm-up from a tenth over the
+    # first epoch's steps, then cosine decay to 1% (read at the epoch's end it was the next step's)
+    peak = metrics["phases"][0]["learning_rate"]
+
+    def rate(step, steps, warmup, top):
+        if step < warmup:
+            return top / 10 + (top - top / 10) * step / warmup
+        return top * (0.99 * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup))) + 0.01)
+
+    expected = [np.mean([rate(k, 6, 3, peak) for k in range(0, 3)]), np.mean([rate(k, 6, 3, peak) for k in range(3, 6)]),
+                np.mean([rate(k, 3, 1, peak / 10) for k in range(3)])]
+    np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-4)
     model = load_keras(tmp_path / "age_gender_A.keras")
     assert isinstance(model.get_layer("aug_flip"), keras.layers.RandomFlip)
     with pytest.raises(SystemExit, match="clean epochs"):

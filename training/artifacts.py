@@ -77,11 +77,12 @@ def model_summary_text(model) -> str:
 def write_artifacts(out_dir, key: str, model, history: pd.DataFrame, metrics: dict, split_table: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write all files for one trained model (model last). Returns the paths written.
 
-    An earlier model file of the same key is removed first: the model appearing is the sign that
-    its records are complete, so an interrupted overwrite must not leave the old model beside new
-    records."""
+    The earlier files of the same key are all removed first: the model appearing is the sign that
+    its records are complete, so an interrupted overwrite must leave neither the old model nor old
+    records (metrics, curves) beside new ones."""
     paths = artifact_paths(out_dir, key)
-    paths["model"].unlink(missing_ok=True)
+    for path in paths.values():
+        path.unlink(missing_ok=True)
     write_text(paths["history"], history.to_csv(index=False))
     chart = learning_curves_chart({key: history}, title=f"Model {key}: learning curves")
     write_bytes(paths["curves_png"], chart_png(chart))

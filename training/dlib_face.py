@@ -182,7 +182,11 @@ def read_dlib_network(path) -> dict:
         raise ValueError(f"dlib network file not found: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise ValueError(f"{path.name} is larger than {MAX_FILE_BYTES // 2**20} MB: not the dlib face network")
-    reader = _Reader(path.read_bytes())
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    reader = _Reader(data)
     try:
         if reader.integer() != 1 or reader.string() != "loss_metric_2":
             raise ValueError("not a dlib metric-learning network (no loss_metric_2 record)")
@@ -224,7 +228,7 @@ class _Layers:
         if self.records is None:
             return None
         if self.index >= len(self.records):
-            raise ValueError(f"the file has {len(self.records)} layers; the network needs more")
+            raise ValueError(f"the file has {len(self.records)} layers; the network needs more (is the file truncated?)")
         record = self.records[self.index]
         found = {key: record.get(key) for key in expected}
         if record["kind"] != kind or found != expected:

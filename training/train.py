@@ -249,8 +249,9 @@ def build_model(config: TrainConfig):
     return model, backbone
 
 
-def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_epoch: int, epochs: int) -> None:
-    """The optimizer with a linear warm-up then cosine decay over the phase; losses and metrics per head."""
+def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_epoch: int, epochs: int):
+    """The optimizer with a linear warm-up then cosine decay over the phase; losses and metrics per
+    head. Returns the learning-rate schedule (step -> rate)."""
     import keras
 
     from training.models import AGE_DISTRIBUTION
@@ -281,6 +282,7 @@ def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_ep
         loss_weights=weights,
         metrics={"age": [keras.metrics.MeanAbsoluteError(name="mae")], "gender": [keras.metrics.BinaryAccuracy(name="accuracy")]},
     )
+    return schedule
 
 
 def _optimizer(config: TrainConfig, schedule):
@@ -314,6 +316,20 @@ def _callbacks(phase: Phase, config: TrainConfig, best, epoch_log):
     ]
 
 
+# The clean phase's best epoch is the result even when its validation loss is a little higher
+# than the epoch it started from (the loss hardly sees the bias it removes, see train_model);
+# more than this factor higher and the epoch it started from is kept.
+CLEAN_LOSS_TOLERANCE = 1.05
+
+
+def _rate_flag(phases: list[Phase], phase: Phase) -> str:
+    """The option that sets the learning rate of `phase` (the clean phase runs at a tenth of the one before)."""
+    if phase.name == "clean":
+        earlier = [p for p in phases if p.name != "clean"]
+        phase = earlier[-1] if earlier else phase
+    return "--fine-tune-learning-rate" if phase.name == "fine-tune" else "--learning-rate"
+
+
 def _make_best_weights(model):
     import keras
 
@@ -344,18 +360,26 @@ def _make_epoch_log():
     import keras
 
     class EpochLog(keras.callbacks.Callback):
-        """Records the learning rate and the wall time of each epoch, with the phase name."""
+        """Records the learning rate (the mean of the schedule over the epoch's steps: the
+        optimizer's own `learning_rate`, read at the end, is already the next step's) and the wall
+        time of each epoch, with the phase name. Set `phase` and `schedule` before each phase."""
 
         def __init__(self):
             super().__init__()
             self.rows: list[dict] = []
             self.phase = ""
+            self.schedule = None
+
+        def _step(self) -> int:
+            return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
+            self.first_step = self._step()
 
         def on_epoch_end(self, epoch, logs=None):
-            rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            steps = np.arange(self.first_step, max(self._step(), self.first_step + 1))
+            rate = np.mean([float(keras.ops.convert_to_numpy(self.schedule(step))) for step in steps])
             self.rows.append(
                 {"epoch": epoch + 1, "phase": self.phase, "learning_rate": float(rate),
                  "seconds": time.perf_counter() - self.started, **{k: float(v) for k, v in (logs or {}).items()}}
@@ -488,7 +512,7 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     best, epoch_log = _make_best_weights(model), _make_epoch_log()
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2  # progress bar on a terminal, one line per epoch in a log
-    epoch = 0
+    epoch, before_clean = 0, None
     for phase in phases:
         if backbone is not None:
             n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction, batchnorm=config.weights == "none")
@@ -497,11 +521,12 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
             # The clean phase polishes the best weights so far, and its own best epoch is the
             # result: the validation loss is mostly the soft-label cross-entropy, which hardly sees
             # the augmentation bias these epochs remove (Model B with stochastic depth had its
-            # lowest loss before them, 3.768 vs 3.777, though they took its MAE from 5.25 to 5.10).
+            # lowest loss before them, 3.768 vs 3.777, though they took its MAE from 5.25 to 5.10) —
+            # unless it is clearly worse (CLEAN_LOSS_TOLERANCE) or NaN: then the epoch before it stays.
             best.restore()
-            best = _make_best_weights(model)
+            before_clean, best = best, _make_best_weights(model)
         fitted = training_view(model, augment=phase.augment)
-        compile_model(fitted, config, phase.learning_rate, steps_per_epoch, phase.epochs)
+        epoch_log.schedule = compile_model(fitted, config, phase.learning_rate, steps_per_epoch, phase.epochs)
         epoch_log.phase = phase.name
         history = fitted.fit(
             train_data, validation_data=val_data, initial_epoch=epoch, epochs=epoch + phase.epochs,
@@ -510,7 +535,17 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         )
         epoch = epoch + len(history.epoch)
         if fitted.stop_training and not np.isfinite(history.history.get("loss", [0])[-1]):
-            raise RuntimeError("the loss became NaN; try a lower --learning-rate")
+            flag = _rate_flag(phases, phase)
+            if best.best_epoch < 0 and (before_clean is None or before_clean.best_epoch < 0):
+                raise RuntimeError(f"the loss became NaN in phase '{phase.name}'; try a lower {flag}")
+            log(f"Model {config.model_key}: warning: the loss became NaN in phase '{phase.name}' (epoch {epoch}); "
+                f"the best epoch before it is kept and the remaining phases are skipped (a lower {flag} avoids this)")
+            break
+    if before_clean is not None and (best.best_epoch < 0 or best.best_loss > CLEAN_LOSS_TOLERANCE * before_clean.best_loss):
+        if best.best_epoch >= 0:
+            log(f"Model {config.model_key}: warning: the clean epochs ended worse than they started (validation loss "
+                f"{best.best_loss:.4g} against {before_clean.best_loss:.4g}); the epoch before them is kept")
+        best = before_clean
     if best.best_epoch < 0:
         raise RuntimeError(f"the validation loss was never finite (NaN from the first epoch); try a lower "
                            f"{'--fine-tune-learning-rate or ' if config.model_key == 'B' else ''}--learning-rate")
@@ -532,6 +567,7 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         "validation_note": "the validation images also chose the best epoch and stopped training early: "
                            "report a held-out test set (python -m analysis evaluate), not these numbers",
         "best_epoch": best.best_epoch + 1,
+        "best_epoch_phase": next((row["phase"] for row in epoch_log.rows if row["epoch"] == best.best_epoch + 1), None),
         "epochs_run": epoch,
         "phases": [asdict(p) for p in phases],
         "training_seconds": round(seconds, 1),
