@@ -11,6 +11,7 @@ The crops are plain slices (no resizing), so the test can rebuild exactly the sa
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,10 @@ def crop(name: str) -> np.ndarray:
     return np.ascontiguousarray(getattr(skimage.data, function)()[top:top + 150, left:left + 150, :3])
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                     epilog="Needs dlib itself: pip install dlib-bin face_recognition_models scikit-image")
+    parser.parse_args(argv)
     import dlib
 
     from training.dlib_face import default_weights_path

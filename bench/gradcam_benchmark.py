@@ -102,9 +102,9 @@ def time_model(loaded, paths: list[Path], target: str, method: str, repeats: int
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--target", default="gender_female")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8, help="test images per model (default 8)")
+    parser.add_argument("--target", default="gender_female", help="the output the maps explain (default gender_female)")
     parser.add_argument("--repeats", type=int, default=3, help="warm calls per model (median reported)")
     args = parser.parse_args(argv)
 
