@@ -70,6 +70,19 @@ def _age_band_edges(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer of at least `minimum`, refused at once otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis",
@@ -115,7 +128,7 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
     )
     group.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     group.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the age CIs (default 1000; gender accuracy CIs are Wilson intervals)")
-    group.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for bootstrap and calibration (default 0)")
+    group.add_argument("--seed", type=_at_least(0), default=DEFAULT_SEED, help="seed for bootstrap and calibration (default 0)")
     group.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     group.add_argument(
         "--age-bands", default=AGE_BAND_EDGES, type=_age_band_edges, metavar="EDGES",
@@ -123,7 +136,7 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
     )
     group.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
     group.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM grids of the worst faces")
-    group.add_argument("--gradcam-n", type=int, default=8, metavar="N", help="worst faces per Grad-CAM grid (default 8)")
+    group.add_argument("--gradcam-n", type=_at_least(1), default=8, metavar="N", help="worst faces per Grad-CAM grid (default 8)")
     group.add_argument(
         "--allow-unsafe-model", action="store_true",
         help="load models that contain Lambda layers (this RUNS CODE stored in the file: only for files you trust)",
@@ -233,7 +246,7 @@ def run(argv=None) -> int:
     if args.command == "inspect":
         return _inspect(args)
 
-    from analysis.dataset import load_sample
+    from analysis.dataset import SampleError, load_sample
     from analysis.evaluation import evaluate
     from analysis.report import check_output_folder, write_bundle
 
@@ -244,8 +257,14 @@ def run(argv=None) -> int:
     else:
         data = args.data
         specs = {key: spec for key in ("A", "B") if (spec := _spec(args, key)) is not None}
+    if args.command == "evaluate" and _inside(Path(args.out), Path(data)):
+        raise SampleError(f"--out {args.out} lies inside --data {data}: the report's own images would be read as "
+                          "part of the sample next time; choose a report folder outside the data")
+    if len(specs) == 2 and _same_file(specs["A"].path, specs["B"].path):
+        _say(args, "warning: --model-a and --model-b are the same file: every difference will be zero")
     sample = load_sample(data, age_band_edges=edges)
-    _say(args, f"Sample: {len(sample.sample)} labelled images from {data}"
+    n = len(sample.sample)
+    _say(args, f"Sample: {n} labelled image{'s' if n != 1 else ''} found in {data}"
                + (f" ({len(sample.skipped)} files skipped; see skipped.csv)" if len(sample.skipped) else ""))
     progress = None if args.quiet else _progress_bar()
     evaluation = evaluate(
@@ -262,6 +281,20 @@ def run(argv=None) -> int:
         print(format_summary(evaluation))
         print(f"\nWrote {len(written)} files to {Path(args.out).resolve()}")
     return 0
+
+
+def _same_file(a, b) -> bool:
+    from analysis.dataset import file_digest
+
+    try:
+        return Path(a).is_file() and Path(b).is_file() and file_digest(a) == file_digest(b)
+    except OSError:
+        return False  # the loader reports unreadable files itself
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.expanduser().resolve(), folder.expanduser().resolve()
+    return folder.is_dir() and (path == folder or folder in path.parents)
 
 
 def _inspect(args) -> int:

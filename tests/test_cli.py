@@ -131,6 +131,36 @@ def test_bad_age_bands_are_refused_before_any_work(edges, message, model_files, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [("--gradcam-n", "0", "must be at least 1, got 0"),
+                                                   ("--gradcam-n", "-2", "must be at least 1, got -2"),
+                                                   ("--seed", "-1", "must be at least 0, got -1")])
+def test_counts_below_their_minimum_are_refused_before_any_work(flag, value, message, model_files, synthetic_dir, tmp_path, capsys):
+    """--gradcam-n -2 once drew grids of all but 2 of the 50 worst faces (head(-2)); 0 put a
+    numpy error in the README; --seed -1 failed with numpy's words after all the predicting."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", "--model-a", str(model_files[0]), "--data", str(synthetic_dir), "--out", str(out),
+              "--quiet", flag, value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and message in err
+    assert not out.exists()
+
+
+def test_a_report_inside_the_data_is_refused_and_the_same_model_twice_is_pointed_out(model_files, synthetic_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    assert main(["evaluate", "--model-a", str(model_files[0]), "--data", str(data), "--out", str(data / "report"), "--quiet"]) == 2
+    assert "lies inside --data" in capsys.readouterr().err and not (data / "report").exists()
+    assert main(["evaluate", "--model-a", str(model_files[0]), "--model-b", str(model_files[0]), "--data", str(data),
+                 "--out", str(tmp_path / "out"), "--no-gradcam", "--bootstrap", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "are the same file" in err
+    assert f"Sample: {len(list(data.iterdir()))} labelled images found in" in err
+
+
 def test_help_explains_the_options():
     result = subprocess.run([sys.executable, "-m", "analysis", "evaluate", "--help"], cwd=REPO,
                             capture_output=True, text=True, check=True)
