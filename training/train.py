@@ -85,6 +85,12 @@ class TrainConfig:
     # features contradicts with at least this cross-fitted probability (0 = keep every image).
     drop_contradicted: float = 0.0
 
+    @property
+    def pretrained(self) -> bool:
+        """Model B's backbone starts from pretrained weights (weights is not "none"): its
+        BatchNorm statistics are kept, not trained (training.models.make_model_b)."""
+        return self.weights != "none"
+
 
 # Defaults per model, chosen on the validation split within the time budget of a 2-core CPU
 # (A <= 15 min, B <= 30 min); what was tried is in BENCHMARKS.md, "Training".
@@ -244,7 +250,7 @@ def build_model(config: TrainConfig):
     backbone = make_backbone(config.backbone, size, config.weights, drop_connect=config.drop_connect)
     model = make_model_b(
         backbone, augment=config.augment, dropout=config.dropout, hidden_units=config.hidden_units,
-        age_output=config.age_output, pretrained=config.weights != "none",
+        age_output=config.age_output, pretrained=config.pretrained,
     )
     return model, backbone
 
@@ -515,7 +521,7 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
     epoch, before_clean = 0, None
     for phase in phases:
         if backbone is not None:
-            n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction, batchnorm=config.weights == "none")
+            n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction, batchnorm=not config.pretrained)
             log(f"Model B phase '{phase.name}': {n_trainable} backbone layers trainable, learning rate {phase.learning_rate:g}")
         if not phase.augment:
             # The clean phase polishes the best weights so far, and its own best epoch is the
