@@ -72,6 +72,19 @@ class SampleResult:
         default_factory=lambda: pd.DataFrame(columns=["path", "duplicate_of", "same_labels"])
     )
     source: str = ""
+    # For a zip: the folder it was extracted to. Paths of skipped files under it are reported as
+    # their path inside the zip (see reported_path), not as a cache location the user never chose.
+    extracted_to: str = ""
+
+    def reported_path(self, path) -> str:
+        """`path` as the user knows it: relative to the zip for a file extracted from one,
+        unchanged otherwise."""
+        if self.extracted_to and Path(path).is_absolute():
+            try:
+                return Path(path).resolve().relative_to(self.extracted_to).as_posix()
+            except ValueError:
+                pass
+        return str(path)
 
     @property
     def fingerprint(self) -> str:
@@ -291,12 +304,15 @@ def load_sample(
     sample["age_band"] = assign_age_bands(sample["age"], age_band_edges)
     for column in ("age", "gender", "ethnicity"):
         sample[column] = sample[column].astype(int)
-    return SampleResult(
+    result = SampleResult(
         sample=sample.reset_index(drop=True),
-        skipped=pd.DataFrame(skipped, columns=["path", "reason"]),
         duplicates=duplicates,
         source=str(source_path),
+        extracted_to=str(root.resolve()) if root != source_path else "",
     )
+    result.skipped = pd.DataFrame([(result.reported_path(path), reason) for path, reason in skipped],
+                                  columns=["path", "reason"])
+    return result
 
 
 def _split_duplicates(sample: pd.DataFrame, keep_duplicates: bool):

@@ -54,8 +54,9 @@ class Evaluation:
     def skipped(self) -> pd.DataFrame:
         """Every file left out, and why: path, reason, stage ("reading": name, header, duplicate;
         "decoding": failed when decoded in full for prediction)."""
+        decoding = self.run.skipped.assign(path=self.run.skipped["path"].map(self.sample.reported_path))
         return pd.concat(
-            [self.sample.skipped.assign(stage="reading"), self.run.skipped.assign(stage="decoding")],
+            [self.sample.skipped.assign(stage="reading"), decoding.assign(stage="decoding")],
             ignore_index=True,
         )
 

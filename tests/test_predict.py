@@ -154,3 +154,29 @@ def test_calibration_batch_takes_both_genders_from_a_skewed_sample(sample):
     first, _, _ = calibration_batch(skewed, (20, 20), n=n, seed=0)
     other, _, _ = calibration_batch(skewed, (20, 20), n=n, seed=1)
     assert not np.array_equal(first, other)
+
+
+def test_files_skipped_from_a_zip_are_named_by_their_path_in_the_zip(sample, tmp_path):
+    """At every stage (a bad name, a byte-identical copy, a failed decode) a zip's files are
+    reported as the user knows them, not by where the zip was unpacked in the cache."""
+    import zipfile
+
+    from analysis.evaluation import Evaluation
+
+    first, second = (Path(p) for p in sample["path"].iloc[:2])
+    data = second.read_bytes()
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(first, f"faces/{first.name}")
+        zipped.writestr(f"faces/{second.name}", data[: len(data) // 3])  # decodes only in part
+        zipped.write(first, f"faces/copy/{first.name}")  # byte-identical to the first
+        zipped.writestr("faces/holiday.jpg", first.read_bytes())  # no UTKFace labels in the name
+    result = load_sample(archive, extract_to=tmp_path / "unpacked")
+    run = predict_sample(result.sample, {"A": PixelModel()}, batch_size=8, cache_dir=tmp_path / "cache")
+    skipped = Evaluation(sample=result, models={}, preprocessing_scores={}, run=run).skipped
+    where = dict(zip(skipped["path"], skipped["stage"]))
+    assert where == {"faces/holiday.jpg": "reading", f"faces/copy/{first.name}": "reading",
+                     f"faces/{second.name}": "decoding"}
+    # a folder's skipped files keep their full path
+    assert result.reported_path(str(tmp_path / "elsewhere" / "x.jpg")) == str(tmp_path / "elsewhere" / "x.jpg")
+    assert load_sample(tmp_path / "unpacked").extracted_to == ""
