@@ -236,6 +236,11 @@ MAPPING_HELP = (
 )
 
 
+def female_index_hint(value: int) -> str:
+    """How to set the female column, in the library and on the command line (either model's slot)."""
+    return f"female_index={value} (command line: --female-index-a {value}, or --female-index-b {value} for model B)"
+
+
 def infer_mapping(
     outputs,
     *,
@@ -360,14 +365,14 @@ def infer_mapping(
         female_index = 0
         notes.append(
             f"assumed the sigmoid '{gender_info.name}' gives P(male), as it is named for male (female_index 0); "
-            "override with female_index=1 / --female-index-a 1"
+            "override with " + female_index_hint(1)
         )
     if female_index is None:
         female_index = DEFAULT_FEMALE_INDEX
         notes.append(
             "assumed "
             + ("the sigmoid gives P(female)" if gender_kind == "sigmoid" else "gender column 1 = female")
-            + " (UTKFace convention); override with female_index=0 / --female-index-a 0"
+            + " (UTKFace convention); override with " + female_index_hint(0)
         )
     female_index = int(female_index)
     if female_index not in (0, 1):

@@ -51,6 +51,7 @@ from analysis.mapping import (
     OutputInfo,
     OutputMapping,
     describe_outputs,
+    female_index_hint,
     infer_mapping,
 )
 
@@ -749,7 +750,7 @@ def _gender_convention(mapping: OutputMapping, correct, genders, free: bool) -> 
         return mapping, (
             f"gender accuracy is {n_correct / n:.0%} on {n} labelled images ({counts[0]} male, {counts[1]} female): "
             f"with fewer than {MIN_IMAGES_PER_GENDER_TO_FLIP} of a gender, whether the gender output is inverted "
-            "cannot be told; if it gives P(male), set female_index=0 / --female-index-a 0"
+            "cannot be told; if it gives P(male), set " + female_index_hint(0)
         )
     return mapping, None
 
