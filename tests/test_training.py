@@ -111,6 +111,27 @@ def test_large_sample_stratified_by_age_band_and_gender():
     np.testing.assert_allclose(shares["v"] / shares.sum(axis=1), 0.2, atol=0.06)
 
 
+def test_one_image_alone_in_its_stratum_does_not_undo_the_stratification():
+    """Three hundred faces with a single 70+ man (a student's subset of UTKFace): he cannot be
+    split on his own, and he alone must not turn the split into a gender-only one."""
+    from analysis.constants import assign_age_bands
+
+    rng = np.random.default_rng(1)
+    ages = np.r_[rng.integers(1, 60, 299), 80]
+    genders = np.r_[rng.integers(0, 2, 299), 0]
+    sample = pd.DataFrame({"image_id": [str(i) for i in range(300)], "file_name": [f"{i}.jpg" for i in range(300)],
+                           "age": ages, "gender": genders, "age_band": assign_age_bands(ages)})
+    strata = sample["age_band"].astype(str) + "|" + sample["gender"].astype(str)
+    assert (strata.value_counts() == 1).sum() == 1  # the one 70+ man
+    train, val, stratified_by = split_sample(sample, 0.2, seed=0)
+    assert stratified_by == "age band × gender"
+    assert len(val) == 60 and set(train.index).isdisjoint(val.index) and len(train) + len(val) == 300
+    # every stratum that can be split has a fifth of its images (±1) in validation
+    counts = strata.value_counts()
+    in_val = strata[val.index].value_counts().reindex(counts.index, fill_value=0)
+    assert (np.abs(in_val - 0.2 * counts)[counts >= 2] <= 1.0).all()
+
+
 def test_too_few_images_for_split(tmp_path):
     from analysis.synthetic import make_synthetic_sample
 

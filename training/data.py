@@ -89,7 +89,7 @@ def photo_key(file_name: str) -> str:
 def split_sample(sample: pd.DataFrame, val_fraction: float = 0.2, seed: int = DEFAULT_SEED) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Split a Sample table into (train, val, stratified_by), stratified by age band × gender.
 
-    Strata with a single image are pooled; when the validation part is smaller than the number
+    Strata with a single image are pooled (a lone one joins the largest stratum); when the validation part is smaller than the number
     of strata, the split falls back to gender only, then to a plain random split. Deterministic
     for a given seed. Files of the same photo (same name without extensions, in different
     folders: photo_key) go to the same side — the photos are split, each with all its files —
@@ -124,6 +124,8 @@ def _split_photos(sample: pd.DataFrame, val_fraction: float, seed: int) -> tuple
     for name, strata in candidates:
         counts = strata.map(strata.value_counts())
         strata = strata.where(counts >= 2, "pooled")  # singletons cannot be split
+        if (strata == "pooled").sum() == 1:  # a lone singleton joins the largest stratum
+            strata = strata.replace("pooled", strata[strata != "pooled"].value_counts().idxmax())
         n_strata = strata.nunique()
         if strata.value_counts().min() >= 2 and n_strata <= min(n_val, n - n_val):
             train, val = train_test_split(sample, test_size=n_val, random_state=seed, stratify=strata)
