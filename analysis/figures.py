@@ -566,6 +566,14 @@ def _phase_starts(histories: Mapping[str, pd.DataFrame], names) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "model_label", "epoch", "phase", "boundary"])
 
 
+def _epoch_ticks(epochs: pd.Series, most: int = 12) -> list[int]:
+    """Whole-epoch tick values between the first and the last epoch: the multiples of the
+    smallest step of 1, 2, 5, 10, 20, ... epochs that gives at most `most` ticks."""
+    first, last = int(np.ceil(epochs.min())), int(np.floor(epochs.max()))
+    step = next(s * 10**k for k in range(12) for s in (1, 2, 5) if last // (s * 10**k) - first // (s * 10**k) < most)
+    return [e for e in range(first, last + 1) if e % step == 0] or [first]
+
+
 def learning_curves_chart(
     histories: Mapping[str, pd.DataFrame], names: Mapping[str, str] | None = None, title: str = "Learning curves"
 ) -> alt.HConcatChart:
@@ -581,12 +589,15 @@ def learning_curves_chart(
     data, keys = _with_model_labels(table, names)
     colour, dash, _ = _model_encodings(keys, names)
     starts = _phase_starts(histories, names)
+    # Ticks at whole epochs, given explicitly on every layer: Vega ignores tickMinStep on a
+    # short run (a 2-epoch run got ticks at 1.0, 1.5, 2.0) and the phase rules sit at half epochs.
+    epoch_axis = alt.Axis(values=_epoch_ticks(data["epoch"]), format="d")
     panels = []
     for panel in _ordered(data["panel"]):
         part = data[data["panel"] == panel]
         fmt = ".0%" if "%" in panel else ".2f"
         base = alt.Chart(part).encode(
-            x=alt.X("epoch:Q", title="Epoch", axis=alt.Axis(tickMinStep=1)),
+            x=alt.X("epoch:Q", title="Epoch", axis=epoch_axis),
             y=alt.Y("value:Q", title=panel, scale=alt.Scale(zero=False), axis=alt.Axis(format=fmt)),
             color=colour,
             strokeDash=dash,
@@ -600,7 +611,7 @@ def learning_curves_chart(
         )
         layer = [lines]
         if not starts.empty:
-            boundaries = alt.Chart(starts).encode(x="boundary:Q")
+            boundaries = alt.Chart(starts).encode(x=alt.X("boundary:Q", title="Epoch", axis=epoch_axis))
             layer.append(boundaries.mark_rule(strokeDash=[2, 3], color="grey").encode(
                 tooltip=["model_label:N", alt.Tooltip("phase:N", title="Phase starts")]))
             layer.append(boundaries.mark_text(align="left", baseline="top", dx=3, y=2, color="grey", fontSize=10).encode(text="phase:N"))

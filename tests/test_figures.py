@@ -347,6 +347,37 @@ def test_learning_curves_tolerate_column_names_and_phases():
         figures.learning_curves_chart({"A": pd.DataFrame({"epoch": [0], "lr": [0.1]})})
 
 
+def _x_tick_values(chart) -> list[list]:
+    """The explicit tick values of every x axis in a chart's spec."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            x = node.get("encoding", {}).get("x")
+            if isinstance(x, dict):
+                found.append(x.get("axis", {}).get("values"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(chart.to_dict())
+    return found
+
+
+@pytest.mark.parametrize("n_epochs, expected", [(2, [1, 2]), (12, list(range(1, 13))), (36, [5, 10, 15, 20, 25, 30, 35])])
+def test_learning_curves_tick_whole_epochs_on_every_layer(n_epochs, expected):
+    """A two-epoch run with a phase change drew ticks at 1.0, 1.5, 2.0: the phase rule between
+    two epochs brought its own axis. Every layer now carries the same whole-epoch ticks."""
+    epochs = np.arange(1, n_epochs + 1)
+    history = pd.DataFrame({"epoch": epochs, "loss": 1.0 / epochs, "val_loss": 1.1 / epochs,
+                            "phase": ["heads"] + ["fine-tune"] * (n_epochs - 1)})
+    ticks = _x_tick_values(figures.learning_curves_chart({"B": history}))
+    assert len(ticks) == 3  # the curves, the phase rule and its label
+    assert all(values == expected for values in ticks)
+
+
 def test_find_and_read_history(tmp_path):
     model = tmp_path / "age_gender_A.keras"
     model.write_bytes(b"x")
