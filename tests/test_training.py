@@ -647,7 +647,7 @@ def test_bins_age_head_trains_saves_and_maps(synthetic_dir, tmp_path):
     run_cli("--data", synthetic_dir, "--out", tmp_path, "--model", "A", "--epochs", 1, "--image-size", 32,
             "--age-head", "bins", "--no-cache")
     history = pd.read_csv(tmp_path / "history_A.csv")
-    assert {"age_distribution_loss", "val_age_distribution_loss"} <= set(history.columns)
+    assert {"age_distribution_xent", "val_age_distribution_xent"} <= set(history.columns)
     model = load_keras(tmp_path / "age_gender_A.keras")
     assert model.output_names == ["age", "gender"]
     images = np.random.default_rng(2).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
@@ -803,6 +803,36 @@ def test_the_optimizer_is_chosen_by_the_configuration():
     assert model.optimizer.momentum == 0.9 and model.optimizer.weight_decay == 5e-4
     with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'sgd'"):
         compile_model(model, default_config("A", optimizer="rmsprop"), 0.01, steps_per_epoch=10, epochs=2)
+
+
+def test_logged_validation_losses_weigh_every_image_once():
+    """Keras logs its per-output losses as plain means over batches: with 100 validation images in
+    batches of 32 and the 4 oldest faces last (the validation images are in file-name order),
+    those 4 weighed as much as 32 (val_age_loss 20.5 beside val_age_mae 13.6 in a real run). The
+    log keeps only sample-weighted numbers, checked here against numpy and sklearn."""
+    from sklearn.metrics import log_loss
+
+    from training.data import make_dataset
+    from training.models import make_model_a
+    from training.train import _make_epoch_log, compile_model, default_config
+
+    rng = np.random.default_rng(0)
+    x_train, x_val = (rng.uniform(0, 255, (n, 16, 16, 3)).astype(np.float32) for n in (64, 100))
+    ages = np.r_[rng.uniform(1, 30, 96), [95, 96, 97, 98]].astype(np.float32).reshape(-1, 1)
+    genders = rng.integers(0, 2, (100, 1)).astype(np.float32)
+    train = {"age": rng.uniform(1, 30, (64, 1)).astype(np.float32), "gender": rng.integers(0, 2, (64, 1)).astype(np.float32)}
+    model = make_model_a((16, 16), widths=(4,), augment=0)
+    log = _make_epoch_log()
+    log.phase, log.schedule = "train", compile_model(model, default_config("A"), 1e-3, steps_per_epoch=2, epochs=1)
+    model.fit(make_dataset(x_train, train, 32, training=True), epochs=1, verbose=0, callbacks=[log],
+              validation_data=make_dataset(x_val, {"age": ages, "gender": genders}, 32, training=False))
+    row = log.rows[-1]
+    assert not [key for key in row if key.endswith(("age_loss", "gender_loss"))]
+    age, p_female = (np.asarray(t, np.float64) for t in model.predict(x_val, verbose=0))
+    assert row["val_age_mae"] == pytest.approx(np.abs(age - ages).mean(), rel=1e-4)
+    assert row["val_gender_bce"] == pytest.approx(log_loss(genders.ravel(), p_female.ravel(), labels=[0, 1]), rel=1e-3)
+    # the total loss (Keras weighs it by batch size) is the weighted sum of the heads' numbers
+    assert row["val_loss"] == pytest.approx(0.05 * row["val_age_mae"] + row["val_gender_bce"], rel=1e-3)
 
 
 def _probe_images(genders: np.ndarray, rng, channels: int = 12) -> np.ndarray:

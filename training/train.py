@@ -279,16 +279,26 @@ def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_ep
         raise ValueError(f"age_loss must be 'huber' or 'mae', got {config.age_loss!r}")
     losses = {"age": age_loss, "gender": keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)}
     weights = {"age": config.age_loss_weight, "gender": 1.0}
+    # Per-head losses are logged as sample-weighted metrics: Keras 3.15 logs its own per-output
+    # losses ("val_age_loss", ...) as plain means over batches, so a short last validation batch
+    # counts as much as a full one (a 100-image validation set logged val_age_loss 20.5 next to
+    # val_age_mae 13.6); those entries are dropped from the logs (EpochLog).
+    metrics = {"age": [keras.metrics.MeanAbsoluteError(name="mae")],
+               "gender": [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.BinaryCrossentropy(name="bce")]}
     if AGE_DISTRIBUTION in model.output_names:  # training view of a "bins" age head (see training_view)
         losses[AGE_DISTRIBUTION] = keras.losses.CategoricalCrossentropy()
         weights[AGE_DISTRIBUTION] = config.age_distribution_loss_weight
-    model.compile(
-        optimizer=_optimizer(config, schedule),
-        loss=losses,
-        loss_weights=weights,
-        metrics={"age": [keras.metrics.MeanAbsoluteError(name="mae")], "gender": [keras.metrics.BinaryAccuracy(name="accuracy")]},
-    )
+        metrics[AGE_DISTRIBUTION] = [keras.metrics.CategoricalCrossentropy(name="xent")]
+    model.compile(optimizer=_optimizer(config, schedule), loss=losses, loss_weights=weights, metrics=metrics)
     return schedule
+
+
+def _drop_output_losses(logs, output_names) -> None:
+    """Remove Keras' per-output loss entries ("age_loss", "val_gender_loss", ...) from `logs` in
+    place; the total "loss"/"val_loss" stay (see compile_model)."""
+    if logs:
+        for key in [k for k in logs if k.endswith("_loss") and k.removeprefix("val_")[: -len("_loss")] in output_names]:
+            del logs[key]
 
 
 def _optimizer(config: TrainConfig, schedule):
@@ -368,7 +378,9 @@ def _make_epoch_log():
     class EpochLog(keras.callbacks.Callback):
         """Records the learning rate (the mean of the schedule over the epoch's steps: the
         optimizer's own `learning_rate`, read at the end, is already the next step's) and the wall
-        time of each epoch, with the phase name. Set `phase` and `schedule` before each phase."""
+        time of each epoch, with the phase name, and drops Keras' per-output losses from the logs
+        (see compile_model). Set `phase` and `schedule` before each phase. Runs before Keras'
+        progress bar, which Keras appends after the given callbacks."""
 
         def __init__(self):
             super().__init__()
@@ -383,7 +395,11 @@ def _make_epoch_log():
             self.started = time.perf_counter()
             self.first_step = self._step()
 
+        def on_train_batch_end(self, batch, logs=None):
+            _drop_output_losses(logs, self.model.output_names)  # before the progress bar shows them
+
         def on_epoch_end(self, epoch, logs=None):
+            _drop_output_losses(logs, self.model.output_names)
             steps = np.arange(self.first_step, max(self._step(), self.first_step + 1))
             rate = np.mean([float(keras.ops.convert_to_numpy(self.schedule(step))) for step in steps])
             self.rows.append(
@@ -520,9 +536,15 @@ def train_model(config: TrainConfig, split: SplitSample, out_dir, *, cache: bool
         verbose = 1 if sys.stdout.isatty() else 2  # progress bar on a terminal, one line per epoch in a log
     epoch, before_clean = 0, None
     for phase in phases:
+        # Keras prints no "Epoch i/n" line for a one-epoch fit, and numbers epochs per fit call:
+        # say where each phase sits in the whole run.
+        span = f"epoch {epoch + 1}" if phase.epochs == 1 else f"epochs {epoch + 1}–{epoch + phase.epochs}"
+        trainable = ""
         if backbone is not None:
             n_trainable = set_backbone_trainable(backbone, phase.backbone_fraction, batchnorm=not config.pretrained)
-            log(f"Model B phase '{phase.name}': {n_trainable} backbone layers trainable, learning rate {phase.learning_rate:g}")
+            trainable = f"{n_trainable} backbone layers trainable, "
+        log(f"Model {config.model_key} phase '{phase.name}' ({span} of at most {config.epochs}): {trainable}"
+            f"learning rate {phase.learning_rate:g}" + ("" if phase.augment else ", no augmentation"))
         if not phase.augment:
             # The clean phase polishes the best weights so far, and its own best epoch is the
             # result: the validation loss is mostly the soft-label cross-entropy, which hardly sees
