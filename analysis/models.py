@@ -97,11 +97,17 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # are not reused wrongly (2: 16-bit images are scaled by 257 instead of their own maximum).
 SETTINGS_VERSION = 2
 
-# Layers looked through when asking "what does the model do to its input first?".
+# Layers looked through when asking "what does the model do to its input first?": shape-only
+# layers and Keras' augmentation layers, which pass images through unchanged at inference
+# (the later ones, RandomErasing to Solarization, came with Keras 3.8–3.10).
 _INPUT_TRANSPARENT = PASS_THROUGH_LAYERS | {
     "InputLayer", "Resizing", "CenterCrop", "RandomFlip", "RandomRotation", "RandomZoom",
     "RandomTranslation", "RandomContrast", "RandomBrightness", "RandomCrop", "RandomHeight",
     "RandomWidth", "ZeroPadding2D", "Cropping2D",
+    "RandomErasing", "RandomGrayscale", "RandomColorJitter", "RandomColorDegeneration", "RandomHue",
+    "RandomSaturation", "RandomSharpness", "RandomPosterization", "RandomInvert", "RandomShear",
+    "RandomPerspective", "RandomElasticTransform", "RandomGaussianBlur", "AugMix", "RandAugment",
+    "CutMix", "MixUp", "Solarization",
 }
 
 

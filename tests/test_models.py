@@ -91,6 +91,28 @@ def test_our_self_describing_model_needs_no_hints(tmp_path, file_name):
     assert ages.dtype == np.float32 and p_female.shape == (5,)
 
 
+def test_augmentation_layers_before_the_rescaling_do_not_hide_it(tmp_path):
+    """Keras' newer augmentation layers (identity at inference) in front of a Rescaling(1/255):
+    the model still wants 0–255 input. Before they were looked through, the loader fell back to
+    feeding 0–1 pixels and a real Model A with RandomErasing went from 91% to 53%."""
+    from keras import layers
+
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = layers.RandomErasing(value_range=(0, 255))(inputs)
+    x = layers.RandomGrayscale()(x)
+    x = layers.RandomSaturation(0.2, value_range=(0, 255))(x)
+    x = layers.RandomGaussianBlur(value_range=(0, 255))(x)
+    x = layers.Rescaling(1 / 255)(x)
+    features = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(x))
+    model = keras.Model(inputs, [layers.Dense(1, name="age")(features),
+                                 layers.Dense(1, activation="sigmoid", name="gender")(features)])
+    loaded = load_model(save(model, tmp_path))
+    assert loaded.preprocessing == "rgb_0_255" and loaded.preprocessing_inside
+    images = images_for((16, 16))
+    expected = model.predict_on_batch(images.astype(np.float32))  # inference: the augmentation is off
+    np.testing.assert_allclose(loaded.predict_batch(images)[1], expected[1][:, 0], rtol=1e-5, atol=1e-6)
+
+
 def test_keras_and_keras3_h5_and_misnamed_files_agree(tmp_path):
     model = heads_model((16, 16, 3), container="list", age_name="age_output", gender_name="gender_output")
     paths = [save(model, tmp_path, "m.keras"), save(model, tmp_path, "m.h5")]
