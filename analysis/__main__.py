@@ -262,6 +262,9 @@ def run(argv=None) -> int:
                           "part of the sample next time; choose a report folder outside the data")
     if len(specs) == 2 and _same_file(specs["A"].path, specs["B"].path):
         _say(args, "warning: --model-a and --model-b are the same file: every difference will be zero")
+    for key, spec in specs.items():  # before a long scan of the sample
+        if not Path(spec.path).expanduser().is_file():
+            raise SampleError(f"--model-{key.lower()} {spec.path}: model file not found")
     sample = load_sample(data, age_band_edges=edges)
     n = len(sample.sample)
     _say(args, f"Sample: {n} labelled image{'s' if n != 1 else ''} found in {data}"
@@ -344,7 +347,7 @@ def _interval(lo, hi, spec: str) -> str:
 def format_summary(evaluation) -> str:
     """A few readable lines: headline numbers per model with CIs, B − A if two models, the gender
     labels the models contradict, the largest gaps between groups."""
-    from analysis.report import label_check_text
+    from analysis.report import comparison_sentence, label_check_text, training_overlap_lines
 
     slices = evaluation.tables["slices"]
     overall = slices[slices["slice_by"] == "overall"]
@@ -354,34 +357,40 @@ def format_summary(evaluation) -> str:
         acc = f"{row.gender_acc:.1%} {_interval(row.gender_acc_lo, row.gender_acc_hi, '.1%')}"
         mae = f"{row.age_mae:.2f} {_interval(row.age_mae_lo, row.age_mae_hi, '.2f')}"
         lines.append(f"{name:<28} {acc:<28} {mae:<26} {row.age_bias:+.2f}")
-    comparison = evaluation.tables.get("comparison")
-    if comparison is not None:
-        c = comparison[comparison["slice_by"] == "overall"].iloc[0]
-        lines.append(
-            f"\nB − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({_p(c.mcnemar_p)}, exact McNemar); "
-            f"age MAE {c.age_mae_delta:+.2f} years ("
-            + (f"95% CI {c.age_mae_delta_lo:+.2f} to {c.age_mae_delta_hi:+.2f}; "
-               if all(math.isfinite(v) for v in (c.age_mae_delta_lo, c.age_mae_delta_hi)) else "no CI; ")
-            + f"{_p(c.wilcoxon_p)}, Wilcoxon)"
-        )
+    comparison = comparison_sentence(evaluation)
+    if comparison:
+        lines.append("\n" + comparison)
+    for text in training_overlap_lines(evaluation.training_overlap):
+        lines.append("\nwarning: " + text)
     check = label_check_text(evaluation.summary["label_check"], "in tables/contradicted_labels.csv")
     if check:
         lines.append("\n" + check)
-    gaps = evaluation.tables.get("gaps")
-    if gaps is not None and not gaps.empty:
-        lines.append("\nLargest gaps between groups (slices with n ≥ 30):")
-        for key in evaluation.models:
-            rows = gaps[(gaps["model"] == key) & (gaps["metric"] == "age_mae") & ~gaps["slice_by"].str.contains("×")]
-            for row in rows.itertuples():
-                lines.append(
-                    f"  {key} age MAE by {row.slice_by}: {row.gap:.2f} years "
-                    f"(worst {row.worst_slice} {row.worst_value:.2f}, best {row.best_slice} {row.best_value:.2f})"
-                )
+    lines += _gap_lines(evaluation)
     return "\n".join(lines)
 
 
-def _p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+_GAP_WORDS = {"gender_acc": ("gender accuracy", ".1%", "points"), "age_mae": ("age MAE", ".2f", "years")}
+
+
+def _gap_lines(evaluation) -> list[str]:
+    """Gender-accuracy and age-MAE gaps by age band, gender and ethnicity (tables/gaps.csv has
+    the intersections and the bias too), saying how many small groups were left out."""
+    gaps = evaluation.tables.get("gaps")
+    if gaps is None or gaps.empty:
+        return []
+    gaps = gaps[~gaps["slice_by"].str.contains("×") & gaps["metric"].isin(list(_GAP_WORDS))]
+    if gaps.empty:
+        return []
+    lines = [f"\nLargest gaps between groups (groups with n ≥ {int(gaps['min_n'].iloc[0])}; all in tables/gaps.csv):"]
+    for row in gaps.itertuples():
+        words, fmt, unit = _GAP_WORDS[row.metric]
+        size = row.gap * 100 if unit == "points" else row.gap
+        excluded = f"; {row.n_excluded} smaller group{'s' if row.n_excluded != 1 else ''} left out" if row.n_excluded else ""
+        lines.append(
+            f"  {row.model} {words} by {row.slice_by.replace('_', ' ')}: {size:.{1 if unit == 'points' else 2}f} {unit} "
+            f"(worst {row.worst_slice} {row.worst_value:{fmt}}, best {row.best_slice} {row.best_value:{fmt}}{excluded})"
+        )
+    return lines
 
 
 def main(argv=None) -> int:

@@ -58,6 +58,18 @@ _NAME_RE = re.compile(rf"^(\d+)_(\d+)_(\d+)(?:_(\d+))?\.{_EXT}(?:\.chip\.{_EXT})
 _LOOSE_RE = re.compile(r"^(\d+)_(\d+)_(\d+)", re.IGNORECASE)
 
 
+def find_training_file(model_path, kind: str) -> Path | None:
+    """A file `python -m training` writes next to a model, e.g. kind "history" or "split":
+    `age_gender_A.keras` → `history_A.csv`; also `<stem>_<kind>.csv` / `<stem>.<kind>.csv`.
+    None when there is none."""
+    model_path = Path(model_path)
+    stem, folder = model_path.stem, model_path.parent
+    candidates = [folder / f"{stem}_{kind}.csv", folder / f"{stem}.{kind}.csv"]
+    if "_" in stem:
+        candidates.append(folder / f"{kind}_{stem.rsplit('_', 1)[-1]}.csv")
+    return next((c for c in candidates if c.is_file()), None)
+
+
 class SampleError(ValueError):
     """The sample source as a whole cannot be used (missing, not a zip, nothing usable)."""
 

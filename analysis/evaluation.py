@@ -6,12 +6,13 @@ Each step is a plain function so the app can cache them separately; `evaluate` c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import pandas as pd
 
 from analysis import metrics
 from analysis.constants import DEFAULT_SEED
-from analysis.dataset import SampleResult
+from analysis.dataset import SampleResult, find_training_file
 from analysis.models import LoadedModel, calibrate_preprocessing, check_gender_convention, load_model
 from analysis.predict import PredictionRun, calibration_batch, predict_sample
 
@@ -50,6 +51,12 @@ class Evaluation:
     def predictions(self) -> pd.DataFrame:
         return self.run.predictions
 
+    @cached_property
+    def training_overlap(self) -> dict[str, dict]:
+        """Per model, how many of the evaluated images it was trained or validated on (see
+        training_overlap); empty when none, or when no split file sits beside the models."""
+        return training_overlap(self.predictions, self.models)
+
     @property
     def skipped(self) -> pd.DataFrame:
         """Every file left out, and why: path, reason, stage ("reading": name, header, duplicate;
@@ -78,6 +85,29 @@ def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_
         return check_gender_convention(loaded, images, genders), None
     images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
     return calibrate_preprocessing(loaded, images, ages, genders)
+
+
+def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:
+    """{model key: {"split_file", "n_train", "n_val", "n_evaluated"}} for each model whose
+    `split_<key>.csv` (written by ``python -m training`` beside the model) lists some of the
+    evaluated images (matched by content hash) as its training or validation images: its numbers
+    on them are not held-out. Training images the label check left out are not counted."""
+    evaluated = set(predictions["image_id"])
+    out = {}
+    for key, loaded in models.items():
+        path = find_training_file(loaded.path, "split") if getattr(loaded, "path", "") else None
+        if path is None:
+            continue
+        try:
+            split = pd.read_csv(path, dtype={"image_id": str})
+            used = split[split["image_id"].isin(evaluated)]
+            trained = (used["subset"] == "train") & ~used.get("left_out", pd.Series(False, index=used.index)).astype(bool)
+            n_train, n_val = int(trained.sum()), int((used["subset"] == "val").sum())
+        except (OSError, ValueError, KeyError, pd.errors.ParserError):
+            continue  # not our split file: nothing to say
+        if n_train or n_val:
+            out[key] = {"split_file": path.name, "n_train": n_train, "n_val": n_val, "n_evaluated": len(evaluated)}
+    return out
 
 
 def compute_tables(predictions: pd.DataFrame, model_keys, *, n_boot: int = 1000, seed: int = DEFAULT_SEED):

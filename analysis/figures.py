@@ -29,6 +29,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from analysis.constants import SMALL_SLICE_N
+from analysis.dataset import find_training_file
 
 # ------------------------------------------------------------------ style
 
@@ -543,12 +544,7 @@ def find_history(model_path) -> Path | None:
 
     Also accepts `<stem>_history.csv` / `<stem>.history.csv`. Returns None when there is none.
     """
-    model_path = Path(model_path)
-    stem, folder = model_path.stem, model_path.parent
-    candidates = [folder / f"{stem}_history.csv", folder / f"{stem}.history.csv"]
-    if "_" in stem:
-        candidates.append(folder / f"history_{stem.rsplit('_', 1)[-1]}.csv")
-    return next((c for c in candidates if c.is_file()), None)
+    return find_training_file(model_path, "history")
 
 
 def _phase_starts(histories: Mapping[str, pd.DataFrame], names) -> pd.DataFrame:

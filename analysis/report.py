@@ -616,7 +616,8 @@ def _write_contents(evaluation, folder: Path, *, gradcam: bool, gradcam_n: int, 
 
 def _write_records(evaluation, folder: Path) -> list[tuple[str, str]]:
     """summary.json, models.json and skipped.csv."""
-    (folder / "summary.json").write_text(json.dumps(to_jsonable(evaluation.summary), indent=2))
+    summary = dict(evaluation.summary, training_overlap=evaluation.training_overlap)
+    (folder / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
     models_info = {
         key: {
             "describe": m.describe(),
@@ -630,7 +631,8 @@ def _write_records(evaluation, folder: Path) -> list[tuple[str, str]]:
     evaluation.skipped.to_csv(folder / "skipped.csv", index=False)
     return [
         ("summary.json", "headline numbers per model with 95% CIs and the gender ECE, the contradicted gender labels "
-         "(label_check) and the overall A vs B comparison"),
+         "(label_check), the overall A vs B comparison and how many images each model was trained or "
+         "validated on (training_overlap)"),
         ("models.json", "what the loader inferred about each model (input size, preprocessing, output mapping) and the preprocessing calibration scores"),
         ("skipped.csv", "files left out of the evaluation and why (stage: reading or decoding)"),
     ]  # fmt: skip
@@ -704,6 +706,12 @@ def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
         overall = slices[slices["slice_by"] == "overall"]
         formatted, numeric = format_table(overall.drop(columns=["slice_by", "slice", "small"], errors="ignore"), list(evaluation.models))
         lines += ["", "## Headline numbers (95% CIs)", "", markdown_table(formatted, numeric).rstrip()]
+    comparison = comparison_sentence(evaluation)
+    if comparison:
+        lines += ["", comparison + " — per group in `tables/comparison.csv`."]
+    overlap = training_overlap_lines(evaluation.training_overlap)
+    if overlap:
+        lines += ["", "## Not held-out", ""] + [f"**Warning**: {text}" for text in overlap]
     lines += label_check_lines(evaluation)
     lines += ["", "## Files", "", "| File | What it is |", "|:---|:---|"]
     lines += [f"| `{path}` | {what} |" for path, what in index]
@@ -749,6 +757,36 @@ def label_check_text(check: dict, listed: str | None = None) -> str | None:
         text += (" That is more than wrong labels usually explain (about 1% in UTKFace): many are likely the "
                  f"{owner} own confident mistakes.")
     return text + (f" {'It is' if one else 'They are'} listed {listed}." if listed else "")
+
+
+def comparison_sentence(evaluation) -> str | None:
+    """The overall paired B − A result in one line (None with one model)."""
+    comparison = evaluation.tables.get("comparison")
+    if comparison is None:
+        return None
+    c = comparison[comparison["slice_by"] == "overall"].iloc[0]
+    interval = (f"95% CI {c.age_mae_delta_lo:+.2f} to {c.age_mae_delta_hi:+.2f}; "
+                if all(math.isfinite(v) for v in (c.age_mae_delta_lo, c.age_mae_delta_hi)) else "no CI; ")
+    return (f"B − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({_p(c.mcnemar_p)}, exact McNemar); "
+            f"age MAE {c.age_mae_delta:+.2f} years ({interval}{_p(c.wilcoxon_p)}, Wilcoxon)")
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def training_overlap_lines(overlap: dict) -> list[str]:
+    """One sentence per model evaluated on images it was trained or validated on (see
+    analysis.evaluation.training_overlap)."""
+    lines = []
+    for key, o in overlap.items():
+        parts = [f"trained on {o['n_train']:,}" if o["n_train"] else "", f"validated on {o['n_val']:,}" if o["n_val"] else ""]
+        lines.append(
+            f"Model {key} was {' and '.join(p for p in parts if p)} of these {o['n_evaluated']:,} images "
+            f"(its {o['split_file']} says so): its numbers here are not held-out and flatter it. "
+            "Evaluate on images neither model has seen (e.g. UTKFace's test/ folder)."
+        )
+    return lines
 
 
 def label_check_lines(evaluation) -> list[str]:

@@ -247,6 +247,27 @@ def test_candidate_becomes_b_and_swap_exchanges_the_models(model_files):
     assert "Load a model B" in texts(at.caption)
 
 
+def test_a_model_evaluated_on_its_own_training_images_is_warned_about(demo_models, synthetic_dir, tmp_path):
+    """A model folder written by python -m training has split_A.csv: the Overview warns when the
+    sample holds images the model was trained or validated on (matched by content hash)."""
+    import hashlib
+    import shutil
+
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    shutil.copy(Path(demo_models) / "age_gender_A.keras", folder / "age_gender_A.keras")
+    files = sorted(Path(synthetic_dir).iterdir())
+    ids = [hashlib.sha1(f.read_bytes()).hexdigest() for f in files[:15]]
+    pd.DataFrame({"image_id": ids, "file_name": [f.name for f in files[:15]],
+                  "subset": ["train"] * 10 + ["val"] * 5, "left_out": False}).to_csv(folder / "split_A.csv", index=False)
+    at = new_app()
+    at.text_input(key="path_A_0").input(str(folder / "age_gender_A.keras")).run()
+    at.text_input(key="sample_path_0").input(str(synthetic_dir)).run()
+    assert_clean(at)
+    assert f"Model A was trained on 10 and validated on 5 of these {len(files)} images" in texts(at.warning)
+    assert "Model B was" not in texts(at.warning)  # the demo B has no split file
+
+
 def test_model_and_sample_from_local_paths(model_files, synthetic_dir):
     at = new_app()
     at.text_input(key="path_B_0").input(str(model_files["good"])).run()

@@ -55,6 +55,12 @@ def test_evaluate_two_models_writes_tables_that_match_sklearn(model_files, synth
         assert summary["models"][key]["gender_acc"] == pytest.approx(accuracy_score(preds["gender"], gender_pred))
         assert summary["models"][key]["age_mae"] == pytest.approx(
             mean_absolute_error(preds["age"], preds[f"age_pred_{key}"]))
+    # The paired B − A line, on the console and in the bundle's README, and the console's gaps.
+    right = {key: (preds[f"p_female_{key}"] >= 0.5).astype(int) == preds["gender"] for key in ("A", "B")}
+    delta = f"B − A: gender accuracy {(right['B'].mean() - right['A'].mean()) * 100:+.1f} points"
+    assert delta in printed and delta in (out / "README.md").read_text()
+    by_gender = right["A"].groupby(preds["gender"]).mean()
+    assert f"A gender accuracy by gender: {abs(by_gender[1] - by_gender[0]) * 100:.1f} points" in printed
 
     slices = pd.read_csv(out / "tables" / "slices.csv")
     female = slices[(slices.slice_by == "gender") & (slices.slice == "female") & (slices.model == "A")].iloc[0]

@@ -1171,3 +1171,34 @@ def test_committed_demo_models_load_and_beat_chance(key, synthetic_dir):
     metrics = validation_metrics(model, images, sample)
     assert metrics["gender_acc"] > 0.75
     assert metrics["age_mae"] < 0.8 * np.mean(np.abs(sample["age"] - sample["age"].median()))
+
+
+def test_evaluating_a_model_on_its_own_training_images_is_pointed_out(trained, synthetic_dir, tmp_path, capsys):
+    """analysis finds split_A.csv beside the model and counts, by content hash, the evaluated
+    images it was trained or validated on: the console, the bundle's README and summary.json say so."""
+    import shutil
+
+    from analysis.__main__ import main as evaluate_main
+    from analysis.synthetic import make_synthetic_sample
+
+    split = pd.read_csv(trained / "split_A.csv")
+    chosen = pd.concat([split[split["subset"] == "train"].head(10), split[split["subset"] == "val"].head(5)])
+    sample = tmp_path / "sample"
+    (sample / "seen").mkdir(parents=True)
+    files = {p.name: p for p in synthetic_dir.rglob("*.jpg")}
+    for name in chosen["file_name"]:
+        shutil.copy(files[name], sample / "seen" / name)
+    make_synthetic_sample(sample / "unseen", n=5, seed=99, size=64)  # other faces: not counted
+
+    assert evaluate_main(["evaluate", "--model-a", str(trained / "age_gender_A.keras"), "--data", str(sample),
+                          "--out", str(tmp_path / "report"), "--no-gradcam", "--bootstrap", "20"]) == 0
+    sentence = "Model A was trained on 10 and validated on 5 of these 20 images (its split_A.csv says so)"
+    assert sentence in capsys.readouterr().out
+    assert sentence in (tmp_path / "report" / "README.md").read_text()
+    overlap = json.loads((tmp_path / "report" / "summary.json").read_text())["training_overlap"]
+    assert overlap == {"A": {"split_file": "split_A.csv", "n_train": 10, "n_val": 5, "n_evaluated": 20}}
+
+    assert evaluate_main(["evaluate", "--model-a", str(trained / "age_gender_A.keras"), "--data", str(sample / "unseen"),
+                          "--out", str(tmp_path / "report2"), "--no-gradcam", "--bootstrap", "20"]) == 0
+    assert "was trained on" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "report2" / "summary.json").read_text())["training_overlap"] == {}

@@ -58,6 +58,12 @@ def render_label_check(current) -> None:
         st.info(text, icon=":material/label_off:")
 
 
+def render_training_overlap(current) -> None:
+    """A warning when a model is evaluated on images it was trained or validated on."""
+    for text in report.training_overlap_lines(current.evaluation.training_overlap):
+        st.warning(text, icon=":material/warning:")
+
+
 def render_comparison(current) -> None:
     comparison = current.evaluation.tables.get("comparison")
     if comparison is None:
@@ -122,6 +128,7 @@ current = layout.require_evaluation()
 st.title("Overview")
 layout.render_setup_caption(current)
 render_headlines(current)
+render_training_overlap(current)
 render_label_check(current)
 render_comparison(current)
 calibration_column, worst_column = st.columns(2, gap="large")
