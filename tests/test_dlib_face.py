@@ -104,7 +104,8 @@ def test_reader_refuses_other_and_broken_files(tmp_path):
         read_dlib_network(truncated)
     junk = tmp_path / "junk.dat"
     junk.write_bytes(b"\x80\x02}q\x00" + bytes(range(256)) * 40)  # the start of a pickle
-    with pytest.raises(ValueError, match="junk.dat as dlib's face-recognition network"):
+    with pytest.raises(ValueError, match="junk.dat as dlib's face-recognition network.*takes "
+                                         "dlib_face_recognition_resnet_model_v1.dat"):  # names the file it wants
         read_dlib_network(junk)
     # hostile numbers: a float beyond float64's range, a tensor claiming 2^62 values
     start = b"\x01\x01\x01\x0dloss_metric_2"

@@ -100,7 +100,7 @@ def train_parser():
         f"each gender and stands down when it would leave out over {MAX_LEFT_OUT_SHARE * 100:g}%% of either; 0 keeps "
         f"every image (default {b.drop_contradicted:g} with {b.backbone}, {lite.drop_contradicted:g} with the other backbones)",
     )
-    parser.add_argument("--weights", default=None, help='B only: "imagenet" (default), "none" or PATH to a local weights file')
+    parser.add_argument("--weights", default=None, help='B only: "imagenet" (default: the backbone\'s pretrained weights, whatever they were trained on), "none" or PATH to a local weights file')
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for the split, initialisation and shuffling (default {DEFAULT_SEED})")
     parser.add_argument("--val-split", type=float, default=0.2, help="share of images held out for validation (default 0.2)")
     parser.add_argument("--augment", type=float, help=f"augmentation strength, 0 = off (default {a.augment:g})")

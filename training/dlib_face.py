@@ -209,7 +209,9 @@ def read_dlib_network(path) -> dict:
             if records[-1]["kind"] == "con_4" and len(records) == 1:
                 reader.integer()  # the first wrapper also stores the sample expansion factor
     except ValueError as exc:
-        raise ValueError(f"cannot read {path.name} as dlib's face-recognition network: {exc}") from None
+        raise ValueError(f"cannot read {path.name} as dlib's face-recognition network ({exc}); the backbone "
+                         f"dlib_face_resnet takes {MODEL_FILE} (uncompressed; the {PACKAGE} pip package "
+                         "ships it), or leave --weights out to use that package's copy") from None
     return {"mean": mean, "size": (rows, cols), "layers": records}
 
 
