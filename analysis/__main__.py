@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show what the loader infers about a model file",
         description="Load a model safely and print its input size, preprocessing and output mapping.",
     )
-    inspect.add_argument("model", metavar="PATH")
+    inspect.add_argument("model", metavar="PATH", help="a Keras model file (.keras or .h5)")
     inspect.add_argument("--allow-unsafe-model", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -124,7 +124,8 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
     group = parser.add_argument_group("run")
     group.add_argument(
         "--out", required=default_out is None, default=default_out, metavar="DIR",
-        help="report folder to create (must be new, empty, or an earlier report with --overwrite)",
+        help="report folder to create (must be new, empty, or an earlier report with --overwrite)"
+        + (f"; default ./{default_out}" if default_out else ""),
     )
     group.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     group.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the age CIs (default 1000; gender accuracy CIs are Wilson intervals)")
@@ -141,7 +142,7 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
         "--allow-unsafe-model", action="store_true",
         help="load models that contain Lambda layers (this RUNS CODE stored in the file: only for files you trust)",
     )
-    group.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    group.add_argument("--quiet", action="store_true", help="no progress bar or summary: print only the report folder")
 
 
 def _parse_size(text: str | None):
@@ -280,7 +281,9 @@ def run(argv=None) -> int:
         evaluation, args.out, overwrite=args.overwrite, seed=args.seed, n_boot=args.bootstrap,
         gradcam=not args.no_gradcam, gradcam_n=args.gradcam_n,
     )
-    if not args.quiet:
+    if args.quiet:
+        print(Path(args.out).resolve())
+    else:
         print(format_summary(evaluation))
         print(f"\nWrote {len(written)} files to {Path(args.out).resolve()}")
     return 0
@@ -310,7 +313,7 @@ def _inspect(args) -> int:
     from analysis.report import to_jsonable
 
     loaded = load_model(args.model, allow_unsafe=args.allow_unsafe_model)
-    print(json.dumps(to_jsonable(loaded.describe()), indent=2))
+    print(json.dumps(to_jsonable(loaded.describe()), indent=2, ensure_ascii=False))
     return 0
 
 

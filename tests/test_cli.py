@@ -81,6 +81,7 @@ def test_one_model_and_overwrite_rules(model_files, synthetic_dir, tmp_path, cap
     args = ["evaluate", "--model-a", str(model_files[0]), "--data", str(synthetic_dir),
             "--out", str(out), "--bootstrap", "50", "--quiet"]
     assert main(args) == 0
+    assert capsys.readouterr().out == f"{out.resolve()}\n"  # --quiet prints only where the report is
     assert not (out / "tables" / "comparison.csv").exists()
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
