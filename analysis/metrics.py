@@ -10,7 +10,7 @@ Everything else is derived from one tidy table, in the spirit of fairlearn's Met
     slice_table     overall + per slice (single attributes and pairwise intersections), long by
                     model: n, gender_acc (Wilson CI), age_mae, age_bias (bootstrap CIs)
     compare_table   paired A vs B per slice: deltas, exact McNemar, paired bootstrap CI, Wilcoxon
-    gaps_table      largest minus smallest across the groups of each slicing, FROM slice_table
+    gaps_table      worst minus best group of each slicing, FROM slice_table
     worst_slices    the k worst groups of one metric, FROM slice_table
     calibration_table / expected_calibration_error   P(female) against the observed female fraction
     age_error_by_true_age, worst_errors, summary
@@ -525,8 +525,10 @@ def _check_slice_table(table, extra: Iterable[str] = ()) -> None:
 def gaps_table(slices: pd.DataFrame, *, min_n: int = SMALL_SLICE_N, metrics=GAP_METRICS) -> pd.DataFrame:
     """Fairness gaps per model x slicing x metric, computed from a slice_table.
 
-    gap = largest minus smallest value across the groups of the slicing (for age_bias: the spread
-    of the bias). best/worst follow the metric's direction (bias: closest to / farthest from 0).
+    gap = how much worse the worst group is than the best, in the metric's direction: largest
+    minus smallest value for gender_acc and age_mae; for age_bias, where best/worst are the groups
+    closest to / farthest from 0, the worst |bias| minus the best |bias| (so the gap is always the
+    distance between the two groups named, never between two others).
     Groups with n < min_n are excluded (their estimates are too noisy to rank; `n_excluded` says
     how many, `min_n` which limit); min_n=0 keeps all. Slicings with fewer than two groups left
     have no gap and no row. Columns: GAPS_TABLE_COLUMNS.
@@ -550,7 +552,7 @@ def gaps_table(slices: pd.DataFrame, *, min_n: int = SMALL_SLICE_N, metrics=GAP_
                         "model": model,
                         "slice_by": slice_by,
                         "metric": metric,
-                        "gap": kept[metric].max() - kept[metric].min(),
+                        "gap": badness.max() - badness.min(),
                         "best_slice": best["slice"],
                         "best_value": best[metric],
                         "worst_slice": worst["slice"],

@@ -491,7 +491,8 @@ _TABLE_NOTES = {
     "predictions": "one row per image: labels, each model's predicted age (years) and P(female)",
     "slices": "per model and group (overall, single attributes, intersections): n, gender accuracy (95% Wilson CI), age MAE and bias (95% bootstrap CIs); `small` marks n < 30",
     "comparison": "paired A vs B per group: differences B − A, exact McNemar p (gender), paired bootstrap CI and Wilcoxon p (age MAE)",
-    "gaps": "largest minus smallest value across the groups of each grouping (groups with n < 30 left out)",
+    "gaps": "how much worse the worst group of each grouping is than the best (accuracy and MAE: largest minus "
+            "smallest value; bias: the distance from zero, worst minus best; groups with n < 30 left out)",
     "calibration": "reliability bins of P(female) per model: mean predicted probability vs observed share of women",
     "age_error_by_true_age": "age MAE and signed bias per 5-year bin of true age, per model",
     "worst_disagreement": "images where the two models disagree most (gender first, then age)",

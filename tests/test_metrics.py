@@ -355,18 +355,29 @@ def test_gaps_equal_max_minus_min_of_the_slice_table(slices):
         groups = slices[(slices["model"] == row.model) & (slices["slice_by"] == row.slice_by)]
         kept = groups[groups["n"] >= SMALL_SLICE_N]
         values = kept[row.metric]
-        assert row.gap == pytest.approx(values.max() - values.min())
         assert (row.n_groups, row.n_excluded, row.min_n) == (len(kept), len(groups) - len(kept), SMALL_SLICE_N)
         if row.metric == "gender_acc":
             best, worst = values.max(), values.min()
         elif row.metric == "age_mae":
             best, worst = values.min(), values.max()
-        else:
+        else:  # bias: best/worst = closest to / farthest from zero, and the gap is between those two
             best, worst = values.abs().min(), values.abs().max()
             assert abs(row.best_value) == pytest.approx(best) and abs(row.worst_value) == pytest.approx(worst)
+            assert row.gap == pytest.approx(worst - best)
             continue
+        assert row.gap == pytest.approx(values.max() - values.min())
         assert row.best_value == pytest.approx(best) and row.worst_value == pytest.approx(worst)
         assert kept.loc[kept["slice"] == row.worst_slice, row.metric].iloc[0] == row.worst_value
+
+
+def test_a_bias_gap_is_the_distance_between_the_two_groups_it_names():
+    """Biases +3.21 (3–9), −6.07 (70+), +0.03 (30–39): worst 70+, best 30–39, and the gap 6.04
+    between them — it was max − min, 9.28, printed beside two groups 6.10 apart."""
+    table = pd.DataFrame({"model": "A", "slice_by": "age_band", "slice": ["3–9", "70+", "30–39"], "n": 100,
+                          "age_bias": [3.21, -6.07, 0.03]})
+    row = metrics.gaps_table(table, metrics="age_bias").iloc[0]
+    assert (row.worst_slice, row.best_slice) == ("70+", "30–39")
+    assert row.gap == pytest.approx(6.04) == abs(row.worst_value) - abs(row.best_value)
 
 
 def test_gaps_come_from_the_slice_table_and_can_keep_small_groups(slices):

@@ -126,7 +126,8 @@ def render_gaps(current, slice_by: str) -> None:
     st.markdown("\n".join(lines))
     left_out = int(rows["n_excluded"].max())
     st.caption(
-        f"Gap = largest minus smallest value across the groups with at least {SMALL_SLICE_N} images"
+        f"Gap = how much worse the worst group is than the best, among the groups with at least {SMALL_SLICE_N} "
+        "images (for the bias: the distance from zero, worst minus best)"
         + (f"; {left_out} smaller group(s) left out." if left_out else ".")
     )
 
