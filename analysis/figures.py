@@ -256,14 +256,15 @@ def intersection_heatmap(
     y = alt.Y("slice_1:N", sort=y_order, title=y_title)
     opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY + 0.15), alt.value(1.0))
     values = data[metric].astype(float)
+    domain = _colour_range(values, data["small"])
     # Viridis keeps a monotone lightness in greyscale; reversed for MAE so "worse" is darker.
     colour = alt.Color(
         f"{metric}:Q", title=axis_title,
-        scale=alt.Scale(scheme="viridis", reverse=not higher_better, domain=[float(values.min()), float(values.max())]),
+        scale=alt.Scale(scheme="viridis", reverse=not higher_better, domain=list(domain), clamp=True),
         legend=alt.Legend(format=number_format, orient="right"),
     )
     # Light text on dark cells; faded (small) cells are light, so their text stays black.
-    data["text_light"] = np.array(_dark_cells(values, reverse=not higher_better)) & ~data["small"].astype(bool).to_numpy()
+    data["text_light"] = np.array(_dark_cells(values, domain, reverse=not higher_better)) & ~data["small"].astype(bool).to_numpy()
     panels = []
     for key in keys:
         part = data[data["model"] == key]
@@ -284,11 +285,23 @@ def intersection_heatmap(
     )
 
 
-def _cell_text(value, n, small, number_format) -> list[str]:
+def _cell_text(value, n, small, number_format) -> str:
+    """Value and n on two lines, one string with a newline (mark_text's lineBreak): an array of
+    lines renders as lines in vl-convert but as "[1.2,n=20*]" in Streamlit's Vega-Lite."""
     star = "*" if bool(small) else ""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ["–", f"n={int(n)}{star}"]
-    return [_format_number(value, number_format), f"n={int(n)}{star}"]
+        return f"–\nn={int(n)}{star}"
+    return f"{_format_number(value, number_format)}\nn={int(n)}{star}"
+
+
+def _colour_range(values: pd.Series, small: pd.Series) -> tuple[float, float]:
+    """(lowest, highest) value the colour scale spans: over the cells with enough images when
+    there are two or more (one n=1 cell must not wash out every other colour; beyond the range a
+    cell takes the end colour), else over every cell."""
+    v = values.astype(float)
+    large = v[~small.astype(bool) & np.isfinite(v)]
+    use = large if len(large) >= 2 else v[np.isfinite(v)]
+    return (float(use.min()), float(use.max())) if len(use) else (0.0, 1.0)
 
 
 def _format_number(value: float, number_format: str) -> str:
@@ -302,14 +315,14 @@ def _format_number(value: float, number_format: str) -> str:
     return f"{value:{sign}.{digits}f}" + ("%" if spec.endswith("%") else "")
 
 
-def _dark_cells(values: pd.Series, reverse: bool = False, diverging: bool = False) -> list[bool]:
-    """True where the cell colour is dark enough to need light text (same scale as the colours)."""
+def _dark_cells(values: pd.Series, domain: tuple[float, float], reverse: bool = False, diverging: bool = False) -> list[bool]:
+    """True where the cell colour is dark enough to need light text, on the colour scale's
+    `domain` (clamped: values beyond it take the end colour)."""
     v = values.astype(float).to_numpy()
+    lo, hi = domain
     if diverging:
-        extent = np.nanmax(np.abs(v)) if np.isfinite(v).any() else 0.0
-        return list(np.abs(v) > 0.6 * extent) if extent > 0 else [False] * len(v)
-    lo, hi = np.nanmin(v) if np.isfinite(v).any() else 0.0, np.nanmax(v) if np.isfinite(v).any() else 0.0
-    t = (v - lo) / (hi - lo) if hi > lo else np.full_like(v, 0.5)
+        return list(np.abs(v) > 0.6 * hi) if hi > 0 else [False] * len(v)
+    t = np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.full_like(v, 0.5)
     t = 1 - t if reverse else t
     return list(t < 0.45)  # viridis is dark at its low end
 
@@ -322,8 +335,8 @@ def _heat_panel(part, x, y, colour, opacity, title, size, value_field, value_tit
         tooltip=[alt.Tooltip("slice:N", title="Slice"), alt.Tooltip("n:Q", title="Images"),
                  alt.Tooltip(f"{value_field}:Q", title=value_title, format=value_format)],
     )
-    text = base.mark_text(fontSize=9.5, lineHeight=12).encode(
-        text="cell_text",
+    text = base.mark_text(fontSize=9.5, lineHeight=12, lineBreak="\n").encode(
+        text="cell_text:N",
         color=alt.condition("datum.text_light", alt.value("white"), alt.value("black")),
     )
     return alt.layer(cells, text).properties(title=title, **size)
@@ -334,17 +347,20 @@ def _delta_panel(comparison, slice_by, metric, x, y, size) -> alt.LayerChart:
     _require(comparison, ["slice_by", "slice_1", "slice_2", "n", "small", delta_col], "the comparison table")
     rows = comparison[comparison["slice_by"] == slice_by].copy()
     axis_title, number_format, higher_better = METRICS[metric]
-    unit = "points" if metric == "gender_acc" else "years"
-    delta_format = "+.1%" if metric == "gender_acc" else "+.2f"
+    # Accuracy differences in percentage points (B 93% − A 90% = +3.0 points), as the legend says.
+    unit, scale = ("points", 100.0) if metric == "gender_acc" else ("years", 1.0)
+    delta_format = "+.1f" if metric == "gender_acc" else "+.2f"
+    rows[delta_col] = rows[delta_col].astype(float) * scale
     rows["cell_text"] = [_cell_text(v, n, s, delta_format) for v, n, s in zip(rows[delta_col], rows["n"], rows["small"])]
-    extent = float(np.nanmax(np.abs(rows[delta_col].astype(float)))) if len(rows) else 0.0
-    extent = extent or 1e-9
-    rows["text_light"] = np.array(_dark_cells(rows[delta_col], diverging=True)) & ~rows["small"].astype(bool).to_numpy()
+    lo, hi = _colour_range(rows[delta_col].abs(), rows["small"])
+    extent = hi or 1e-9
+    rows["text_light"] = (np.array(_dark_cells(rows[delta_col], (0.0, extent), diverging=True))
+                          & ~rows["small"].astype(bool).to_numpy())
     # Purple–green keeps clear of the model colours; B-better is green in both metrics.
     colour = alt.Color(
         f"{delta_col}:Q",
         title=f"B − A ({unit})",
-        scale=alt.Scale(scheme="purplegreen", domain=[-extent, extent], domainMid=0, reverse=not higher_better),
+        scale=alt.Scale(scheme="purplegreen", domain=[-extent, extent], domainMid=0, reverse=not higher_better, clamp=True),
         legend=alt.Legend(format=delta_format, orient="right"),
     )
     opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY + 0.15), alt.value(1.0))

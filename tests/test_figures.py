@@ -258,7 +258,8 @@ def test_intersection_heatmap_per_model_and_difference(slices, comparison, metri
         assert panel["slice_1"].tolist() == expected["slice_1"].tolist()
     delta = next(d for d in datasets if f"{metric}_delta" in d)
     expected_delta = comparison[comparison["slice_by"] == "age_band×ethnicity"][f"{metric}_delta"]
-    assert np.allclose(delta[f"{metric}_delta"], expected_delta)
+    points = 100 if metric == "gender_acc" else 1  # accuracy differences in percentage points
+    assert np.allclose(delta[f"{metric}_delta"], expected_delta * points)
     # the difference panel says which way round it is
     words = texts(chart)
     assert "B − A" in words
@@ -267,7 +268,16 @@ def test_intersection_heatmap_per_model_and_difference(slices, comparison, metri
     small_cell = cells[(cells["model"] == "A") & cells["small"]].iloc[0]
     panel_a = next(d for d in datasets if metric in d and set(d.get("model", [])) == {"A"})
     text = panel_a.loc[panel_a["slice"] == small_cell["slice"], "cell_text"].iloc[0]
-    assert text[1] == f"n={small_cell['n']}*"
+    assert text.split("\n")[1] == f"n={small_cell['n']}*"  # one string, two lines (see _cell_text)
+    # the colour scales span the cells with enough images; a tiny cell takes the end colour
+    for scale in scales_of(chart, "color"):
+        assert scale.get("clamp") is True
+    large = cells[~cells["small"]][metric]
+    shared = [s["domain"] for s in scales_of(chart, "color") if s.get("scheme") == "viridis"]  # one per model panel
+    assert len(shared) == 2 and all(d == [pytest.approx(large.min()), pytest.approx(large.max())] for d in shared)
+    large_delta = comparison[(comparison["slice_by"] == "age_band×ethnicity") & ~comparison["small"]][f"{metric}_delta"]
+    diverging = next(s for s in scales_of(chart, "color") if s.get("scheme") == "purplegreen")
+    assert diverging["domain"][1] == pytest.approx(large_delta.abs().max() * points)
 
 
 def test_intersection_heatmap_without_comparison_has_no_difference_panel(slices):
