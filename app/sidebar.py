@@ -79,6 +79,7 @@ def sample_section() -> None:
     elif action.upload is not None and state.is_new_input("sample_zip", action.upload.file_id):
         if state.use_sample_upload(action.upload.name, action.upload.getbuffer()):
             state.clear_uploader("sample_zip")
+            state.clear_input("sample_path")  # the folder it showed is no longer the sample; typing it again must act
             st.rerun()
     elif state.is_new_input("sample_path", action.path.strip()):
         if state.use_sample_path(action.path):

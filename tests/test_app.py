@@ -405,6 +405,22 @@ def test_upload_a_zipped_sample(synthetic_dir):
     assert "300 images read" in texts(at.sidebar.caption)
 
 
+def test_a_folder_can_be_chosen_again_after_a_zip_replaced_it(synthetic_dir):
+    """Folder, then a zip upload, then the same folder typed again: the path box was left showing
+    the folder and typing the same path did nothing."""
+    at = new_app()
+    at.text_input(key="sample_path_0").input(str(synthetic_dir)).run()
+    assert "120 images read" in texts(at.sidebar.caption)
+    files = {f"faces/{p.name}": p.read_bytes() for p in sorted(Path(synthetic_dir).iterdir())[:40]}
+    upload(at, "sample_zip", "faces.zip", zip_with_names(files))
+    assert "40 images read" in texts(at.sidebar.caption)
+    box = at.text_input(key=f"sample_path_{at.session_state['upload_round']['sample_path']}")
+    assert box.value == ""  # the folder is no longer the sample
+    box.input(str(synthetic_dir)).run()
+    assert_clean(at)
+    assert "120 images read" in texts(at.sidebar.caption)
+
+
 @pytest.mark.parametrize(
     ("target", "file_name", "content", "message"),
     [
