@@ -52,10 +52,12 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from PIL import Image
 
 TARGETS: tuple[str, ...] = ("gender_female", "gender_male", "age_older", "age_younger")
+HEADS: tuple[str, ...] = ("age", "gender")
 METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
 
 # Clip for the probability fallback of the gender log-odds (float32 cannot hold 1 - 1e-8).
@@ -653,6 +655,29 @@ def _resize_heatmap(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
     # A float32 array becomes a 32-bit float ("F") PIL image: no rounding to 8 bits before resizing.
     resized = Image.fromarray(heatmap.astype(np.float32)).resize((width, height), Image.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
+
+
+def own_answer_targets(rows: pd.DataFrame, key: str, head: str) -> np.ndarray:
+    """Per row of a Predictions table, the target that explains model `key`'s own answer:
+    "age" → "age_older" where it estimated at least the true age, else "age_younger";
+    "gender" → the gender it gave (P(female) ≥ 0.5 → "gender_female")."""
+    if head == "age":
+        return np.where(rows[f"age_pred_{key}"] >= rows["age"], "age_older", "age_younger")
+    if head == "gender":
+        return np.where(rows[f"p_female_{key}"] >= 0.5, "gender_female", "gender_male")
+    raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+
+
+def by_target(targets, compute) -> list:
+    """`compute(target, indices)` once per distinct target, results put back in row order:
+    Grad-CAM runs one target at a time, a gallery mixes them."""
+    targets = np.asarray(targets)
+    out = [None] * len(targets)
+    for target in np.unique(targets):
+        chosen = np.flatnonzero(targets == target)
+        for i, result in zip(chosen, compute(str(target), chosen)):
+            out[i] = result
+    return out
 
 
 def overlay(image_uint8_rgb, heatmap, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:

@@ -465,15 +465,8 @@ def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> li
 def _heatmaps(gc, loaded, rows: pd.DataFrame, key: str, kind: str) -> np.ndarray:
     """(n, h, w) heatmaps in [0, 1] of `loaded` for its own prediction on each row's face."""
     images = np.stack([load_image(p, loaded.input_size) for p in rows["path"]])
-    if kind == "age":
-        targets = np.where(rows[f"age_pred_{key}"] >= rows["age"], "age_older", "age_younger")
-    else:
-        targets = np.where(rows[f"p_female_{key}"] >= 0.5, "gender_female", "gender_male")
-    maps = np.zeros(images.shape[:3], dtype=np.float32)
-    for target in np.unique(targets):
-        chosen = np.flatnonzero(targets == target)
-        maps[chosen] = gc.gradcam(loaded, images[chosen], str(target))
-    return maps
+    targets = gc.own_answer_targets(rows, key, "age" if kind == "age" else "gender")
+    return np.stack(gc.by_target(targets, lambda target, chosen: gc.gradcam(loaded, images[chosen], target)))
 
 
 def _grid_label(row: pd.Series, keys) -> str:

@@ -208,12 +208,17 @@ def test_errors_page_shows_gradcam_overlays_with_a_selectable_layer():
     assert images, "no images on the Errors page"
     captions = [caption for element in images for caption in element.captions]
     assert "A: Grad-CAM" in captions and "B: Grad-CAM" in captions
+    # by default each overlay explains the model's own answer on that face, as the report's grids do
+    assert at.selectbox(key="gradcam_target_age").value == "age_own"
     layer_a = at.selectbox(key="gradcam_layer_A_age_older")
     assert layer_a.value == layer_a.options[-1]  # the default is the last feature map
     layer_a.set_value(layer_a.options[0]).run()
     assert_clean(at)
     at.selectbox(key="gradcam_target_age").set_value("gender_female").run()
     assert_clean(at)
+    at.segmented_control(key="error_kind").set_value("gender").run()
+    assert_clean(at)
+    assert at.selectbox(key="gradcam_target_gender").value == "gender_own"
 
 
 # ---------------------------------------------------------------- uploads, paths and bad inputs

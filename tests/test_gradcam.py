@@ -259,6 +259,26 @@ def test_older_and_younger_maps_differ(trained):
     assert np.abs(older - younger).mean() > 0.1
 
 
+def test_own_answer_maps_follow_each_faces_answer(trained):
+    """own_answer_targets + by_target (the report's grids and the app's default): each face gets
+    the map of the direction its own answer took, computed per target and put back in order."""
+    import pandas as pd
+
+    images, _, ages = planted_faces(6, seed=104)
+    predicted_age, p_female = trained.predict_batch(images)
+    rows = pd.DataFrame({"age": ages, "age_pred_A": predicted_age, "p_female_A": p_female})
+    rows.loc[0, "age"], rows.loc[1, "age"] = rows.loc[0, "age_pred_A"] + 5, rows.loc[1, "age_pred_A"] - 5
+    age_targets = G.own_answer_targets(rows, "A", "age")
+    assert age_targets[0] == "age_younger" and age_targets[1] == "age_older"  # under- and over-estimated
+    gender_targets = G.own_answer_targets(rows, "A", "gender")
+    assert list(gender_targets) == ["gender_female" if p >= 0.5 else "gender_male" for p in p_female]
+    maps = np.stack(G.by_target(age_targets, lambda target, chosen: G.gradcam(trained, images[chosen], target)))
+    for i, target in enumerate(age_targets):
+        np.testing.assert_allclose(maps[i], G.gradcam(trained, images[i], str(target))[0], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown head"):
+        G.own_answer_targets(rows, "A", "ethnicity")
+
+
 # ---------------------------------------------------------------- oracle: tf-keras-vis on a flat model
 
 

@@ -3,13 +3,21 @@ Grad-CAM overlays showing where the chosen model looked for the chosen head."""
 
 from dataclasses import dataclass
 
+import numpy as np
 import streamlit as st
+
+from analysis import gradcam
 
 from app import gallery, layout, state
 
 CARDS_PER_ROW = 2
 CARD_IMAGE_WIDTH = 128  # pixels on screen: the face and two overlays side by side in half the page
+# "<head>_own": per face, the direction of the model's own answer (as in the report's Grad-CAM
+# grids): the gender it gave; older where it over-estimated the age, younger where it under-estimated.
+OWN_ANSWER = {"gender_own": "gender", "age_own": "age"}
 TARGET_LABELS = {
+    "gender_own": "Gender: evidence for the gender it gave",
+    "age_own": "Age: evidence for its error (older or younger)",
     "age_older": "Age: evidence for older",
     "age_younger": "Age: evidence for younger",
     "gender_female": "Gender: evidence for female",
@@ -68,23 +76,25 @@ def gradcam_ui(current, kind: str) -> GradcamChoice | None:
         shown = left.segmented_control(
             "Overlays for", slots, selection_mode="multi", default=slots, key="gradcam_models"
         )
-        default_target = "gender_female" if kind in ("gender", "contradicted") else "age_older"
+        default_target = "gender_own" if kind in ("gender", "contradicted") else "age_own"
         target = middle.selectbox(
             "Head and direction", list(TARGET_LABELS), index=list(TARGET_LABELS).index(default_target),
             format_func=TARGET_LABELS.get, key=f"gradcam_target_{kind}",
             help="Grad-CAM highlights the regions that push this output up: e.g. 'evidence for older' "
-            "shows what made the model's age estimate higher.",
+            "shows what made the model's age estimate higher. The first two explain each model's own answer "
+            "on each face, as the report's Grad-CAM grids do.",
         )
+        head_target = {"gender_own": "gender_female", "age_own": "age_older"}.get(target, target)  # same layers
         layers = {}
         columns = st.columns(max(1, len(shown or [])))
         for column, slot in zip(columns, shown or []):
             loaded = evaluation.models[slot]
-            candidates, default = state.gradcam_layers(loaded.cache_key(), target, loaded)
+            candidates, default = state.gradcam_layers(loaded.cache_key(), head_target, loaded)
             if not candidates:
                 column.caption(f"{slot}: no convolutional layer feeds this head, so no Grad-CAM.")
                 continue
             layers[slot] = column.selectbox(
-                f"Layer of {slot}", candidates, index=candidates.index(default), key=f"gradcam_layer_{slot}_{target}",
+                f"Layer of {slot}", candidates, index=candidates.index(default), key=f"gradcam_layer_{slot}_{head_target}",
                 help="The last layers give coarse, meaningful maps; earlier ones are finer but less specific.",
             )
     if not shown:
@@ -96,14 +106,21 @@ def render_gallery(current, rows, choice: GradcamChoice | None) -> None:
     evaluation = current.evaluation
     overlays = {}
     if choice is not None:
-        ids, paths = tuple(rows["image_id"]), tuple(rows["path"])
+        ids, paths = np.array(rows["image_id"]), np.array(rows["path"])
         for slot in choice.models:
             loaded = evaluation.models[slot]
+            if choice.target in OWN_ANSWER:
+                targets = gradcam.own_answer_targets(rows, slot, OWN_ANSWER[choice.target])
+            else:
+                targets = [choice.target] * len(rows)
+
+            def compute(target, chosen, slot=slot, loaded=loaded):
+                return state.gradcam_overlays(loaded.cache_key(), target, choice.layers[slot],
+                                              tuple(ids[chosen]), loaded, tuple(paths[chosen]))
+
             try:
                 with st.spinner(f"Grad-CAM for model {slot}…"):
-                    overlays[slot] = state.gradcam_overlays(
-                        loaded.cache_key(), choice.target, choice.layers[slot], ids, loaded, paths
-                    )
+                    overlays[slot] = gradcam.by_target(targets, compute)
             except ValueError as exc:
                 st.warning(f"No Grad-CAM for model {slot}: {exc}")
     for start in range(0, len(rows), CARDS_PER_ROW):
