@@ -131,7 +131,7 @@ class LoadedModel:
     outputs: tuple[OutputInfo, ...] = ()
     file_format: str = ""
     declared_input_shape: tuple = ()  # the model's own input shape without batch, None = any
-    user_settings: tuple[str, ...] = ()  # settings given by the caller rather than inferred
+    user_settings: tuple[str, ...] = ()  # how-to-read settings given by the caller rather than inferred (not the name)
 
     # ------------------------------------------------------------ images → predictions
 
@@ -301,7 +301,7 @@ class LoadedModel:
             updates["mapping"], _ = infer_mapping(self.outputs, model_label=self.name, **overrides)
             if changes.get("female_index") is not None:
                 notes = [n for n in notes if not n.startswith("assumed ")]
-        given = tuple(dict.fromkeys(self.user_settings + tuple(k for k, v in changes.items() if v is not None)))
+        given = tuple(dict.fromkeys(self.user_settings + tuple(k for k, v in changes.items() if v is not None and k != "name")))
         return dataclasses.replace(self, notes=tuple(notes), user_settings=given, **updates)
 
 
@@ -388,7 +388,7 @@ def load_model(
         outputs=tuple(outputs),
         file_format=file_format,
         declared_input_shape=declared,
-        user_settings=tuple(k for k, v in given.items() if v is not None),
+        user_settings=tuple(k for k, v in given.items() if v is not None and k != "name"),  # a label, not a reading
     )
     _check_runs(loaded)
     return loaded

@@ -230,10 +230,10 @@ def model_summary(loaded, scores) -> str:
     colour = "grey" if loaded.channels == 1 else "colour"
     if "preprocessing" in loaded.user_settings:
         how = "set by you"
-    elif scores is not None:
-        how = "chosen on the sample"
-    else:
+    elif loaded.preprocessing_inside:
         how = "from the model's own scaling layer"
+    else:
+        how = "chosen on the sample" if scores is not None else "assumed"
     age = f"{m.age_kind} `{m.output_names[m.age_output]}`"
     gender = f"{m.gender_kind} `{m.output_names[m.gender_output]}`, female = {m.female_index}"
     return f"{height}×{width} {colour} · {loaded.preprocessing} ({how}) · age: {age} · gender: {gender}"

@@ -498,6 +498,8 @@ def test_no_retry_form_for_a_file_no_setting_can_mend(model_files, tmp_path):
 
 def test_overrides_reload_the_model_with_the_given_preprocessing():
     at = new_app()
+    # the demo models scale their input themselves: said so, not "chosen on the sample"
+    assert "rgb_0_255 (from the model's own scaling layer)" in texts(at.sidebar.caption)
     form_selects = [s for s in at.sidebar.selectbox if s.label == "Preprocessing"]
     form_selects[0].set_value("rgb_0_1")
     [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()

@@ -73,6 +73,7 @@ def test_our_self_describing_model_needs_no_hints(tmp_path, file_name):
     model = heads_model((20, 24, 3), rescaling=(1 / 255, 0.0))
     path = save(model, tmp_path, file_name)
     loaded = load_model(path)
+    assert load_model(path, name="my model").user_settings == ()  # the app names every model it loads
 
     assert loaded.name == "ours"
     assert loaded.input_size == (20, 24) and loaded.channels == 3
@@ -1170,6 +1171,7 @@ def test_settings_cache_key_and_overrides(tmp_path):
     flipped = loaded.with_settings(female_index=0)
     assert flipped.mapping.female_index == 0 and flipped.mapping.gender_output == loaded.mapping.gender_output
     assert "female_index" in flipped.user_settings
+    assert "name" not in loaded.with_settings(name="renamed").user_settings  # a label, not how to read it
     with pytest.raises(ModelLoadError, match="2 classes and their ages are unknown"):
         loaded.with_settings(age_output="gender", gender_output="age")  # a 2-unit head cannot be age
     with pytest.raises(ValueError, match="unknown setting"):
