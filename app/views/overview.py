@@ -8,7 +8,7 @@ from analysis.constants import MODEL_KEYS, SMALL_SLICE_N
 from app import gallery, layout, wording
 
 WORST_K = 5
-METRIC_TITLES = {"age_mae": "age MAE (years)", "gender_acc": "gender accuracy"}
+METRIC_TITLES = {"age_mae": "age MAE, years", "gender_acc": "gender accuracy"}
 
 
 def _signed(value: float) -> str:
