@@ -182,6 +182,12 @@ def test_filters_change_the_view_without_predicting_again(monkeypatch):
     assert_clean(at)
     slice_rows = at.dataframe[0].value
     assert set(slice_rows["slice"]) <= {"White", "Black", "Asian", "Indian", "Others"}
+    # accuracies in percent, B − A in percentage points (the same images), p-values as text
+    accuracy = slice_rows.pivot(index="slice", columns="model", values="gender_acc")
+    assert accuracy.max().max() > 1 and (accuracy <= 100).all().all()
+    paired = at.dataframe[1].value.set_index("slice")
+    np.testing.assert_allclose(paired["gender_acc_delta"], (accuracy["B"] - accuracy["A"]).loc[paired.index], atol=1e-9)
+    assert all(p == "< 0.001" or 0 <= float(p) <= 1 for p in paired["wilcoxon_p"])
     at.toggle(key="hide_small").set_value(True).run()
     assert (at.dataframe[0].value["n"] >= 30).all()
     at.button_group(key="slice_by").set_value("age_band×gender").run()

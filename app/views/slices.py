@@ -1,5 +1,6 @@
 """Slices: metrics by age band, gender, ethnicity and their intersections, with CIs and fairness gaps."""
 
+import pandas as pd
 import streamlit as st
 
 from analysis import figures
@@ -59,9 +60,17 @@ def ci_columns(column: str, label: str, number_format: str) -> dict:
     """Column configs for a value and its 95% CI columns <column>_lo / <column>_hi."""
     return {
         column: st.column_config.NumberColumn(label, format=number_format),
-        f"{column}_lo": st.column_config.NumberColumn("low", format=number_format),
-        f"{column}_hi": st.column_config.NumberColumn("high", format=number_format),
+        f"{column}_lo": st.column_config.NumberColumn(f"{label}: CI low", format=number_format),
+        f"{column}_hi": st.column_config.NumberColumn(f"{label}: CI high", format=number_format),
     }
+
+
+SLICE_COLUMN = st.column_config.TextColumn("slice", width="medium", pinned=True)
+
+
+def as_percent(rows, columns):
+    """`rows` with accuracy columns (shares 0–1) in percent, shown with one decimal ("69.9%")."""
+    return rows.assign(**{c: rows[c] * 100 for c in columns})
 
 
 def render_slice_table(current, slice_by: str, hide_small: bool) -> None:
@@ -72,10 +81,11 @@ def render_slice_table(current, slice_by: str, hide_small: bool) -> None:
     columns = ["slice", "model", "n", "gender_acc", "gender_acc_lo", "gender_acc_hi",
                "age_mae", "age_mae_lo", "age_mae_hi", "age_bias", "age_bias_lo", "age_bias_hi", "small"]
     st.dataframe(
-        rows[columns],
+        as_percent(rows[columns], ["gender_acc", "gender_acc_lo", "gender_acc_hi"]),
         hide_index=True,
         column_config={
-            **ci_columns("gender_acc", "gender acc", "percent"),
+            "slice": SLICE_COLUMN,
+            **ci_columns("gender_acc", "gender acc", "%.1f%%"),
             **ci_columns("age_mae", "age MAE", "%.2f"),
             **ci_columns("age_bias", "age bias", "%+.2f"),
             "small": st.column_config.CheckboxColumn(f"n < {SMALL_SLICE_N}", help="Small slice: wide CI"),
@@ -93,14 +103,18 @@ def render_comparison_table(current, slice_by: str, hide_small: bool) -> None:
     st.markdown("##### B − A on the same images")
     st.caption("Negative age MAE difference: B is closer. p-values: exact McNemar (gender), Wilcoxon signed-rank (age).")
     columns = ["slice", "n", "gender_acc_delta", "mcnemar_p", "age_mae_delta", "age_mae_delta_lo", "age_mae_delta_hi", "wilcoxon_p", "small"]
+    shown = as_percent(rows[columns], ["gender_acc_delta"])  # percentage points
+    for p in ("mcnemar_p", "wilcoxon_p"):  # "< 0.001" rather than "0.000"
+        shown[p] = ["–" if pd.isna(v) else wording.p_text(v).removeprefix("p ").removeprefix("= ") for v in shown[p]]
     st.dataframe(
-        rows[columns],
+        shown,
         hide_index=True,
         column_config={
-            "gender_acc_delta": st.column_config.NumberColumn("gender acc B − A", format="percent"),
-            "mcnemar_p": st.column_config.NumberColumn("p (McNemar)", format="%.3f"),
+            "slice": SLICE_COLUMN,
+            "gender_acc_delta": st.column_config.NumberColumn("gender acc B − A (points)", format="%+.1f"),
+            "mcnemar_p": st.column_config.TextColumn("p (McNemar)"),
             **ci_columns("age_mae_delta", "age MAE B − A", "%+.2f"),
-            "wilcoxon_p": st.column_config.NumberColumn("p (Wilcoxon)", format="%.3f"),
+            "wilcoxon_p": st.column_config.TextColumn("p (Wilcoxon)"),
             "small": st.column_config.CheckboxColumn(f"n < {SMALL_SLICE_N}"),
         },
     )
