@@ -38,27 +38,36 @@ _ATTRIBUTE_TITLES = {"age_band": "Age band", "gender": "Gender", "ethnicity": "E
 
 
 def slice_options(preds: pd.DataFrame) -> dict[str, str]:
-    """Filter value -> label: "all", then "age_band=20–29", "gender=female", "ethnicity=Asian", ...
-
-    Only groups present in `preds` are offered.
-    """
+    """Filter value -> label: "all", then "age_band=20–29", "gender=female", "ethnicity=Asian", ...,
+    then the intersections the Slices page shows ("age_band=50–59&gender=female" → "50–59 ×
+    female", ...). Only groups present in `preds` are offered."""
     options = {ALL_IMAGES: "All images"}
+    groups = {}  # attribute -> [(value, label)] present, in display order
     bands = preds["age_band"]
     categories = bands.cat.categories if isinstance(bands.dtype, pd.CategoricalDtype) else sorted(bands.unique())
     present = set(bands.astype(str))
-    for band in categories:
-        if str(band) in present:
-            options[f"age_band={band}"] = f"Age band {band}"
+    groups["age_band"] = [(str(band), f"Age band {band}") for band in categories if str(band) in present]
     for attribute, names in (("gender", GENDERS), ("ethnicity", ETHNICITIES)):
-        for code in sorted(preds[attribute].unique()):
-            options[f"{attribute}={names[int(code)]}"] = f"{_ATTRIBUTE_TITLES[attribute]}: {names[int(code)]}"
+        groups[attribute] = [(names[int(code)], f"{_ATTRIBUTE_TITLES[attribute]}: {names[int(code)]}")
+                             for code in sorted(preds[attribute].unique())]
+    for attribute, values in groups.items():
+        options.update({f"{attribute}={value}": label for value, label in values})
+    for first, second in (("age_band", "gender"), ("age_band", "ethnicity"), ("gender", "ethnicity")):
+        for a, _ in groups[first]:
+            for b, _ in groups[second]:
+                key = f"{first}={a}&{second}={b}"
+                if slice_mask(preds, key).any():
+                    options[key] = f"{a} × {b}"
     return options
 
 
 def slice_mask(preds: pd.DataFrame, slice_label: str) -> np.ndarray:
-    """Boolean mask (n,) of the rows in the slice named like the keys of `slice_options`."""
+    """Boolean mask (n,) of the rows in the slice named like the keys of `slice_options`
+    (an intersection joins its parts with "&")."""
     if slice_label == ALL_IMAGES:
         return np.ones(len(preds), dtype=bool)
+    if "&" in slice_label:
+        return np.logical_and.reduce([slice_mask(preds, part) for part in slice_label.split("&")])
     attribute, _, value = slice_label.partition("=")
     if attribute == "age_band":
         return (preds["age_band"].astype(str) == value).to_numpy()
@@ -71,9 +80,9 @@ def slice_mask(preds: pd.DataFrame, slice_label: str) -> np.ndarray:
 
 
 def select_cases(
-    preds: pd.DataFrame, *, kind: str, model: str, slice_label: str = ALL_IMAGES, min_error: float = 0.0, k: int = 12
+    preds: pd.DataFrame, *, kind: str, model: str, slice_label: str = ALL_IMAGES, min_error: float = 0.0, k: int | None = 12
 ) -> pd.DataFrame:
-    """The k worst cases of `kind` for `model` in a slice, worst first.
+    """The k worst cases of `kind` for `model` in a slice, worst first (k=None: all of them).
 
     Rows are `preds` rows plus metrics.add_error_columns and `score` (the ranking key).
     `min_error` (years) drops age cases below it: the model's error for "age", the smaller of
@@ -108,7 +117,8 @@ def select_cases(
     else:
         ranked = _both_wrong(in_slice, model, other)
         keep = ranked["both_gender_wrong"] | (ranked["score"] >= min_error)
-    return ranked[keep.to_numpy()].head(k).reset_index(drop=True)
+    ranked = ranked[keep.to_numpy()].reset_index(drop=True)
+    return ranked if k is None else ranked.head(k)
 
 
 def _both_wrong(preds: pd.DataFrame, model: str, other: str) -> pd.DataFrame:

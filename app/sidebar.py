@@ -16,7 +16,7 @@ from analysis.constants import MODEL_KEYS
 from app import state, uploads
 
 ROLE = {"A": "baseline", "B": "compared"}
-ORIGIN_BADGE = {"demo": ("demo", "gray"), "upload": ("uploaded", "blue"), "path": ("local file", "violet")}
+ORIGIN_BADGE = {"demo": ("demo", "gray"), "upload": ("uploaded", "blue"), "path": ("local path", "violet")}
 
 
 @dataclass

@@ -440,8 +440,10 @@ def slice_filter_options(run_key: str, _predictions: pd.DataFrame) -> dict[str, 
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def gallery_rows(run_key: str, kind: str, model: str, slice_label: str, min_error: float, k: int, _predictions) -> pd.DataFrame:
-    return gallery.select_cases(_predictions, kind=kind, model=model, slice_label=slice_label, min_error=min_error, k=k)
+def gallery_rows(run_key: str, kind: str, model: str, slice_label: str, min_error: float, k: int, _predictions) -> tuple[pd.DataFrame, int]:
+    """(the k worst cases, how many cases match the filters in all)."""
+    cases = gallery.select_cases(_predictions, kind=kind, model=model, slice_label=slice_label, min_error=min_error, k=None)
+    return cases.head(k), len(cases)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

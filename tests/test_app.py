@@ -198,6 +198,15 @@ def test_filters_change_the_view_without_predicting_again(monkeypatch):
     assert_clean(at)
     cards = [m.value for m in at.markdown if m.value.startswith("**True:**")]
     assert cards and all(":red[✗]" in card.split("**B:**")[0] for card in cards)  # A got each one wrong
+    # the caption gives how many wrong answers A made in all, counted here from A's own predictions
+    from analysis.dataset import load_image, load_sample
+    from analysis.models import load_model
+
+    sample = load_sample(at.session_state["sample"].source).sample
+    model_a = load_model(Path(__file__).resolve().parents[1] / "models" / "demo" / "age_gender_A.keras")
+    p_female = model_a.predict_batch(np.stack([load_image(p, model_a.input_size) for p in sample["path"]]))[1]
+    n_wrong = int(((p_female >= 0.5).astype(int) != sample["gender"]).sum())
+    assert f"of {n_wrong:,} case(s) matching" in texts(at.caption) or f"All {n_wrong} case(s)" in texts(at.caption)
     at.selectbox(key="error_slice").set_value("gender=female").run()
     cards = [m.value for m in at.markdown if m.value.startswith("**True:**")]
     assert all("· female ·" in card.split("\n")[0] for card in cards)
@@ -693,6 +702,15 @@ def test_gallery_selects_the_cases_the_filters_describe():
 
     options = gallery.slice_options(preds)
     assert options["all"] == "All images" and "age_band=20–29" in options and "ethnicity=Asian" in options
+    # intersections, as on the Slices page: offered only where there are images, masked by hand here
+    band = str(preds["age_band"].iloc[0])
+    both = f"age_band={band}&gender=female"
+    assert options[both] == f"{band} × female"
+    by_hand = (preds["age_band"].astype(str) == band) & (preds["gender"] == 1)
+    np.testing.assert_array_equal(gallery.slice_mask(preds, both), by_hand.to_numpy())
+    cases = gallery.select_cases(preds, kind="age", model="A", slice_label=both, k=500)
+    assert set(cases["image_id"]) == set(preds.loc[by_hand, "image_id"])
+    assert all(gallery.slice_mask(preds, key).any() for key in options)
     with pytest.raises(ValueError, match="compares two models"):
         gallery.select_cases(preds.drop(columns=["age_pred_B", "p_female_B"]), kind="disagree", model="A")
 

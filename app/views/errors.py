@@ -155,7 +155,7 @@ st.title("Errors")
 layout.render_setup_caption(current)
 chosen = gallery_filter_ui(current)
 try:
-    cases = state.gallery_rows(
+    cases, n_matching = state.gallery_rows(
         current.run_key, chosen.kind, chosen.model, chosen.slice_label, chosen.min_error, chosen.k,
         current.evaluation.predictions,
     )
@@ -166,5 +166,6 @@ gradcam_choice = gradcam_ui(current, chosen.kind)
 if cases.empty:
     st.info(gallery.NO_CASES.get(chosen.kind, gallery.NO_CASES_DEFAULT))
 else:
-    st.caption(f"{len(cases)} case(s), worst first.")
+    st.caption(f"The worst {len(cases)} of {n_matching:,} case(s) matching these filters." if n_matching > len(cases)
+               else f"All {n_matching} case(s) matching these filters, worst first.")
     render_gallery(current, cases, gradcam_choice)
