@@ -350,7 +350,7 @@ def _interval(lo, hi, spec: str) -> str:
 def format_summary(evaluation) -> str:
     """A few readable lines: headline numbers per model with CIs, B − A if two models, the gender
     labels the models contradict, the largest gaps between groups."""
-    from analysis.report import comparison_sentence, label_check_text, training_overlap_lines
+    from analysis.report import comparison_sentence, held_out_text, label_check_text, training_overlap_lines
 
     slices = evaluation.tables["slices"]
     overall = slices[slices["slice_by"] == "overall"]
@@ -365,6 +365,9 @@ def format_summary(evaluation) -> str:
         lines.append("\n" + comparison)
     for text in training_overlap_lines(evaluation.training_overlap):
         lines.append("\nwarning: " + text)
+    held_out = held_out_text(evaluation.training_overlap)
+    if held_out:
+        lines.append("\n" + held_out)
     check = label_check_text(evaluation.summary["label_check"], "in tables/contradicted_labels.csv")
     if check:
         lines.append("\n" + check)

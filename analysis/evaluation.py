@@ -53,8 +53,8 @@ class Evaluation:
 
     @cached_property
     def training_overlap(self) -> dict[str, dict]:
-        """Per model, how many of the evaluated images it was trained or validated on (see
-        training_overlap); empty when none, or when no split file sits beside the models."""
+        """Per model with a split file beside it, how many of the evaluated images it was trained
+        or validated on (see training_overlap)."""
         return training_overlap(self.predictions, self.models)
 
     @property
@@ -88,10 +88,11 @@ def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_
 
 
 def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:
-    """{model key: {"split_file", "n_train", "n_val", "n_evaluated"}} for each model whose
-    `split_<key>.csv` (written by ``python -m training`` beside the model) lists some of the
-    evaluated images (matched by content hash) as its training or validation images: its numbers
-    on them are not held-out. Training images the label check left out are not counted."""
+    """{model key: {"split_file", "n_train", "n_val", "n_evaluated"}} for each model with a
+    `split_<key>.csv` beside it (``python -m training`` writes it): how many of the evaluated
+    images (matched by content hash) it lists as the model's training or validation images —
+    numbers on those are not held-out; zeros confirm the sample is held-out for that model.
+    Training images the label check left out are not counted. Models without such a file are absent."""
     evaluated = set(predictions["image_id"])
     out = {}
     for key, loaded in models.items():
@@ -105,8 +106,7 @@ def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:
             n_train, n_val = int(trained.sum()), int((used["subset"] == "val").sum())
         except (OSError, ValueError, KeyError, pd.errors.ParserError):
             continue  # not our split file: nothing to say
-        if n_train or n_val:
-            out[key] = {"split_file": path.name, "n_train": n_train, "n_val": n_val, "n_evaluated": len(evaluated)}
+        out[key] = {"split_file": path.name, "n_train": n_train, "n_val": n_val, "n_evaluated": len(evaluated)}
     return out
 
 

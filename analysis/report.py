@@ -706,6 +706,9 @@ def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
     overlap = training_overlap_lines(evaluation.training_overlap)
     if overlap:
         lines += ["", "## Not held-out", ""] + [f"**Warning**: {text}" for text in overlap]
+    held_out = held_out_text(evaluation.training_overlap)
+    if held_out:
+        lines += ["", held_out]
     lines += label_check_lines(evaluation)
     lines += ["", "## Files", "", "| File | What it is |", "|:---|:---|"]
     lines += [f"| `{path}` | {what} |" for path, what in index]
@@ -774,6 +777,8 @@ def training_overlap_lines(overlap: dict) -> list[str]:
     analysis.evaluation.training_overlap)."""
     lines = []
     for key, o in overlap.items():
+        if not (o["n_train"] or o["n_val"]):
+            continue
         parts = [f"trained on {o['n_train']:,}" if o["n_train"] else "", f"validated on {o['n_val']:,}" if o["n_val"] else ""]
         lines.append(
             f"Model {key} was {' and '.join(p for p in parts if p)} of these {o['n_evaluated']:,} images "
@@ -781,6 +786,16 @@ def training_overlap_lines(overlap: dict) -> list[str]:
             "Evaluate on images neither model has seen (e.g. UTKFace's test/ folder)."
         )
     return lines
+
+
+def held_out_text(overlap: dict) -> str | None:
+    """The confirmation that the sample is held-out for the models whose split file lists none of
+    its images (see training_overlap_lines for the others); None when no model has a split file."""
+    clean = [f"{key} ({o['split_file']})" for key, o in overlap.items() if not (o["n_train"] or o["n_val"])]
+    if not clean:
+        return None
+    return (f"Held-out check: the training split of model{'s' if len(clean) > 1 else ''} {' and '.join(clean)} "
+            "lists none of these images.")
 
 
 def label_check_lines(evaluation) -> list[str]:

@@ -1200,5 +1200,8 @@ def test_evaluating_a_model_on_its_own_training_images_is_pointed_out(trained, s
 
     assert evaluate_main(["evaluate", "--model-a", str(trained / "age_gender_A.keras"), "--data", str(sample / "unseen"),
                           "--out", str(tmp_path / "report2"), "--no-gradcam", "--bootstrap", "20"]) == 0
-    assert "was trained on" not in capsys.readouterr().out
-    assert json.loads((tmp_path / "report2" / "summary.json").read_text())["training_overlap"] == {}
+    printed = capsys.readouterr().out
+    assert "was trained on" not in printed
+    assert "Held-out check: the training split of model A (split_A.csv) lists none of these images." in printed
+    assert json.loads((tmp_path / "report2" / "summary.json").read_text())["training_overlap"] == {
+        "A": {"split_file": "split_A.csv", "n_train": 0, "n_val": 0, "n_evaluated": 5}}

@@ -62,6 +62,9 @@ def render_training_overlap(current) -> None:
     """A warning when a model is evaluated on images it was trained or validated on."""
     for text in report.training_overlap_lines(current.evaluation.training_overlap):
         st.warning(text, icon=":material/warning:")
+    held_out = report.held_out_text(current.evaluation.training_overlap)
+    if held_out:
+        st.caption(held_out)
 
 
 def render_comparison(current) -> None:
