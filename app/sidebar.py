@@ -183,7 +183,14 @@ def model_slot_section(slot: str) -> None:
         with header_box:
             render_model_header(slot, choice, loaded, scores)
             if loaded is not None:
-                with st.expander("What the loader inferred · override"):
+                with st.expander("What the loader inferred · override · rename"):
+                    label = st.text_input(
+                        "Name in charts, tables and the report", value=loaded.name, key=f"label_{slot}_{choice.sha256[:12]}",
+                        help="e.g. 'custom CNN' or 'fine-tuned ResNet'; empty = the file name.",
+                    )
+                    if label.strip() != loaded.name and (label.strip() or choice.label):
+                        state.rename_model(slot, label)
+                        st.rerun()
                     render_model_details(loaded, scores)
                     overrides = overrides_ui(f"overrides_{slot}", dict(choice.overrides), list(loaded.mapping.output_names))
                 if overrides is not None and state.apply_overrides(slot, overrides):
@@ -218,7 +225,8 @@ def render_model_header(slot: str, choice: state.ModelChoice | None, loaded, sco
         st.caption("No model. Drop a .keras or .h5 file below, or type its path.")
         return
     badge, colour = ORIGIN_BADGE[choice.origin]
-    st.markdown(f"**Model {slot}** · {ROLE[slot]} :{colour}-badge[{badge}]  \n`{choice.name}`")
+    shown = f" · shown as **{choice.label}**" if choice.label else ""
+    st.markdown(f"**Model {slot}** · {ROLE[slot]} :{colour}-badge[{badge}]  \n`{choice.name}`{shown}")
     if loaded is not None:
         st.caption(model_summary(loaded, scores))
 

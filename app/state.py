@@ -54,6 +54,7 @@ class ModelChoice:
     name: str
     origin: str  # "demo", "upload" or "path"
     overrides: tuple[tuple[str, object], ...] = ()  # sorted (ModelSpec field, value) pairs
+    label: str = ""  # the user's name for it in charts, tables and the report ("" = the file name)
 
     @property
     def key(self) -> str:
@@ -292,13 +293,24 @@ def prepare(choice: ModelChoice):
         message, cause = failures[(choice.key, fingerprint)]
         raise ValueError(message) from cause  # the cause tells try_model whether a retry can help
     try:
-        return prepared_model(
+        loaded, scores = prepared_model(
             choice.path, choice.sha256, choice.name, choice.overrides, fingerprint, seed, sample.sample
         )
     except Exception as exc:  # a model file can fail in many ways; every one is the user's to fix
         message = describe_load_error(choice.name, exc)
         failures[(choice.key, fingerprint)] = (message, exc.with_traceback(None))  # (the key holds the file's path: a renamed copy is retried)
         raise ValueError(message) from exc
+    if choice.label and choice.label != loaded.name:  # a name only: same predictions, no reload
+        loaded = replace(loaded, name=choice.label)
+    return loaded, scores
+
+
+def rename_model(slot: str, label: str) -> None:
+    """Show the model in `slot` as `label` (blank: its file name again)."""
+    choice = st.session_state["models"].get(slot)
+    if choice is not None:
+        label = " ".join(label.split())
+        st.session_state["models"][slot] = replace(choice, label="" if label == choice.name else label)
 
 
 def describe_load_error(name: str, exc: Exception) -> str:

@@ -288,6 +288,26 @@ def test_a_model_evaluated_on_its_own_training_images_is_warned_about(demo_model
     assert "Model B was" not in texts(at.warning)  # the demo B has no split file
 
 
+def test_a_model_can_be_renamed_without_predicting_again(monkeypatch):
+    import analysis.predict
+
+    calls = []
+    real = analysis.predict.predict_sample
+    monkeypatch.setattr(analysis.predict, "predict_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    at = new_app()
+    predicted = len(calls)
+    box = next(t for t in at.sidebar.text_input if t.key.startswith("label_A_"))
+    box.input("custom CNN").run()
+    assert_clean(at)
+    assert "Model A · custom CNN" in texts(at.markdown)  # the Overview's headline
+    assert "shown as **custom CNN**" in texts(at.sidebar.markdown)
+    assert len(calls) == predicted  # a name changes no prediction
+    box = next(t for t in at.sidebar.text_input if t.key.startswith("label_A_"))
+    box.input("").run()  # empty: back to the file name
+    assert_clean(at)
+    assert at.session_state["models"]["A"].label == ""
+
+
 def test_model_and_sample_from_local_paths(model_files, synthetic_dir):
     at = new_app()
     at.text_input(key="path_B_0").input(str(model_files["good"])).run()
