@@ -288,6 +288,20 @@ def test_a_model_evaluated_on_its_own_training_images_is_warned_about(demo_model
     assert "Model B was" not in texts(at.warning)  # the demo B has no split file
 
 
+def test_learning_curves_and_the_age_scatter_are_on_the_pages():
+    """The demo models have history_A/B.csv beside them: the Overview shows their curves; the
+    predicted-vs-true scatter sits with the age error by true age on Slices."""
+    def chart_specs(at) -> list[str]:
+        return [e.proto.spec for e in at.main if getattr(e, "type", None) == "vega_lite_chart"]
+
+    at = new_app()
+    assert "Training: learning curves of model A and B" in [e.label for e in at.expander]
+    assert any('"Learning curves"' in spec or "learning curves" in spec.lower() for spec in chart_specs(at))
+    at.switch_page("views/slices.py").run()
+    assert_clean(at)
+    assert any("Predicted age" in spec for spec in chart_specs(at))
+
+
 def test_a_model_can_be_renamed_without_predicting_again(monkeypatch):
     import analysis.predict
 

@@ -127,6 +127,16 @@ def worst_slice_table(worst, metric: str):
     )
 
 
+def render_learning_curves(current) -> None:
+    """The training curves of the models with a history_<K>.csv beside them (python -m training)."""
+    histories = report.model_histories(current.evaluation)
+    if not histories:
+        return
+    with st.expander(f"Training: learning curves of model {' and '.join(histories)}"):
+        names = layout.model_names(current)
+        layout.show_chart(current, "learning_curves", lambda: figures.learning_curves_chart(histories, names))
+
+
 current = layout.require_evaluation()
 st.title("Overview")
 layout.render_setup_caption(current)
@@ -139,3 +149,4 @@ with calibration_column:
     render_calibration(current)
 with worst_column:
     render_worst_slices(current)
+render_learning_curves(current)

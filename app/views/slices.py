@@ -150,6 +150,8 @@ def render_age_error_by_age(current) -> None:
     table = current.evaluation.tables["age_error_by_true_age"]
     names = layout.model_names(current)
     layout.show_chart(current, "age_error_chart", lambda: figures.age_error_chart(table, names=names))
+    predictions, keys = current.evaluation.predictions, list(current.evaluation.models)
+    layout.show_chart(current, "age_scatter", lambda: figures.age_scatter(predictions, keys, names))
 
 
 current = layout.require_evaluation()
@@ -161,5 +163,5 @@ render_gaps(current, slice_by)
 st.markdown(f"##### {SLICINGS[slice_by]}: per model")
 render_slice_table(current, slice_by, hide_small)
 render_comparison_table(current, slice_by, hide_small)
-with st.expander("Age error by true age"):
+with st.expander("Age error by true age · predicted vs true age"):
     render_age_error_by_age(current)
