@@ -188,8 +188,9 @@ def model_slot_section(slot: str) -> None:
                         "Name in charts, tables and the report", value=loaded.name, key=f"label_{slot}_{choice.sha256[:12]}",
                         help="e.g. 'custom CNN' or 'fine-tuned ResNet'; empty = the file name.",
                     )
-                    if label.strip() != loaded.name and (label.strip() or choice.label):
-                        state.rename_model(slot, label)
+                    cleaned = state.clean_label(label)  # compared as stored: "a  b" must not rename forever
+                    if cleaned != loaded.name and (cleaned or choice.label):
+                        state.rename_model(slot, cleaned)
                         st.rerun()
                     render_model_details(loaded, scores)
                     overrides = overrides_ui(f"overrides_{slot}", dict(choice.overrides), list(loaded.mapping.output_names))

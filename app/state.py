@@ -305,11 +305,16 @@ def prepare(choice: ModelChoice):
     return loaded, scores
 
 
+def clean_label(text: str) -> str:
+    """A model name as stored: runs of whitespace (any kind) become one space, none at the ends."""
+    return " ".join(text.split())
+
+
 def rename_model(slot: str, label: str) -> None:
     """Show the model in `slot` as `label` (blank: its file name again)."""
     choice = st.session_state["models"].get(slot)
     if choice is not None:
-        label = " ".join(label.split())
+        label = clean_label(label)
         st.session_state["models"][slot] = replace(choice, label="" if label == choice.name else label)
 
 
@@ -564,13 +569,20 @@ def tables_key(current: Current) -> str:
     return f"{current.run_key}|{current.n_boot}|{current.seed}"
 
 
+def report_key(current: Current) -> str:
+    """Identifies the report's figures and bundle: the tables plus the models' names, which the
+    figures and the bundle print (a rename changes no table)."""
+    names = {slot: loaded.name for slot, loaded in current.evaluation.models.items()}
+    return f"{tables_key(current)}|{sorted(names.items())!r}"
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def table_csv(tables_key: str, name: str, _table: pd.DataFrame) -> bytes:
     return _table.to_csv(index=False).encode("utf-8")
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def report_figures(tables_key: str, _evaluation) -> list:
+def report_figures(report_key: str, _evaluation) -> list:
     """analysis.report.report_figures: every chart of the report (Altair; never mutated)."""
     from analysis import report
 
@@ -578,7 +590,7 @@ def report_figures(tables_key: str, _evaluation) -> list:
 
 
 @st.cache_data(max_entries=64, show_spinner="Rendering the figure…")
-def figure_file(tables_key: str, name: str, file_format: str, _chart) -> bytes:
+def figure_file(report_key: str, name: str, file_format: str, _chart) -> bytes:
     from analysis import figures
 
     if file_format == "png":
@@ -587,7 +599,7 @@ def figure_file(tables_key: str, name: str, file_format: str, _chart) -> bytes:
 
 
 def stored_bundle(current: Current, with_gradcam: bool) -> bytes | None:
-    return st.session_state["bundles"].get((tables_key(current), with_gradcam))
+    return st.session_state["bundles"].get((report_key(current), with_gradcam))
 
 
 def build_bundle(current: Current, with_gradcam: bool, progress=None) -> bytes:
@@ -602,5 +614,5 @@ def build_bundle(current: Current, with_gradcam: bool, progress=None) -> bytes:
     )
     bundles = st.session_state["bundles"]
     bundles.clear()  # one bundle per session is plenty; they can be tens of MB
-    bundles[(tables_key(current), with_gradcam)] = data
+    bundles[(report_key(current), with_gradcam)] = data
     return data

@@ -309,13 +309,20 @@ def test_a_model_can_be_renamed_without_predicting_again(monkeypatch):
     real = analysis.predict.predict_sample
     monkeypatch.setattr(analysis.predict, "predict_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
     at = new_app()
+    at.switch_page("views/export.py").run()  # its figures are built (and cached) under the old name
     predicted = len(calls)
     box = next(t for t in at.sidebar.text_input if t.key.startswith("label_A_"))
-    box.input("custom CNN").run()
+    box.input("custom  CNN ").run()  # stored as "custom CNN": once, not a rename on every rerun
     assert_clean(at)
-    assert "Model A · custom CNN" in texts(at.markdown)  # the Overview's headline
+    assert at.session_state["models"]["A"].label == "custom CNN"
     assert "shown as **custom CNN**" in texts(at.sidebar.markdown)
     assert len(calls) == predicted  # a name changes no prediction
+    at.switch_page("views/overview.py").run()
+    assert "Model A · custom CNN" in texts(at.markdown)  # the Overview's headline
+    at.switch_page("views/export.py").run()
+    assert_clean(at)
+    specs = [e.proto.spec for e in at.main if getattr(e, "type", None) == "vega_lite_chart"]
+    assert specs and any("custom CNN" in spec for spec in specs) and not any("demo A" in spec for spec in specs)
     box = next(t for t in at.sidebar.text_input if t.key.startswith("label_A_"))
     box.input("").run()  # empty: back to the file name
     assert_clean(at)

@@ -61,7 +61,7 @@ def render_tables(current) -> None:
 
 def render_figures(current) -> None:
     st.markdown("#### Figures")
-    key = state.tables_key(current)
+    key = state.report_key(current)
     figures = state.report_figures(key, current.evaluation)
     by_name = {figure.name: figure for figure in figures}
     name = st.selectbox("Figure", list(by_name), format_func=lambda n: f"{n} — {by_name[n].caption}", key="export_figure")
