@@ -58,6 +58,13 @@ _NAME_RE = re.compile(rf"^(\d+)_(\d+)_(\d+)(?:_(\d+))?\.{_EXT}(?:\.chip\.{_EXT})
 _LOOSE_RE = re.compile(r"^(\d+)_(\d+)_(\d+)", re.IGNORECASE)
 
 
+def photo_key(file_name: str) -> str:
+    """The photo a file name stands for: the name without its extensions, so UTKFace's aligned
+    crop (``25_0_1_20170116174525125.jpg.chip.jpg``) and in-the-wild image (``….jpg``) of one
+    photo, or a copy in another folder, share it."""
+    return str(file_name).split(".", 1)[0].lower()
+
+
 def find_training_file(model_path, kind: str) -> Path | None:
     """A file `python -m training` writes next to a model, e.g. kind "history" or "split":
     `age_gender_A.keras` → `history_A.csv`; also `<stem>_<kind>.csv` / `<stem>.<kind>.csv`.

@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis import metrics
 from analysis.constants import DEFAULT_SEED
-from analysis.dataset import SampleResult, find_training_file
+from analysis.dataset import SampleResult, find_training_file, photo_key
 from analysis.models import LoadedModel, calibrate_preprocessing, check_gender_convention, load_model
 from analysis.predict import PredictionRun, calibration_batch, predict_sample
 
@@ -88,26 +88,48 @@ def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_
 
 
 def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:
-    """{model key: {"split_file", "n_train", "n_val", "n_evaluated"}} for each model with a
+    """{model key: {"split_file", "n_train", "n_val", "n_evaluated"}} for each model with our
     `split_<key>.csv` beside it (``python -m training`` writes it): how many of the evaluated
-    images (matched by content hash) it lists as the model's training or validation images —
-    numbers on those are not held-out; zeros confirm the sample is held-out for that model.
-    Training images the label check left out are not counted. Models without such a file are absent."""
-    evaluated = set(predictions["image_id"])
+    images it lists as the model's training or validation images, matched by content hash or by
+    photo (file name without extensions: UTKFace's aligned crop and in-the-wild file of one
+    photo match) — numbers on those are not held-out. Zeros mean no such match, not proof that
+    no face was seen (a resized copy under another name is not recognised). Training images the
+    label check left out are not counted. Models without such a file, or with a CSV that is not
+    ours (no 40-hex image_id, subsets other than train/val), are absent."""
+    evaluated_photos = predictions["file_name"].map(photo_key) if "file_name" in predictions else None
     out = {}
     for key, loaded in models.items():
         path = find_training_file(loaded.path, "split") if getattr(loaded, "path", "") else None
-        if path is None:
+        split = _read_split_file(path) if path is not None else None
+        if split is None:
             continue
-        try:
-            split = pd.read_csv(path, dtype={"image_id": str})
-            used = split[split["image_id"].isin(evaluated)]
-            trained = (used["subset"] == "train") & ~used.get("left_out", pd.Series(False, index=used.index)).astype(bool)
-            n_train, n_val = int(trained.sum()), int((used["subset"] == "val").sum())
-        except (OSError, ValueError, KeyError, pd.errors.ParserError):
-            continue  # not our split file: nothing to say
-        out[key] = {"split_file": path.name, "n_train": n_train, "n_val": n_val, "n_evaluated": len(evaluated)}
+
+        def listed(part: pd.DataFrame) -> pd.Series:
+            hit = predictions["image_id"].isin(set(part["image_id"]))
+            if evaluated_photos is not None and "file_name" in part:
+                hit |= evaluated_photos.isin(set(part["file_name"].map(photo_key)))
+            return hit
+
+        in_val = listed(split[split["subset"] == "val"])
+        in_train = listed(split[(split["subset"] == "train") & ~split["left_out"]]) & ~in_val
+        out[key] = {"split_file": path.name, "n_train": int(in_train.sum()), "n_val": int(in_val.sum()),
+                    "n_evaluated": len(predictions)}
     return out
+
+
+def _read_split_file(path) -> pd.DataFrame | None:
+    """Our split file (image_id: 40 hex digits, subset: train/val, optional file_name and
+    left_out), or None for anything else."""
+    try:
+        split = pd.read_csv(path, dtype={"image_id": str, "file_name": str, "subset": str})
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    if not {"image_id", "subset"} <= set(split.columns) or split.empty:
+        return None
+    if not (split["subset"].isin(["train", "val"]).all() and split["image_id"].str.fullmatch(r"[0-9a-f]{40}").all()):
+        return None
+    left_out = split["left_out"] if "left_out" in split else pd.Series(False, index=split.index)
+    return split.assign(left_out=left_out.astype(str).str.lower().isin(["true", "1"]))
 
 
 def compute_tables(predictions: pd.DataFrame, model_keys, *, n_boot: int = 1000, seed: int = DEFAULT_SEED):

@@ -795,7 +795,7 @@ def held_out_text(overlap: dict) -> str | None:
     if not clean:
         return None
     return (f"Held-out check: the training split of model{'s' if len(clean) > 1 else ''} {' and '.join(clean)} "
-            "lists none of these images.")
+            "lists none of these images (by content or photo name).")
 
 
 def label_check_lines(evaluation) -> list[str]:

@@ -396,3 +396,45 @@ def test_one_model_report_figures(synthetic_dir, model_dir):
     for name, table in single.tables.items():
         formatted, numeric = report.format_table(table, ["A"])
         assert len(formatted) == len(table) and len(numeric) == formatted.shape[1], name
+
+
+def test_training_overlap_matches_content_or_photo_and_ignores_foreign_files(tmp_path):
+    """A model's split file names its training/validation images; the evaluated ones it lists are
+    counted by content hash or by photo (a re-encoded in-the-wild .jpg of a training .chip.jpg);
+    images the label check left out were not trained on; a CSV that is not ours says nothing."""
+    from types import SimpleNamespace
+
+    from analysis.evaluation import training_overlap
+    from analysis.report import held_out_text, training_overlap_lines
+
+    ids = [f"{i:040x}" for i in range(6)]
+    split = pd.DataFrame({
+        "image_id": ids,
+        "file_name": ["20_0_0_1.jpg.chip.jpg", "21_1_0_2.jpg.chip.jpg", "22_0_1_3.jpg.chip.jpg",
+                      "23_1_1_4.jpg.chip.jpg", "24_0_2_5.jpg.chip.jpg", "25_1_2_6.jpg.chip.jpg"],
+        "subset": ["train", "train", "train", "val", "val", "train"],
+        "left_out": [False, False, False, False, False, True],
+    })
+    folder = tmp_path / "models"
+    folder.mkdir()
+    split.to_csv(folder / "split_A.csv", index=False)
+    predictions = pd.DataFrame({
+        "image_id": [ids[0], "f" * 40, ids[3], ids[5], "e" * 40],
+        "file_name": ["20_0_0_1.jpg.chip.jpg", "21_1_0_2.jpg", "23_1_1_4.jpg.chip.jpg", "25_1_2_6.jpg.chip.jpg", "30_0_0_9.jpg"],
+    })  # same bytes (train), same photo re-encoded (train), same bytes (val), left out, unseen
+    models = {"A": SimpleNamespace(path=str(folder / "age_gender_A.keras"))}
+    overlap = training_overlap(predictions, models)
+    assert overlap == {"A": {"split_file": "split_A.csv", "n_train": 2, "n_val": 1, "n_evaluated": 5}}
+    assert training_overlap_lines(overlap) == [
+        "Model A was trained on 2 and validated on 1 of these 5 images (its split_A.csv says so): its numbers "
+        "here are not held-out and flatter it. Evaluate on images neither model has seen (e.g. UTKFace's test/ folder)."]
+    assert held_out_text(overlap) is None
+    unseen = predictions.iloc[[4]]
+    assert held_out_text(training_overlap(unseen, models)) == (
+        "Held-out check: the training split of model A (split_A.csv) lists none of these images (by content or photo name).")
+    # another tool's CSV under the same name, or a malformed one: nothing is claimed either way
+    pd.DataFrame({"image_id": ["a", "b"], "subset": ["fold1", "fold2"]}).to_csv(folder / "split_A.csv", index=False)
+    assert training_overlap(predictions, models) == {}
+    (folder / "split_A.csv").write_bytes(b"\x00\x01 not a csv")
+    assert training_overlap(predictions, models) == {}
+    assert training_overlap(predictions, {"A": SimpleNamespace(path="")}) == {}  # an upload without a folder

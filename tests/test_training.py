@@ -1202,6 +1202,6 @@ def test_evaluating_a_model_on_its_own_training_images_is_pointed_out(trained, s
                           "--out", str(tmp_path / "report2"), "--no-gradcam", "--bootstrap", "20"]) == 0
     printed = capsys.readouterr().out
     assert "was trained on" not in printed
-    assert "Held-out check: the training split of model A (split_A.csv) lists none of these images." in printed
+    assert "Held-out check: the training split of model A (split_A.csv) lists none of these images (by content or photo name)." in printed
     assert json.loads((tmp_path / "report2" / "summary.json").read_text())["training_overlap"] == {
         "A": {"split_file": "split_A.csv", "n_train": 0, "n_val": 0, "n_evaluated": 5}}

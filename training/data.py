@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.constants import DEFAULT_SEED
-from analysis.dataset import default_cache_dir, load_image, load_sample
+from analysis.dataset import default_cache_dir, load_image, load_sample, photo_key  # noqa: F401 (photo_key: part of this module's API)
 
 # Below this many images a train/validation split leaves too little on either side to learn
 # or to measure anything.
@@ -77,13 +77,6 @@ class SplitSample:
              self.val[columns].assign(subset="val", left_out=False)],
             ignore_index=True,
         )
-
-
-def photo_key(file_name: str) -> str:
-    """The photo a file name stands for: the name without its extensions, so UTKFace's aligned
-    crop (``25_0_1_20170116174525125.jpg.chip.jpg``) and in-the-wild image (``….jpg``) of one
-    photo, or a copy in another folder, share it."""
-    return str(file_name).split(".", 1)[0].lower()
 
 
 def split_sample(sample: pd.DataFrame, val_fraction: float = 0.2, seed: int = DEFAULT_SEED) -> tuple[pd.DataFrame, pd.DataFrame, str]:
