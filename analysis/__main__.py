@@ -264,7 +264,7 @@ def run(argv=None) -> int:
     if len(specs) == 2 and _same_file(specs["A"].path, specs["B"].path):
         _say(args, "warning: --model-a and --model-b are the same file: every difference will be zero")
     for key, spec in specs.items():  # before a long scan of the sample
-        if not Path(spec.path).expanduser().is_file():
+        if not Path(spec.path).expanduser().exists():  # a folder (e.g. a SavedModel): the loader says what to do
             raise SampleError(f"--model-{key.lower()} {spec.path}: model file not found")
     sample = load_sample(data, age_band_edges=edges)
     n = len(sample.sample)

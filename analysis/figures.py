@@ -299,9 +299,13 @@ def _colour_range(values: pd.Series, small: pd.Series) -> tuple[float, float]:
     there are two or more (one n=1 cell must not wash out every other colour; beyond the range a
     cell takes the end colour), else over every cell."""
     v = values.astype(float)
+    finite = v[np.isfinite(v)]
     large = v[~small.astype(bool) & np.isfinite(v)]
-    use = large if len(large) >= 2 else v[np.isfinite(v)]
-    return (float(use.min()), float(use.max())) if len(use) else (0.0, 1.0)
+    use = large if len(large) >= 2 and large.max() > large.min() else finite  # equal large cells: no range
+    if not len(use):
+        return (0.0, 1.0)
+    lo, hi = float(use.min()), float(use.max())
+    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)  # one value: a range around it, not a point
 
 
 def _format_number(value: float, number_format: str) -> str:
@@ -582,6 +586,8 @@ def _epoch_ticks(epochs: pd.Series, most: int = 12) -> list[int]:
     """Whole-epoch tick values between the first and the last epoch: the multiples of the
     smallest step of 1, 2, 5, 10, 20, ... epochs that gives at most `most` ticks."""
     first, last = int(np.ceil(epochs.min())), int(np.floor(epochs.max()))
+    if first > last:  # no whole epoch in the data (e.g. 0.2–0.7): no tick outside it
+        return []
     step = next(s * 10**k for k in range(12) for s in (1, 2, 5) if last // (s * 10**k) - first // (s * 10**k) < most)
     return [e for e in range(first, last + 1) if e % step == 0] or [first]
 

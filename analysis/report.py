@@ -764,11 +764,14 @@ def comparison_sentence(evaluation) -> str | None:
     c = comparison[comparison["slice_by"] == "overall"].iloc[0]
     interval = (f"95% CI {c.age_mae_delta_lo:+.2f} to {c.age_mae_delta_hi:+.2f}; "
                 if all(math.isfinite(v) for v in (c.age_mae_delta_lo, c.age_mae_delta_hi)) else "no CI; ")
-    return (f"B − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({_p(c.mcnemar_p)}, exact McNemar); "
-            f"age MAE {c.age_mae_delta:+.2f} years ({interval}{_p(c.wilcoxon_p)}, Wilcoxon)")
+    return (f"B − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({p_text(c.mcnemar_p)}, exact McNemar); "
+            f"age MAE {c.age_mae_delta:+.2f} years ({interval}{p_text(c.wilcoxon_p)}, Wilcoxon)")
 
 
-def _p(p: float) -> str:
+def p_text(p: float | None) -> str:
+    """"p < 0.001", "p = 0.042" or "p not available" (None/NaN): p-values as the report and the app print them."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "p not available"
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 

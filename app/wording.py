@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import math
 
+from analysis.report import p_text  # noqa: F401 (part of this module's vocabulary)
+
 ALPHA = 0.05  # below this p-value a difference is called clear
 
 
-def p_text(p: float | None) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "p not available"
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def percent(value: float | None, digits: int = 1) -> str:

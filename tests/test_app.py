@@ -187,7 +187,7 @@ def test_filters_change_the_view_without_predicting_again(monkeypatch):
     assert accuracy.max().max() > 1 and (accuracy <= 100).all().all()
     paired = at.dataframe[1].value.set_index("slice")
     np.testing.assert_allclose(paired["gender_acc_delta"], (accuracy["B"] - accuracy["A"]).loc[paired.index], atol=1e-9)
-    assert all(p == "< 0.001" or 0 <= float(p) <= 1 for p in paired["wilcoxon_p"])
+    assert all(p == "< 0.001" or 0.001 <= float(p) <= 1 for p in paired["wilcoxon_p"])  # never "0.000"
     at.toggle(key="hide_small").set_value(True).run()
     assert (at.dataframe[0].value["n"] >= 30).all()
     at.button_group(key="slice_by").set_value("age_band×gender").run()
@@ -216,15 +216,30 @@ def test_filters_change_the_view_without_predicting_again(monkeypatch):
     assert len(calls) == predicted  # no model ran for any of these reruns
 
 
-def test_errors_page_shows_gradcam_overlays_with_a_selectable_layer():
+def test_errors_page_shows_gradcam_overlays_with_a_selectable_layer(monkeypatch):
+    from app import state
+
+    calls = []
+    real = state.gradcam_overlays
+    monkeypatch.setattr(state, "gradcam_overlays", lambda key, target, layer, ids, loaded, paths: calls.append(
+        (Path(loaded.path).name, target, {Path(p).name for p in paths})) or real(key, target, layer, ids, loaded, paths))
     at = new_app()
     at.switch_page("views/errors.py").run()
     images = at.get("image")
     assert images, "no images on the Errors page"
     captions = [caption for element in images for caption in element.captions]
     assert "A: Grad-CAM" in captions and "B: Grad-CAM" in captions
-    # by default each overlay explains the model's own answer on that face, as the report's grids do
+    # by default each overlay explains the model's own answer on that face, as the report's grids do:
+    # "older" for the faces whose card shows A over-estimating, "younger" for the others
     assert at.selectbox(key="gradcam_target_age").value == "age_own"
+    cards = {caption.value: card.value for caption, card in zip(
+        [c for c in at.caption if c.value.endswith(".jpg")], [m for m in at.markdown if m.value.startswith("**True:**")])}
+    over = {name for name, card in cards.items() if not card.split("**A:**")[1].split("(")[1].startswith("-")}
+    asked = {}
+    for model, target, names in calls:
+        if model == "age_gender_A.keras":
+            asked.setdefault(target, set()).update(names)
+    assert cards and asked.get("age_older", set()) == over and asked.get("age_younger", set()) == set(cards) - over
     layer_a = at.selectbox(key="gradcam_layer_A_age_older")
     assert layer_a.value == layer_a.options[-1]  # the default is the last feature map
     layer_a.set_value(layer_a.options[0]).run()

@@ -101,6 +101,7 @@ def test_one_model_and_overwrite_rules(model_files, synthetic_dir, tmp_path, cap
         ("missing_data", "sample not found"),
         ("not_a_model", "model"),
         ("missing_model", "not found"),
+        ("saved_model_folder", "savedmodel folder"),  # the loader's advice, not 'not found'
         ("bad_size", "input size"),
     ],
 )
@@ -115,6 +116,11 @@ def test_unusable_inputs_exit_2_with_a_message(case, message, model_files, synth
         model = str(fake)
     elif case == "missing_model":
         model = str(tmp_path / "absent.keras")
+    elif case == "saved_model_folder":
+        folder = tmp_path / "exported"
+        (folder / "variables").mkdir(parents=True)
+        (folder / "saved_model.pb").write_bytes(b"\x08\x01")
+        model = str(folder)
     elif case == "bad_size":
         extra = ["--input-size-a", "big"]
     out = tmp_path / "out"

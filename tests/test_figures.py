@@ -452,3 +452,19 @@ def test_gradcam_grid_rejects_mismatched_inputs():
         figures.gradcam_grid(images, {"A": np.zeros((3, 10, 10))}, ["x", "y"], overlay=lambda f, h: f)
     with pytest.raises(ValueError, match=r"\(n, h, w, 3\)"):
         figures.gradcam_grid(np.zeros((2, 10, 10)), {}, ["x", "y"], overlay=lambda f, h: f)
+
+
+def test_heatmap_colour_range_edge_cases():
+    """The range spans the cells with enough images, unless fewer than two of them differ."""
+    values = pd.Series([1.0, 5.0, 40.0, np.nan])
+    assert figures._colour_range(values, pd.Series([False, False, True, False])) == (1.0, 5.0)  # n=1 outlier out
+    assert figures._colour_range(values, pd.Series([True, True, True, False])) == (1.0, 40.0)  # one large cell: all
+    same = pd.Series([1.0, 1.0, 0.6])  # two large cells at 100%, a small one at 60%: not one colour for all
+    assert figures._colour_range(same, pd.Series([False, False, True])) == (0.6, 1.0)
+    assert figures._colour_range(pd.Series([2.0, 2.0]), pd.Series([False, False])) == (1.5, 2.5)
+    assert figures._colour_range(pd.Series([np.nan]), pd.Series([False])) == (0.0, 1.0)
+
+
+def test_epoch_ticks_stay_inside_the_data():
+    assert figures._epoch_ticks(pd.Series([0.2, 0.7])) == []
+    assert figures._epoch_ticks(pd.Series([3.0])) == [3]

@@ -279,10 +279,12 @@ def compile_model(model, config: TrainConfig, learning_rate: float, steps_per_ep
         raise ValueError(f"age_loss must be 'huber' or 'mae', got {config.age_loss!r}")
     losses = {"age": age_loss, "gender": keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)}
     weights = {"age": config.age_loss_weight, "gender": 1.0}
-    # Per-head losses are logged as sample-weighted metrics: Keras 3.15 logs its own per-output
-    # losses ("val_age_loss", ...) as plain means over batches, so a short last validation batch
-    # counts as much as a full one (a 100-image validation set logged val_age_loss 20.5 next to
-    # val_age_mae 13.6); those entries are dropped from the logs (EpochLog).
+    # Per-head numbers are logged as sample-weighted metrics (age MAE, gender BCE without the
+    # loss's label smoothing, the age-distribution cross-entropy): Keras 3.15 logs its own
+    # per-output losses ("val_age_loss", ...) as plain means over batches, so a short last
+    # validation batch counts as much as a full one (a 100-image validation set logged
+    # val_age_loss 20.5 next to val_age_mae 13.6); those entries are dropped from the logs
+    # (EpochLog). The total "loss"/"val_loss" are weighted right and stay.
     metrics = {"age": [keras.metrics.MeanAbsoluteError(name="mae")],
                "gender": [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.BinaryCrossentropy(name="bce")]}
     if AGE_DISTRIBUTION in model.output_names:  # training view of a "bins" age head (see training_view)
