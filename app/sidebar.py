@@ -64,6 +64,18 @@ def settings_ui() -> None:
         help="For the 95% confidence intervals of age MAE and bias (gender accuracy uses Wilson intervals). More is steadier and slower; the numbers are cached.",
     )
     st.number_input("Random seed", min_value=0, step=1, key="seed", help="Bootstrap and calibration draws.")
+    current = ",".join(map(str, state.age_band_edges()))
+    text = st.text_input(
+        "Age bands (left edges, years)", value=current, key="age_bands_text",
+        help="Where each age band starts, from 0: the default 0,3,10,20,...,70 gives 0–2, 3–9, ..., 70+; "
+        "e.g. 0,20,40,60 gives four bands. The same as the CLI's --age-bands.",
+    )
+    if text.replace(" ", "") != current:
+        problem = state.set_age_bands(text)
+        if problem:
+            st.error(f"Age bands not changed: {problem}.")
+        else:
+            st.rerun()
 
 
 # ---------------------------------------------------------------- sample

@@ -107,6 +107,7 @@ def init_session() -> None:
         "failures": dict,  # (model key, sample fingerprint) -> message, so a failure is not retried
         "n_boot": lambda: DEFAULT_BOOTSTRAP,
         "seed": lambda: DEFAULT_SEED,
+        "age_band_edges": lambda: AGE_BAND_EDGES,
         "current": Current,
         "bundles": dict,  # (tables key, with Grad-CAM) -> report zip bytes
     }
@@ -204,14 +205,34 @@ def demo_parts() -> list[str]:
 
 @st.cache_data(max_entries=8, show_spinner="Reading the sample…")
 def read_sample(source: str, extract_to: str | None, age_band_edges: tuple[int, ...]) -> tuple[SampleResult, str]:
-    """(SampleResult, fingerprint) of a folder or zip. Raises SampleError for an unusable source."""
+    """(SampleResult, fingerprint) of a folder or zip. Raises SampleError for an unusable source.
+
+    The fingerprint covers the age bands too: the predictions table carries each image's band,
+    so other bands are another run (its predictions come from the disk cache, no model runs)."""
     result = load_sample(source, age_band_edges=age_band_edges, extract_to=extract_to)
-    return result, result.fingerprint
+    bands = "" if tuple(age_band_edges) == AGE_BAND_EDGES else f"|bands={','.join(map(str, age_band_edges))}"
+    return result, result.fingerprint + bands
+
+
+def age_band_edges() -> tuple[int, ...]:
+    """The left edges of the age bands chosen in Settings (default AGE_BAND_EDGES)."""
+    return st.session_state["age_band_edges"]
+
+
+def set_age_bands(text: str) -> str | None:
+    """Use the age bands typed as left edges ("0,20,40,60"); the problem, or None when applied."""
+    from analysis.constants import check_age_band_edges
+
+    try:
+        st.session_state["age_band_edges"] = check_age_band_edges([v.strip() for v in text.split(",") if v.strip()])
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def current_sample() -> tuple[SampleResult, str]:
     choice: SampleChoice = st.session_state["sample"]
-    return read_sample(choice.source, choice.extract_to, AGE_BAND_EDGES)
+    return read_sample(choice.source, choice.extract_to, age_band_edges())
 
 
 def try_sample(choice: SampleChoice) -> bool:
@@ -219,7 +240,7 @@ def try_sample(choice: SampleChoice) -> bool:
     from analysis.dataset import SampleError
 
     try:
-        result, _ = read_sample(choice.source, choice.extract_to, AGE_BAND_EDGES)
+        result, _ = read_sample(choice.source, choice.extract_to, age_band_edges())
         check_decodable(result)
     except (SampleError, OSError, ValueError) as exc:
         text = str(exc).replace(choice.source, choice.label)  # an upload's cache path means nothing to the user
@@ -286,7 +307,8 @@ def prepared_model(path: str, sha256: str, name: str, overrides: tuple, fingerpr
 
 def prepare(choice: ModelChoice):
     """prepared_model for a slot's choice on the current sample (raises on failure)."""
-    sample, fingerprint = current_sample()
+    sample, _ = current_sample()
+    fingerprint = sample.fingerprint  # the images and labels: choosing a preprocessing does not depend on the age bands
     seed = st.session_state["seed"]
     failures = st.session_state["failures"]
     if (choice.key, fingerprint) in failures:

@@ -317,6 +317,31 @@ def test_learning_curves_and_the_age_scatter_are_on_the_pages():
     assert any("Predicted age" in spec for spec in chart_specs(at))
 
 
+def test_age_bands_can_be_chosen_in_settings(monkeypatch):
+    """Other bands regroup every table without running a model; a bad list is refused, saying why."""
+    import analysis.models
+
+    at = new_app()
+    calls = []
+    real = analysis.models.LoadedModel.predict_batch
+    monkeypatch.setattr(analysis.models.LoadedModel, "predict_batch", lambda self, x: calls.append(1) or real(self, x))
+    at.text_input(key="age_bands_text").input("5,20").run()
+    assert "Age bands not changed: age band edges must start at 0" in texts(at.sidebar.error)
+    at.text_input(key="age_bands_text").input("0, 20, 40, 60").run()
+    assert_clean(at)
+    at.switch_page("views/slices.py").run()
+    rows = at.dataframe[0].value
+    assert set(rows["slice"]) == {"0–19", "20–39", "40–59", "60+"}
+    # n per band, counted here from the sample's own names
+    from analysis.dataset import load_sample
+
+    ages = load_sample(at.session_state["sample"].source).sample["age"]
+    expected = {"0–19": (ages < 20).sum(), "20–39": ((ages >= 20) & (ages < 40)).sum(),
+                "40–59": ((ages >= 40) & (ages < 60)).sum(), "60+": (ages >= 60).sum()}
+    assert rows[rows["model"] == "A"].set_index("slice")["n"].to_dict() == expected
+    assert calls == []  # predictions came from the cache
+
+
 def test_a_model_can_be_renamed_without_predicting_again(monkeypatch):
     import analysis.predict
 
