@@ -231,8 +231,12 @@ def intersection_heatmap(
     metric: str = "age_mae",
     comparison: pd.DataFrame | None = None,
     names: Mapping[str, str] | None = None,
+    max_cell_width: int = 60,
 ) -> alt.VConcatChart | alt.HConcatChart:
     """Heatmap of `metric` ("age_mae" or "gender_acc") over an intersection, per model, plus B − A.
+
+    `max_cell_width` (pixels) caps the width of a cell (the dashboard uses narrower cells than
+    the report, so two panels and the legend fit beside a sidebar on a laptop screen).
 
     Rows are the first component (`slice_1`), columns the second (`slice_2`). Each cell prints
     its value and n; cells with n < SMALL_SLICE_N are faded and starred. The model panels share
@@ -250,9 +254,10 @@ def intersection_heatmap(
     data["cell_text"] = [
         _cell_text(v, n, small, number_format) for v, n, small in zip(data[metric], data["n"], data["small"])
     ]
-    cell_w = max(40, min(60, 420 // max(1, len(x_order))))
+    cell_w = max(40, min(int(max_cell_width), 420 // max(1, len(x_order))))
     size = {"width": cell_w * len(x_order), "height": 30 * len(y_order)}
-    x = alt.X("slice_2:N", sort=x_order, title=x_title, axis=alt.Axis(labelAngle=0 if len(x_order) <= 6 else -40))
+    upright = len(x_order) <= 6 and cell_w >= 50  # narrower cells: slanted labels, else Vega hides every other one
+    x = alt.X("slice_2:N", sort=x_order, title=x_title, axis=alt.Axis(labelAngle=0 if upright else -40))
     y = alt.Y("slice_1:N", sort=y_order, title=y_title)
     opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY + 0.15), alt.value(1.0))
     values = data[metric].astype(float)

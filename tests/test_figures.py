@@ -468,3 +468,25 @@ def test_heatmap_colour_range_edge_cases():
 def test_epoch_ticks_stay_inside_the_data():
     assert figures._epoch_ticks(pd.Series([0.2, 0.7])) == []
     assert figures._epoch_ticks(pd.Series([3.0])) == [3]
+
+
+def test_heatmap_cells_can_be_narrowed_and_keep_every_label(slices):
+    """The dashboard's narrower cells (so two panels fit beside the sidebar) slant the column
+    labels instead of letting Vega drop every other one."""
+    def panel_widths_and_angles(chart):
+        spec = chart.to_dict()
+        found = []
+        for node in walk(spec):
+            x = node.get("encoding", {}).get("x", {}) if isinstance(node.get("encoding"), dict) else {}
+            if node.get("width") is not None:
+                found.append(("width", node["width"]))
+            if isinstance(x, dict) and x.get("field") == "slice_2":
+                found.append(("angle", x["axis"]["labelAngle"]))
+        return found
+
+    n_columns = slices.loc[slices["slice_by"] == "age_band×ethnicity", "slice_2"].nunique()
+    wide = panel_widths_and_angles(figures.intersection_heatmap(slices, "age_band×ethnicity", "age_mae"))
+    narrow = panel_widths_and_angles(figures.intersection_heatmap(slices, "age_band×ethnicity", "age_mae", max_cell_width=44))
+    assert {v for k, v in wide if k == "width"} == {min(60, 420 // n_columns) * n_columns}
+    assert {v for k, v in narrow if k == "width"} == {44 * n_columns}
+    assert {v for k, v in wide if k == "angle"} == {0} and {v for k, v in narrow if k == "angle"} == {-40}

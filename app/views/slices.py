@@ -16,6 +16,9 @@ SLICINGS = {
     "gender×ethnicity": "Gender × ethnicity",
 }
 HEATMAP_METRICS = {"age_mae": "Age MAE", "gender_acc": "Gender accuracy"}
+# Narrower than the report's 60 px: two 5-column panels and the legend fit beside the sidebar on a
+# 1280-px screen (at 60 px the legend was cut off).
+HEATMAP_CELL_WIDTH = 44
 METRIC_LABELS = {"gender_acc": "gender accuracy", "age_mae": "age MAE", "age_bias": "age bias"}
 
 
@@ -49,7 +52,8 @@ def render_chart(current, slice_by: str, metric: str, hide_small: bool) -> None:
         comparison = tables.get("comparison")
         layout.show_chart(
             current, "intersection_heatmap",
-            lambda: figures.intersection_heatmap(slices, slice_by, metric, comparison=comparison, names=names),
+            lambda: figures.intersection_heatmap(slices, slice_by, metric, comparison=comparison, names=names,
+                                                 max_cell_width=HEATMAP_CELL_WIDTH),
             slice_by, metric, hide_small,
         )
     else:
