@@ -94,6 +94,7 @@ class SampleResult:
     # For a zip: the folder it was extracted to. Paths of skipped files under it are reported as
     # their path inside the zip (see reported_path), not as a cache location the user never chose.
     extracted_to: str = ""
+    age_band_edges: tuple[int, ...] = AGE_BAND_EDGES  # left edges of the bands in sample["age_band"]
 
     def reported_path(self, path) -> str:
         """`path` as the user knows it: relative to the zip for a file extracted from one,
@@ -328,6 +329,7 @@ def load_sample(
         duplicates=duplicates,
         source=str(source_path),
         extracted_to=str(root.resolve()) if root != source_path else "",
+        age_band_edges=tuple(age_band_edges),
     )
     result.skipped = pd.DataFrame([(result.reported_path(path), reason) for path, reason in skipped],
                                   columns=["path", "reason"])

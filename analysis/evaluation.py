@@ -107,7 +107,8 @@ def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:
         def listed(part: pd.DataFrame) -> pd.Series:
             hit = predictions["image_id"].isin(set(part["image_id"]))
             if evaluated_photos is not None and "file_name" in part:
-                hit |= evaluated_photos.isin(set(part["file_name"].map(photo_key)))
+                photos = {k for k in part["file_name"].map(photo_key) if _names_one_photo(k)}
+                hit |= evaluated_photos.isin(photos)
             return hit
 
         in_val = listed(split[split["subset"] == "val"])
@@ -117,16 +118,26 @@ def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:
     return out
 
 
+def _names_one_photo(key: str) -> bool:
+    """A photo key (see photo_key) that stands for one photo: AGE_GENDER_RACE_TIMESTAMP with a
+    timestamp of 12+ digits, as UTKFace's. "25_0_1" or "30_1_2_1" are only labels: many photos."""
+    parts = key.split("_")
+    return len(parts) >= 4 and parts[3].isdigit() and len(parts[3]) >= 12
+
+
 def _read_split_file(path) -> pd.DataFrame | None:
-    """Our split file (image_id: 40 hex digits, subset: train/val, optional file_name and
-    left_out), or None for anything else."""
+    """The train/val rows of our split file (image_id: 40 hex digits; subset; optional file_name
+    and left_out), or None for anything else (no such columns, other ids, no train/val row)."""
     try:
         split = pd.read_csv(path, dtype={"image_id": str, "file_name": str, "subset": str})
     except (OSError, ValueError, pd.errors.ParserError):
         return None
     if not {"image_id", "subset"} <= set(split.columns) or split.empty:
         return None
-    if not (split["subset"].isin(["train", "val"]).all() and split["image_id"].str.fullmatch(r"[0-9a-f]{40}").all()):
+    if not split["image_id"].str.fullmatch(r"[0-9a-f]{40}").all():
+        return None
+    split = split[split["subset"].isin(["train", "val"])]
+    if split.empty:
         return None
     left_out = split["left_out"] if "left_out" in split else pd.Series(False, index=split.index)
     return split.assign(left_out=left_out.astype(str).str.lower().isin(["true", "1"]))

@@ -149,6 +149,7 @@ def provenance(evaluation, *, seed: int = DEFAULT_SEED, n_boot: int | None = Non
         "sample": {
             "source": sample.source,
             "fingerprint": sample.fingerprint,
+            "age_band_edges": list(sample.age_band_edges),
             "n_images": int(len(sample.sample)),
             "n_evaluated": int(len(evaluation.predictions)),
             "n_skipped_reading": int(len(sample.skipped)),

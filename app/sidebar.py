@@ -70,12 +70,12 @@ def settings_ui() -> None:
         help="Where each age band starts, from 0: the default 0,3,10,20,...,70 gives 0–2, 3–9, ..., 70+; "
         "e.g. 0,20,40,60 gives four bands. The same as the CLI's --age-bands.",
     )
-    if text.replace(" ", "") != current:
-        problem = state.set_age_bands(text)
-        if problem:
-            st.error(f"Age bands not changed: {problem}.")
-        else:
-            st.rerun()
+    edges, problem = state.parse_age_bands(text)
+    if problem:
+        st.error(f"Age bands not changed: {problem}.")
+    elif edges != state.age_band_edges():  # compared parsed: "0,20," and "0,020" are 0,20
+        st.session_state["age_band_edges"] = edges
+        st.rerun()
 
 
 # ---------------------------------------------------------------- sample

@@ -219,15 +219,14 @@ def age_band_edges() -> tuple[int, ...]:
     return st.session_state["age_band_edges"]
 
 
-def set_age_bands(text: str) -> str | None:
-    """Use the age bands typed as left edges ("0,20,40,60"); the problem, or None when applied."""
+def parse_age_bands(text: str) -> tuple[tuple[int, ...] | None, str | None]:
+    """(edges, None) for age bands typed as left edges ("0,20,40,60"), or (None, the problem)."""
     from analysis.constants import check_age_band_edges
 
     try:
-        st.session_state["age_band_edges"] = check_age_band_edges([v.strip() for v in text.split(",") if v.strip()])
+        return check_age_band_edges([v.strip() for v in text.split(",") if v.strip()]), None
     except ValueError as exc:
-        return str(exc)
-    return None
+        return None, str(exc)
 
 
 def current_sample() -> tuple[SampleResult, str]:
@@ -412,6 +411,8 @@ def apply_overrides(slot: str, overrides: dict, *, pending: bool = False) -> boo
 def swap_models() -> None:
     models = st.session_state["models"]
     models["A"], models["B"] = models.get("B"), models.get("A")
+    for key in [k for k in st.session_state if str(k).startswith("label_")]:
+        del st.session_state[key]  # a name box keeps its text by key: it must not rename the model swapped in
     st.session_state["model_notes"].clear()
     st.session_state["pending"].clear()
     for slot in MODEL_KEYS:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.constants import assign_age_bands
+from analysis.constants import AGE_BAND_EDGES, assign_age_bands
 
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 TIMEOUT = 180  # seconds per script run: the first one imports TensorFlow and predicts the demo sample
@@ -340,6 +340,12 @@ def test_age_bands_can_be_chosen_in_settings(monkeypatch):
                 "40–59": ((ages >= 40) & (ages < 60)).sum(), "60+": (ages >= 60).sum()}
     assert rows[rows["model"] == "A"].set_index("slice")["n"].to_dict() == expected
     assert calls == []  # predictions came from the cache
+    for same in ("0,20,40,60,", "0,020,40, 60"):  # the same bands typed otherwise: applied once, no rerun loop
+        at.text_input(key="age_bands_text").input(same).run(timeout=30)
+        assert_clean(at)
+        assert at.session_state["age_band_edges"] == (0, 20, 40, 60)
+    at.text_input(key="age_bands_text").input("0,3,10,20,30,40,50,60,70").run()
+    assert at.session_state["age_band_edges"] == AGE_BAND_EDGES
 
 
 def test_a_model_can_be_renamed_without_predicting_again(monkeypatch):
@@ -363,6 +369,14 @@ def test_a_model_can_be_renamed_without_predicting_again(monkeypatch):
     assert_clean(at)
     specs = [e.proto.spec for e in at.main if getattr(e, "type", None) == "vega_lite_chart"]
     assert specs and any("custom CNN" in spec for spec in specs) and not any("demo A" in spec for spec in specs)
+    # The name travels with the model, not the slot — also when both slots hold the same file
+    # (their name boxes then differ only by slot, and a kept box renamed the model swapped in).
+    at.text_input(key="path_B_0").input(at.session_state["models"]["A"].path).run()
+    next(t for t in at.sidebar.text_input if t.key.startswith("label_B_")).input("second").run()
+    at.button(key="swap").click().run()
+    assert_clean(at)
+    assert (at.session_state["models"]["A"].label, at.session_state["models"]["B"].label) == ("second", "custom CNN")
+    at.button(key="swap").click().run()
     box = next(t for t in at.sidebar.text_input if t.key.startswith("label_A_"))
     box.input("").run()  # empty: back to the file name
     assert_clean(at)

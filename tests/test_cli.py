@@ -73,6 +73,7 @@ def test_evaluate_two_models_writes_tables_that_match_sklearn(model_files, synth
     assert models["B"]["preprocessing_scores"] is None  # given by the user: no calibration
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["sample"]["n_images"] == 120 and provenance["bootstrap_resamples"] == 200
+    assert provenance["sample"]["age_band_edges"] == [0, 3, 10, 20, 30, 40, 50, 60, 70]  # the default bands
     assert not (out / ".incomplete").exists()
 
 

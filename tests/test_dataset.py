@@ -81,9 +81,11 @@ def test_age_bands_match_pandas_cut():
     assert ours.ordered
 
 
-def test_custom_age_bands():
+def test_custom_age_bands(synthetic_dir):
     ours = assign_age_bands([5, 15, 25, 65], edges=(0, 18, 60))
     assert list(ours) == ["0–17", "0–17", "18–59", "60+"]
+    read = load_sample(synthetic_dir, age_band_edges=(0, 18, 60))  # the sample remembers its bands
+    assert read.age_band_edges == (0, 18, 60) and set(read.sample["age_band"].astype(str)) <= {"0–17", "18–59", "60+"}
     with pytest.raises(ValueError, match="increasing"):
         assign_age_bands([5], edges=(0, 20, 10))
 

@@ -407,34 +407,43 @@ def test_training_overlap_matches_content_or_photo_and_ignores_foreign_files(tmp
     from analysis.evaluation import training_overlap
     from analysis.report import held_out_text, training_overlap_lines
 
-    ids = [f"{i:040x}" for i in range(6)]
+    ids = [f"{i:040x}" for i in range(7)]
+    stamp = "2017011617452512"
     split = pd.DataFrame({
         "image_id": ids,
-        "file_name": ["20_0_0_1.jpg.chip.jpg", "21_1_0_2.jpg.chip.jpg", "22_0_1_3.jpg.chip.jpg",
-                      "23_1_1_4.jpg.chip.jpg", "24_0_2_5.jpg.chip.jpg", "25_1_2_6.jpg.chip.jpg"],
-        "subset": ["train", "train", "train", "val", "val", "train"],
-        "left_out": [False, False, False, False, False, True],
+        "file_name": [f"20_0_0_{stamp}1.jpg.chip.jpg", f"21_1_0_{stamp}2.jpg.chip.jpg", f"22_0_1_{stamp}3.jpg.chip.jpg",
+                      f"23_1_1_{stamp}4.jpg.chip.jpg", f"24_0_2_{stamp}5.jpg.chip.jpg", f"25_1_2_{stamp}6.jpg.chip.jpg",
+                      "26_0_3.jpg"],
+        "subset": ["train", "train", "train", "val", "val", "train", "train"],
+        "left_out": [False, False, False, False, False, True, False],
     })
     folder = tmp_path / "models"
     folder.mkdir()
     split.to_csv(folder / "split_A.csv", index=False)
     predictions = pd.DataFrame({
-        "image_id": [ids[0], "f" * 40, ids[3], ids[5], "e" * 40],
-        "file_name": ["20_0_0_1.jpg.chip.jpg", "21_1_0_2.jpg", "23_1_1_4.jpg.chip.jpg", "25_1_2_6.jpg.chip.jpg", "30_0_0_9.jpg"],
-    })  # same bytes (train), same photo re-encoded (train), same bytes (val), left out, unseen
+        "image_id": [ids[0], "f" * 40, ids[3], ids[5], "e" * 40, "d" * 40],
+        "file_name": [f"20_0_0_{stamp}1.jpg.chip.jpg", f"21_1_0_{stamp}2.jpg", f"23_1_1_{stamp}4.jpg.chip.jpg",
+                      f"25_1_2_{stamp}6.jpg.chip.jpg", f"30_0_0_{stamp}9.jpg", "26_0_3.jpg"],
+    })  # same bytes (train), same photo re-encoded (train), same bytes (val), left out, unseen,
+    # and a name without a timestamp: only labels, many photos — not matched by name
     models = {"A": SimpleNamespace(path=str(folder / "age_gender_A.keras"))}
     overlap = training_overlap(predictions, models)
-    assert overlap == {"A": {"split_file": "split_A.csv", "n_train": 2, "n_val": 1, "n_evaluated": 5}}
+    assert overlap == {"A": {"split_file": "split_A.csv", "n_train": 2, "n_val": 1, "n_evaluated": 6}}
     assert training_overlap_lines(overlap) == [
-        "Model A was trained on 2 and validated on 1 of these 5 images (its split_A.csv says so): its numbers "
+        "Model A was trained on 2 and validated on 1 of these 6 images (its split_A.csv says so): its numbers "
         "here are not held-out and flatter it. Evaluate on images neither model has seen (e.g. UTKFace's test/ folder)."]
     assert held_out_text(overlap) is None
     unseen = predictions.iloc[[4]]
     assert held_out_text(training_overlap(unseen, models)) == (
         "Held-out check: the training split of model A (split_A.csv) lists none of these images (by content or photo name).")
+    # rows of another subset are ignored, the rest still counts
+    split.assign(subset=["train", "train", "train", "val", "val", "train", "test"]).to_csv(folder / "split_A.csv", index=False)
+    assert training_overlap(predictions, models)["A"]["n_train"] == 2
     # another tool's CSV under the same name, or a malformed one: nothing is claimed either way
-    pd.DataFrame({"image_id": ["a", "b"], "subset": ["fold1", "fold2"]}).to_csv(folder / "split_A.csv", index=False)
-    assert training_overlap(predictions, models) == {}
+    for foreign in (split.assign(image_id=[f"img{i}" for i in range(7)]),  # not content hashes
+                    split.assign(subset="fold1")):  # no train/val row
+        foreign.to_csv(folder / "split_A.csv", index=False)
+        assert training_overlap(predictions, models) == {}
     (folder / "split_A.csv").write_bytes(b"\x00\x01 not a csv")
     assert training_overlap(predictions, models) == {}
     assert training_overlap(predictions, {"A": SimpleNamespace(path="")}) == {}  # an upload without a folder
