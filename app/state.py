@@ -109,7 +109,7 @@ def init_session() -> None:
         "seed": lambda: DEFAULT_SEED,
         "age_band_edges": lambda: AGE_BAND_EDGES,
         "current": Current,
-        "bundles": dict,  # (tables key, with Grad-CAM) -> report zip bytes
+        "bundles": dict,  # (report key, with Grad-CAM) -> report zip bytes
     }
     fresh_session = "session_id" not in st.session_state
     for name, make in defaults.items():
