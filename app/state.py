@@ -461,6 +461,15 @@ def metric_tables(run_key: str, keys: tuple[str, ...], n_boot: int, seed: int, _
     return {"tables": tables, "summary": summary}
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def training_overlap(run_key: str, paths: tuple, _predictions: pd.DataFrame, _models: dict) -> dict:
+    """analysis.evaluation.training_overlap, read once per run and model files (~0.1 s of CSV
+    reading for a 5000-image split: not on every rerun of a page)."""
+    from analysis.evaluation import training_overlap as overlap
+
+    return overlap(_predictions, _models)
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def chart_spec(tables_key: str, figure: str, options: tuple, _build) -> dict:
     """The Vega-Lite spec of an analysis.figures chart, built once per (tables, figure, options).
@@ -563,6 +572,8 @@ def evaluate_current(progress_area) -> Current:
         return current
     computed = metric_tables(key, tuple(models), current.n_boot, current.seed, run.predictions)
     current.evaluation = Evaluation(sample, models, scores, run, computed["tables"], computed["summary"])
+    paths = tuple((slot, loaded.path) for slot, loaded in models.items())
+    current.evaluation.training_overlap = training_overlap(key, paths, run.predictions, models)  # fills the cached_property
     current.run_key = key
     freeze_long_lived_objects()
     return current
