@@ -369,8 +369,8 @@ def load_model(
         if inside is not None:
             notes.append(f"preprocessing inside the model ({inside[1]}); using the given preset {chosen}")
 
-    given = {
-        "name": name, "age_output": age_output, "gender_output": gender_output, "female_index": female_index,
+    given = {  # how to read the model (the name is a label, not one of these)
+        "age_output": age_output, "gender_output": gender_output, "female_index": female_index,
         "age_kind": age_kind, "age_class_values": age_class_values, "input_size": input_size,
         "preprocessing": None if preprocessing in (None, "auto") else preprocessing,
     }
@@ -388,7 +388,7 @@ def load_model(
         outputs=tuple(outputs),
         file_format=file_format,
         declared_input_shape=declared,
-        user_settings=tuple(k for k, v in given.items() if v is not None and k != "name"),  # a label, not a reading
+        user_settings=tuple(k for k, v in given.items() if v is not None),
     )
     _check_runs(loaded)
     return loaded
