@@ -767,6 +767,29 @@ def test_help_and_usage_errors_do_not_wait_for_tensorflow():
     assert "invalid choice: 'C'" in result.stderr
 
 
+def test_command_line_exit_status_matches_analysis(tmp_path):
+    """python -m training exited with 1 on bad input where python -m analysis exits with 2."""
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, "-m", "training", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "error: " in result.stderr and "no usable labelled images" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_training_exits_130(monkeypatch, capsys):
+    from training import cli
+
+    def interrupted(argv):
+        raise cli.Interrupted("\ninterrupted: Model A was not written")
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert cli.command_line([]) == 130
+    assert "Model A was not written" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "main", lambda argv: 0)
+    assert cli.command_line([]) == 0
+
+
 def test_each_backbone_brings_its_own_defaults_unless_given():
     from training.catalog import LITE_VARIANTS
     from training.train import BACKBONE_DEFAULTS, MODEL_DEFAULTS, default_config

@@ -2,6 +2,6 @@
 
 import sys
 
-from training.cli import main
+from training.cli import command_line
 
-sys.exit(main())
+sys.exit(command_line())

@@ -139,6 +139,22 @@ def demo_parser():
     return parser
 
 
+class Interrupted(SystemExit):
+    """Ctrl-C, with what was and was not written (the command line exits with 130)."""
+
+
+def command_line(argv: list[str] | None = None) -> int:
+    """``python -m training``: main() with its exit status set as ``python -m analysis`` sets its own:
+    0 done, 2 bad input (the message on stderr, as argparse's usage errors), 130 interrupted."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # --help (0), argparse's usage errors (2)
+            raise
+        print(exc.code, file=sys.stderr)
+        return 130 if isinstance(exc, Interrupted) else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from analysis.__main__ import import_tensorflow_quietly
 
@@ -185,7 +201,7 @@ def _run_training(args, extract_to) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted before training: nothing written") from None
+        raise Interrupted("\ninterrupted before training: nothing written") from None
     print(f"Data: {args.data} — {split.describe()}.")
     if len(split.skipped):
         print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in reason_counts(split.skipped).items()))
@@ -197,7 +213,7 @@ def _run_training(args, extract_to) -> int:
         except (ValueError, RuntimeError) as exc:  # RuntimeError: the loss became NaN
             raise SystemExit(f"error: Model {config.model_key}: {exc}") from exc
         except KeyboardInterrupt:
-            raise SystemExit(f"\ninterrupted: Model {config.model_key} was not written "
+            raise Interrupted(f"\ninterrupted: Model {config.model_key} was not written "
                              "(models finished before it are complete)") from None
         except OSError as exc:  # the output folder, the image cache (--no-cache avoids it) or a file read
             raise SystemExit(f"error: Model {config.model_key}: {exc}") from exc
