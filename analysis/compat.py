@@ -179,7 +179,7 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
 
 # Bounds on what a .keras archive may unpack to, checked on the sizes its directory declares
 # (Python's zipfile never inflates an entry past its declared size): a model's config is
-# kilobytes to a few megabytes; the weights no larger than the app's 512 MB model upload, with room.
+# kilobytes to a few megabytes; the weights no larger than the app's 1 GB model upload, with room.
 MAX_CONFIG_BYTES = 64 * 2**20
 MAX_ARCHIVE_UNPACKED_BYTES = 4 * 2**30
 

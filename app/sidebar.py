@@ -149,7 +149,7 @@ def render_sample_summary() -> None:
 def models_section() -> None:
     st.markdown("#### Models")
     candidate = st.file_uploader(
-        f"Candidate: drop a new .keras or .h5 model to compare against the baseline (A), up to {uploads.MAX_MODEL_UPLOAD_MB} MB",
+        f"Candidate: drop a new .keras or .h5 model to compare against the baseline (A), up to {uploads.size_text(uploads.MAX_MODEL_UPLOAD_MB)}",
         key=state.upload_key("candidate"),
         max_upload_size=uploads.MAX_MODEL_UPLOAD_MB,
         help="It becomes model B; model A stays as the baseline. Swap them below if needed.",
@@ -220,7 +220,7 @@ def model_slot_section(slot: str) -> None:
 
 def model_source_ui(slot: str) -> SourceInput:
     upload = st.file_uploader(
-        f"Drop a .keras or .h5 file as model {slot} (up to {uploads.MAX_MODEL_UPLOAD_MB} MB)",
+        f"Drop a .keras or .h5 file as model {slot} (up to {uploads.size_text(uploads.MAX_MODEL_UPLOAD_MB)})",
         key=state.upload_key(f"model_{slot}"),
         max_upload_size=uploads.MAX_MODEL_UPLOAD_MB,
     )

@@ -715,8 +715,10 @@ def test_uploads_are_checked_and_kept_per_session(tmp_path):
     assert other.path != saved.path and other.path.is_relative_to(uploads.session_upload_dir(second))
     with pytest.raises(ValueError, match="32 hex digits"):
         uploads.session_upload_dir("../../somewhere")
-    with pytest.raises(uploads.UploadError, match="limit is 512 MB"):
-        uploads.check_model_upload("big.keras", good, 513 * 1024**2)
+    with pytest.raises(uploads.UploadError, match="1,025 MB; the limit is 1 GB"):
+        uploads.check_model_upload("big.keras", good, 1025 * 1024**2)
+    uploads.check_model_upload("vgg16_with_top.keras", good, 530 * 1024**2)  # no error
+    assert uploads.size_text(1024) == "1 GB" and uploads.size_text(300) == "300 MB"
     with pytest.raises(uploads.UploadError, match="no config.json"):
         uploads.save_upload(first, "model", "fake.keras", zip_with_names({"weights.bin": b"0"}))
 
