@@ -12,7 +12,8 @@ import pandas as pd
 GENDERS: tuple[str, ...] = ("male", "female")
 ETHNICITIES: tuple[str, ...] = ("White", "Black", "Asian", "Indian", "Others")
 
-# UTKFace ages run 1–116; anything outside this range in a file name is a label error.
+# UTKFace's ages run 1–116 (its description says 0–116); names with ages up to 120 are accepted
+# for other datasets named the same way, and anything above is taken as a label error.
 AGE_MIN, AGE_MAX = 0, 120
 
 # Left edges of the default age bands: 0–2, 3–9, 10–19, ..., 60–69, 70+.

@@ -25,6 +25,8 @@ import os
 import re
 import shutil
 import stat
+import tempfile
+import time
 import unicodedata
 import warnings
 import zipfile
@@ -171,19 +173,49 @@ def read_image_rgb(source) -> np.ndarray:
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            _quiet_pillow_warnings()
             with Image.open(handle) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise ValueError(
                         f"image too large: {image.width}x{image.height} pixels "
                         f"(limit {MAX_IMAGE_PIXELS:,}); resize it first"
                     )
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb_array(image)
+                return _to_rgb_array(_upright(image))
     except ValueError:
         raise
-    except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Exception as exc:  # Pillow raises many types for damaged files (struct.error, IndexError, ...)
         raise ValueError(_decode_problem(exc)) from exc
+
+
+def _quiet_pillow_warnings() -> None:
+    """Inside warnings.catch_warnings(): a decompression-bomb warning becomes an error (a skip
+    reason), and Pillow's other warnings about a file ("Corrupt EXIF data ...", printed without the
+    file's name) are not printed: the file decodes, or its reason says why not."""
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. ImageOps.exif_transpose also rewrites the
+    EXIF block, and fails on one with a mistyped tag (a camera's text where a number belongs:
+    struct.error); the orientation is then applied here from the tag alone, or not at all when
+    even that cannot be read."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        try:
+            method = _ORIENTATION_TRANSPOSE.get(image.getexif().get(0x0112))
+        except Exception:
+            return image
+        return image.transpose(method) if method is not None else image
 
 
 _TOO_LARGE = f"image too large: over {MAX_IMAGE_PIXELS:,} pixels; resize it first"
@@ -237,7 +269,7 @@ def _check_image_header(data: bytes) -> str | None:
         return "not decodable: empty file (0 bytes)"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a reason, not a stderr line
+            _quiet_pillow_warnings()  # a decompression bomb is a reason, not a stderr line
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     return f"image too large: {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS:,}); resize it first"
@@ -272,13 +304,14 @@ def load_sample(
     except ValueError as exc:
         raise SampleError(str(exc)) from None
     source_path = Path(source).expanduser()
+    if not _is_utf8(str(source_path)):
+        raise SampleError(f"the path {_printable(str(source_path))} is not valid UTF-8 text (a folder named in another "
+                          "language's code page?); rename the folder")
     if not source_path.exists():
         raise SampleError(f"sample not found: {source_path} — give a folder of images or a .zip")
     if source_path.is_file():
         if not zipfile.is_zipfile(source_path):
-            raise SampleError(
-                f"{source_path.name} is not a zip archive — give a folder of images or a .zip file"
-            )
+            raise SampleError(_not_a_zip(source_path))
         if extract_to is None:
             extract_to = default_cache_dir() / "samples" / file_digest(source_path, "sha1")
         root, skipped = extract_zip_safely(source_path, extract_to)
@@ -288,12 +321,26 @@ def load_sample(
         raise SampleError(f"{source_path} is neither a folder nor a zip file")
 
     rows = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(root.rglob("*")):  # rglob does not enter linked folders: they are reported below
         relative = path.relative_to(root).as_posix()
         if _is_ignored(relative):
             continue
+        if path.is_dir():
+            if path.is_symlink():
+                skipped.append((_printable(str(path)), "linked folder: not followed (a link can lead outside the sample or "
+                                                       "into a loop); give that folder itself, or copy its images in"))
+            continue
+        if not _is_utf8(relative):  # pandas (and every table and CSV after it) cannot hold the name
+            skipped.append((_printable(str(path)), "unreadable name: not valid UTF-8 (a name from another language's "
+                                                   "code page, e.g. a zip unpacked on another system); rename it"))
+            continue
+        if path.is_symlink() and not path.exists():
+            skipped.append((str(path), "broken link: the file it points to does not exist"))
+            continue
+        if not path.is_file():  # a socket, a device, ...
+            continue
         if not path.name.lower().endswith(IMAGE_EXTENSIONS):
-            skipped.append((str(path), "not an image file: unsupported extension"))
+            skipped.append((str(path), _unsupported_extension(path.name)))
             continue
         try:
             age, gender, ethnicity = parse_utkface_name(path.name)
@@ -310,17 +357,14 @@ def load_sample(
             skipped.append((str(path), problem))
             continue
         image_id = hashlib.sha1(data).hexdigest()
-        rows.append((image_id, str(path.resolve()), path.name, age, gender, ethnicity))
+        rows.append((image_id, str(path.resolve()), path.name, age, gender, ethnicity, str(path), relative))
 
-    sample = pd.DataFrame(rows, columns=SAMPLE_COLUMNS[:-1])
+    sample = pd.DataFrame(rows, columns=[*SAMPLE_COLUMNS[:-1], "_found", "_relative"])
     sample, duplicates, duplicate_skips = _split_duplicates(sample, keep_duplicates)
+    sample = sample.drop(columns=["_found", "_relative"])
     skipped.extend(duplicate_skips)
     if sample.empty:
-        detail = f" ({len(skipped)} files skipped, e.g. {skipped[0][1]})" if skipped else ""
-        raise SampleError(
-            f"no usable labelled images in {source_path}{detail}. Images must be named "
-            "AGE_GENDER_RACE_DATETIME.jpg as in UTKFace."
-        )
+        raise SampleError(_nothing_usable(source_path, skipped))
     sample["age_band"] = assign_age_bands(sample["age"], age_band_edges)
     for column in ("age", "gender", "ethnicity"):
         sample[column] = sample[column].astype(int)
@@ -337,30 +381,86 @@ def load_sample(
 
 
 def _split_duplicates(sample: pd.DataFrame, keep_duplicates: bool):
-    first_path = sample.groupby("image_id")["path"].transform("first")
-    is_copy = sample["path"] != first_path
-    first = sample.drop_duplicates("image_id").set_index("image_id")
+    """Byte-identical files (copies, or links to one file: rows after the first with the same
+    image_id). Skips name each file as it was found (`_found`) and the kept copy by its path in
+    the sample (`_relative`), so two copies with the same name in two folders can be told apart."""
+    is_copy = sample.duplicated("image_id", keep="first")
+    first = sample[~is_copy].set_index("image_id")
     copies = sample[is_copy]
+    originals = first.loc[copies["image_id"]]
     labels = ["age", "gender", "ethnicity"]
-    same = (copies[labels].values == first.loc[copies["image_id"], labels].values).all(axis=1)
+    same = (copies[labels].values == originals[labels].values).all(axis=1)
     duplicates = pd.DataFrame(
-        {"path": copies["path"].values, "duplicate_of": first_path[is_copy].values, "same_labels": same}
+        {"path": copies["_found"].values, "duplicate_of": originals["_found"].values, "same_labels": same}
     )
     skips = []
     if not keep_duplicates:
         # Copies with other labels: which label is right cannot be told, so no copy is used.
         conflicting = set(copies["image_id"][~same])
-        for path, original, image_id in zip(copies["path"], first_path[is_copy], copies["image_id"]):
+        for path, original, image_id in zip(copies["_found"], originals["_relative"], copies["image_id"]):
             if image_id in conflicting:
-                skips.append((path, f"conflicting labels: byte-identical to {Path(original).name}, and the "
+                skips.append((path, f"conflicting labels: byte-identical to {original}, and the "
                                     "copies are not all labelled the same; no copy is used"))
             else:
-                skips.append((path, f"duplicate: byte-identical to {Path(original).name} (same labels)"))
+                skips.append((path, f"duplicate: byte-identical to {original} (same labels)"))
         first_of_conflict = ~is_copy & sample["image_id"].isin(conflicting)
-        for path in sample.loc[first_of_conflict, "path"]:
+        for path in sample.loc[first_of_conflict, "_found"]:
             skips.append((path, "conflicting labels: a byte-identical copy is labelled differently; no copy is used"))
         sample = sample[~is_copy & ~first_of_conflict]
     return sample, duplicates, skips
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """`text` with its undecodable bytes shown as U+FFFD, so it can go into tables and messages."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _unsupported_extension(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    what = f"unsupported extension {suffix}" if suffix else "no extension"
+    return f"not an image file: {what} (images must be {', '.join(IMAGE_EXTENSIONS)})"
+
+
+def _not_a_zip(path: Path) -> str:
+    """Why a file given as the sample cannot be opened as a zip, and what to do."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        return f"{path.name} cannot be read: {exc.strerror or exc}"
+    if head == b"PK\x03\x04":  # a zip's first entry, but no directory at the end: cut short
+        return (f"{path.name} is a damaged or incomplete zip (its end, where a zip lists its files, is missing — "
+                "an interrupted download or copy?); download or zip it again")
+    return f"{path.name} is not a zip archive — give a folder of images or a .zip file"
+
+
+# Skip categories that mean the file names, not the files, are the problem.
+_NAMING_REASONS = ("malformed name", "label out of range")
+
+
+def _nothing_usable(source_path: Path, skipped: list[tuple[str, str]]) -> str:
+    """The message for a sample without one usable image: the most common reason, and the naming
+    rule only when names are what is wrong (or nothing was found at all)."""
+    naming = "Images must be named AGE_GENDER_RACE_DATETIME.jpg as in UTKFace."
+    if not skipped:
+        return f"no usable labelled images in {source_path}: no image files found. {naming}"
+    reasons = pd.Series([reason for _, reason in skipped])
+    common = reasons.value_counts().index[0]
+    count = int((reasons == common).sum())
+    text = (f"no usable labelled images in {source_path}: {len(skipped)} file{'s' if len(skipped) != 1 else ''} "
+            f"skipped, {count} of them for \"{common}\"")
+    if common.split(":")[0] in _NAMING_REASONS:
+        text += f". {naming}"
+    return text
 
 
 def extract_zip_safely(
@@ -394,11 +494,14 @@ def extract_zip_safely(
             )
         planned, skipped = _plan_zip(entries)
         done = _read_marker(done_marker)
-        if done is not None:
+        if done is not None and _is_complete(target, planned, done):
             return target, skipped + done
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        # Unpacked into a folder of this process's own, then moved into place whole with its
+        # marker: another process reading the same zip at the same time (the CLI beside the app)
+        # never sees, or marks as finished, a half-written folder.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _prune_leftovers(target)
+        partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
         written, unpack_skips = 0, []
         try:
             for entry, relative in planned:
@@ -408,16 +511,66 @@ def extract_zip_safely(
                     written += _copy_bounded(archive, entry, destination, max_bytes - written)
                 except OSError as exc:  # e.g. a name this file system cannot hold: that entry only
                     unpack_skips.append((entry.filename, f"cannot be unpacked here: {exc.strerror or exc}"))
+            (partial / done_marker.name).write_text(json.dumps({"version": EXTRACTION_VERSION, "unpack_skips": unpack_skips}))
         except zipfile.BadZipFile as exc:
             shutil.rmtree(partial, ignore_errors=True)
             raise SampleError(f"{Path(zip_path).name} is corrupt: {exc}") from exc
         except Exception:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        done_marker.write_text(json.dumps({"version": EXTRACTION_VERSION, "unpack_skips": unpack_skips}))
+        _move_into_place(partial, target, planned)
     return target, skipped + unpack_skips
+
+
+def _is_complete(target: Path, planned, done: list[tuple[str, str]]) -> bool:
+    """Every planned entry that was not skipped while unpacking is in `target` at its full size
+    (a finished extraction whose files were since deleted or cut short is unpacked again)."""
+    not_unpacked = {name for name, _ in done}
+    for entry, relative in planned:
+        if entry.filename in not_unpacked:
+            continue
+        try:
+            if (target / relative).stat().st_size != entry.file_size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _move_into_place(partial: Path, target: Path, planned) -> None:
+    """Rename the finished `partial` folder to `target`. When `target` exists, it is kept if it is
+    a complete extraction (another process finished first), else moved aside and deleted."""
+    for _ in range(3):
+        try:
+            partial.rename(target)  # atomic; fails when target exists and is not empty
+            return
+        except OSError:
+            pass
+        done = _read_marker(target / ".facecheck-extracted")
+        if done is not None and _is_complete(target, planned, done):
+            shutil.rmtree(partial, ignore_errors=True)
+            return
+        aside = target.with_name(f"{target.name}.stale-{os.getpid()}-{time.time_ns()}")
+        try:
+            target.rename(aside)
+        except OSError:
+            continue  # another process moved it first: try again
+        shutil.rmtree(aside, ignore_errors=True)
+    raise SampleError(f"could not put the unpacked zip in place at {target}; close other programs using it and try again")
+
+
+# Unpacking folders of other processes older than this are leftovers of a crash or a kill.
+_LEFTOVER_SECONDS = 6 * 3600
+
+
+def _prune_leftovers(target: Path) -> None:
+    for pattern in (f"{target.name}.partial-*", f"{target.name}.stale-*", f"{target.name}.partial"):
+        for folder in target.parent.glob(pattern):
+            try:
+                if time.time() - folder.stat().st_mtime > _LEFTOVER_SECONDS or folder.name.endswith(".partial"):
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _read_marker(marker: Path) -> list[tuple[str, str]] | None:
@@ -454,15 +607,20 @@ def _plan_zip(entries) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[tuple[st
     for entry in entries:
         relative = _safe_member_path(entry)
         if relative is None:
-            skipped.append((entry.filename, "unsafe zip entry: path leaves the target folder or is a link"))
+            skipped.append((entry.filename, "unsafe zip entry: an absolute path, a '..' that leaves the folder, or a link; "
+                                            "not unpacked (zip the folder itself, so its entries have relative paths)"))
         elif _is_ignored(relative):
             continue
         elif relative.lower().endswith(".zip"):
             skipped.append((entry.filename, "a zip inside the zip: not opened; unzip it and give the folder or its own zip"))
         elif not relative.lower().endswith(IMAGE_EXTENSIONS):
-            skipped.append((entry.filename, "not an image file: unsupported extension"))
+            skipped.append((entry.filename, _unsupported_extension(relative)))
         elif entry.flag_bits & 0x1:
-            skipped.append((entry.filename, "not decodable: encrypted zip entry"))
+            skipped.append((entry.filename, "not decodable: encrypted zip entry (password-protected); zip it again without a password"))
+        elif entry.compress_type not in _ZIP_METHODS:
+            skipped.append((entry.filename, f"not decodable: zip compression method {entry.compress_type} "
+                                            f"({_ZIP_METHOD_NAMES.get(entry.compress_type, 'unknown')}) is not supported; "
+                                            "zip it again with the standard Deflate method"))
         elif entry.file_size > MAX_IMAGE_FILE_BYTES:
             skipped.append((entry.filename, _file_too_large(entry.file_size)))
         elif _name_key(relative) in seen:
@@ -478,6 +636,12 @@ def _plan_zip(entries) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[tuple[st
         if _name_key(relative) in folders:
             skipped.append((entry.filename, "zip entry clashes with a folder of the same name in the zip (kept the folder)"))
     return [(entry, relative) for entry, relative in planned if _name_key(relative) not in folders], skipped
+
+
+# Compression methods Python's zipfile unpacks (stored, Deflate, bzip2, LZMA); Windows' and
+# 7-Zip's Deflate64 (9), and others, it does not.
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+_ZIP_METHOD_NAMES = {9: "Deflate64", 10: "PKWARE imploding", 93: "Zstandard", 95: "XZ", 96: "JPEG", 97: "WavPack", 98: "PPMd", 99: "AES-encrypted"}
 
 
 def _file_too_large(size: int) -> str:
