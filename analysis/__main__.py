@@ -354,7 +354,10 @@ def format_summary(evaluation) -> str:
 
     slices = evaluation.tables["slices"]
     overall = slices[slices["slice_by"] == "overall"]
-    lines = ["", f"{'model':<28} {'gender accuracy (95% CI)':<28} {'age MAE, years (95% CI)':<26} age bias"]
+    n_evaluated, n_undecodable = int(overall["n"].iloc[0]), len(evaluation.run.skipped)
+    lines = ["", f"Evaluated on {n_evaluated} image{'s' if n_evaluated != 1 else ''}"
+             + (f" ({n_undecodable} more could not be decoded and were left out; see skipped.csv)" if n_undecodable else "") + ":",
+             f"{'model':<28} {'gender accuracy (95% CI)':<28} {'age MAE, years (95% CI)':<26} age bias"]
     for row in overall.itertuples():
         name = f"{row.model}: {evaluation.models[row.model].name}"[:27]
         acc = f"{row.gender_acc:.1%} {_interval(row.gender_acc_lo, row.gender_acc_hi, '.1%')}"

@@ -520,6 +520,22 @@ def test_upload_a_zipped_sample(synthetic_dir):
     assert "300 images read" in texts(at.sidebar.caption)
 
 
+def test_skipped_files_are_named_by_their_path_in_the_sample(synthetic_dir, tmp_path):
+    """The table showed bare names: a copy in a second folder read "X — byte-identical to X"."""
+    import shutil
+
+    folder = tmp_path / "faces"
+    shutil.copytree(synthetic_dir, folder / "UTKFace")
+    first = sorted((folder / "UTKFace").iterdir())[0]
+    (folder / "crop_part1").mkdir()
+    shutil.copy(first, folder / "crop_part1" / first.name)
+    at = new_app()
+    at.text_input(key="sample_path_0").input(str(folder)).run()
+    assert "120 images read · 1 skipped" in texts(at.sidebar.caption)
+    table = next(frame.value for frame in at.sidebar.dataframe if "reason" in frame.value.columns)
+    assert table.values.tolist() == [[f"crop_part1/{first.name}", f"duplicate: byte-identical to UTKFace/{first.name} (same labels)"]]
+
+
 def test_a_folder_can_be_chosen_again_after_a_zip_replaced_it(synthetic_dir):
     """Folder, then a zip upload, then the same folder typed again: the path box was left showing
     the folder and typing the same path did nothing."""

@@ -96,6 +96,28 @@ def test_one_model_and_overwrite_rules(model_files, synthetic_dir, tmp_path, cap
     assert sorted(p.name for p in unrelated.iterdir()) == ["thesis.tex"]
 
 
+def test_the_console_counts_what_was_evaluated_not_only_what_was_found(model_files, synthetic_dir, tmp_path, capsys):
+    """It said "120 labelled images found" and evaluated 119: a JPEG cut short passes the
+    reading check and fails only when decoded."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    victim = sorted(data.rglob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) * 7 // 10])  # cut short: decodes no more
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model-a", str(model_files[0]), "--data", str(data), "--out", str(out),
+                 "--bootstrap", "50", "--no-gradcam"]) == 0
+    captured = capsys.readouterr()
+    n_files = len(list(data.iterdir()))
+    assert f"Sample: {n_files} labelled images found" in captured.err
+    assert (f"Evaluated on {n_files - 1} images (1 more could not be decoded and were left out; see skipped.csv)"
+            in captured.out)
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert skipped[["path", "stage"]].values.tolist() == [[str(victim), "decoding"]]
+    assert skipped["reason"].iloc[0].startswith("not decodable: OSError: image file is truncated")
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
