@@ -18,6 +18,7 @@ source that does not exist, is not a folder or zip, or holds no usable image at 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -564,7 +565,8 @@ _LEFTOVER_SECONDS = 6 * 3600
 
 
 def _prune_leftovers(target: Path) -> None:
-    for pattern in (f"{target.name}.partial-*", f"{target.name}.stale-*", f"{target.name}.partial"):
+    name = glob.escape(target.name)
+    for pattern in (f"{name}.partial-*", f"{name}.stale-*", f"{name}.partial"):
         for folder in target.parent.glob(pattern):
             try:
                 if time.time() - folder.stat().st_mtime > _LEFTOVER_SECONDS or folder.name.endswith(".partial"):
