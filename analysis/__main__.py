@@ -57,6 +57,12 @@ def _add_model_options(parser: argparse.ArgumentParser, key: str, required: bool
         metavar="VALUES",
         help="age head is a softmax over classes with these ages: 'START:STOP' (e.g. 0:101) or a comma list",
     )
+    group.add_argument(
+        f"--age-scale-{k}",
+        metavar="SCALE",
+        help="how a 1-unit age output gives years: years, 100 or 116 (it predicts age/100 or age/116), "
+             "log (log-years); default: chosen on labelled images of the sample",
+    )
     group.add_argument(f"--input-size-{k}", metavar="HxW", help="input size when the model does not fix it, e.g. 128 or 128x96")
 
 
@@ -193,6 +199,7 @@ def _spec(args, key: str):
         gender_output=_parse_output(getattr(args, f"gender_output_{k}")),
         female_index=getattr(args, f"female_index_{k}"),
         age_class_values=_parse_age_classes(getattr(args, f"age_classes_{k}")),
+        age_scale=getattr(args, f"age_scale_{k}"),
         input_size=_parse_size(getattr(args, f"input_size_{k}")),
         allow_unsafe=args.allow_unsafe_model,
     )
@@ -350,7 +357,8 @@ def _interval(lo, hi, spec: str) -> str:
 def format_summary(evaluation) -> str:
     """A few readable lines: headline numbers per model with CIs, B − A if two models, the gender
     labels the models contradict, the largest gaps between groups."""
-    from analysis.report import comparison_sentence, held_out_text, label_check_text, training_overlap_lines
+    from analysis.report import (comparison_sentence, held_out_text, label_check_text, model_reading, notes_to_read,
+                                 training_overlap_lines)
 
     slices = evaluation.tables["slices"]
     overall = slices[slices["slice_by"] == "overall"]
@@ -366,6 +374,10 @@ def format_summary(evaluation) -> str:
     comparison = comparison_sentence(evaluation)
     if comparison:
         lines.append("\n" + comparison)
+    lines.append("\nHow each model was read (all of it in models.json):")
+    for key, loaded in evaluation.models.items():
+        lines.append(f"  {key}: {model_reading(loaded, evaluation.preprocessing_scores.get(key) is not None)}")
+        lines += [f"     note: {note}" for note in notes_to_read(loaded)]
     for text in training_overlap_lines(evaluation.training_overlap):
         lines.append("\nwarning: " + text)
     held_out = held_out_text(evaluation.training_overlap)

@@ -13,7 +13,7 @@ import pandas as pd
 from analysis import metrics
 from analysis.constants import DEFAULT_SEED
 from analysis.dataset import SampleResult, find_training_file, photo_key
-from analysis.models import LoadedModel, calibrate_preprocessing, check_gender_convention, load_model
+from analysis.models import LoadedModel, calibrate_preprocessing, check_age_scale, check_gender_convention, load_model
 from analysis.predict import PredictionRun, calibration_batch, predict_sample
 
 CALIBRATION_IMAGES = 64
@@ -31,6 +31,7 @@ class ModelSpec:
     female_index: int | None = None
     age_kind: str | None = None
     age_class_values: tuple[float, ...] | None = None
+    age_scale: str | None = None
     input_size: tuple[int, int] | None = None
     allow_unsafe: bool = False
 
@@ -70,19 +71,21 @@ class Evaluation:
 
 def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_SEED):
     """Load a model and, when its preprocessing is "auto", calibrate it on labelled sample images;
-    with a given preprocessing, only check on them that an inferred female column is not inverted.
+    with a given preprocessing, only check on them that an inferred female column is not inverted
+    and how a regression age output gives years (unless given).
 
     Returns (LoadedModel, scores table or None when no calibration was needed).
     """
     loaded = load_model(spec.path, **spec.load_kwargs())
     if spec.preprocessing != "auto":
-        if spec.female_index is not None:
+        scale_free = loaded.mapping.age_kind == "regression" and spec.age_scale is None
+        if spec.female_index is not None and not scale_free:
             return loaded, None  # nothing left to infer
         try:
-            images, _, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
+            images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
         except ValueError:  # no decodable image: evaluate says so with the skipped list
             return loaded, None
-        return check_gender_convention(loaded, images, genders), None
+        return check_gender_convention(check_age_scale(loaded, images, ages), images, genders), None
     images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
     return calibrate_preprocessing(loaded, images, ages, genders)
 

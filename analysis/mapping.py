@@ -8,6 +8,7 @@ the outputs and the options that settle it.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -78,12 +79,14 @@ class OutputMapping:
     output_names: tuple[str, ...]
     age_from_logits: bool = False
     gender_from_logits: bool = False
+    age_scale: str = "years"  # a regression age output's reading, see AGE_SCALES
 
     def to_dict(self) -> dict:
         return {
             "age_output": self.age_output,
             "age_output_name": self.output_names[self.age_output],
             "age_kind": self.age_kind,
+            "age_scale": self.age_scale,
             "age_class_values": None if self.age_class_values is None else list(self.age_class_values),
             "age_from_logits": self.age_from_logits,
             "gender_output": self.gender_output,
@@ -236,6 +239,41 @@ MAPPING_HELP = (
 )
 
 
+# How a regression age output turns into years: as it is, a fraction of 100 or 116 years (a
+# target divided by the largest age, often with a sigmoid), or log-years. The labelled images
+# decide unless the user says (age_scale= / --age-scale-a); any other "xN" can be given.
+AGE_SCALES: tuple[str, ...] = ("years", "x100", "x116", "log")
+AGE_SCALE_WORDS = {"years": "years as they are", "log": "log-years (age = exp(output))"}
+
+
+def age_scale_words(scale: str) -> str:
+    return AGE_SCALE_WORDS.get(scale) or f"a fraction of {scale[1:]} years (age = output × {scale[1:]})"
+
+
+def parse_age_scale(value) -> str:
+    """"years", "log", or a multiplier ("x100", "100", 100, "×116") → its canonical name."""
+    text = str(value).strip().lower().replace("×", "x")
+    if text in ("years", "log"):
+        return text
+    try:
+        factor = float(text.removeprefix("x"))
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise ModelLoadError(f"age scale must be 'years', 'log' or a positive multiplier such as 100 or 116, got {value!r}")
+    return f"x{factor:g}"
+
+
+def apply_age_scale(raw, scale: str) -> np.ndarray:
+    """Years from a regression age output read with `scale` (see AGE_SCALES)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if scale == "years":
+        return raw
+    if scale == "log":
+        return np.exp(np.clip(raw, -50.0, 50.0))
+    return raw * float(scale[1:])
+
+
 def female_index_hint(value: int) -> str:
     """How to set the female column, in the library and on the command line (either model's slot)."""
     return f"female_index={value} (command line: --female-index-a {value}, or --female-index-b {value} for model B)"
@@ -251,6 +289,7 @@ def infer_mapping(
     age_kind=None,
     age_class_values=None,
     gender_kind=None,
+    age_scale=None,
 ) -> tuple[OutputMapping, list[str]]:
     """Decide which output is age and which is gender: by name first, then by shape and activation.
 
@@ -326,9 +365,13 @@ def infer_mapping(
         if age_info.units != 1:
             fail(f"A regression age output needs 1 unit, but '{age_info.name}' has {age_info.units}")
         values = None
-        if age_info.activation == "sigmoid":
-            notes.append(f"age output '{age_info.name}' ends in a sigmoid: its values are read as years as they are")
+        if age_info.activation == "sigmoid" and age_scale is None:
+            notes.append(f"age output '{age_info.name}' ends in a sigmoid (0–1): not years as they are; labelled "
+                         "images decide between age/100 and age/116 (or give age_scale= / --age-scale-a)")
     else:
+        if age_scale is not None:
+            fail(f"An age scale ({age_scale}) applies to a regression age output, not to one over classes "
+                 f"('{age_info.name}'); give the class ages instead")
         if values is None:
             values = KNOWN_AGE_CLASSES.get(age_info.units)
             if values is None:
@@ -355,7 +398,7 @@ def infer_mapping(
         fail(f"The gender output '{gender_info.name}' is a log-softmax over 1 unit (always 0): it carries no information")
     gender_from_logits = gender_info.activation in _LOGIT_ACTIVATIONS
     if gender_from_logits:
-        notes.append(f"gender output {_LOGIT_ACTIVATIONS[gender_info.activation]}: {gender_kind} applied")
+        notes.append(f"gender values {_LOGIT_ACTIVATIONS[gender_info.activation]}: {gender_kind} applied")
     elif gender_info.activation not in ("sigmoid", "softmax", "unknown"):
         notes.append(
             f"gender output '{gender_info.name}' ends in {gender_info.activation}, not a probability: "
@@ -388,5 +431,6 @@ def infer_mapping(
         output_names=tuple(o.name for o in outputs),
         age_from_logits=age_from_logits,
         gender_from_logits=gender_from_logits,
+        age_scale="years" if age_scale is None else parse_age_scale(age_scale),
     )
     return mapping, notes

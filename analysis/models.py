@@ -44,12 +44,15 @@ from analysis.keras2 import tf_op_affine, tf_op_reverses_channels
 from analysis.metrics import gender_correct
 from analysis.mapping import (
     AGE_KINDS,
+    AGE_SCALES,
     DEFAULT_FEMALE_INDEX,
     GENDER_KINDS,
     KNOWN_AGE_CLASSES,
     PASS_THROUGH_LAYERS,
     OutputInfo,
     OutputMapping,
+    age_scale_words,
+    apply_age_scale,
     describe_outputs,
     female_index_hint,
     infer_mapping,
@@ -59,7 +62,7 @@ __all__ = [
     "AGE_KINDS", "DEFAULT_FEMALE_INDEX", "DEFAULT_INPUT_SIZE", "GENDER_KINDS", "KNOWN_AGE_CLASSES",
     "LUMA_WEIGHTS", "PRESETS", "PRESET_DESCRIPTIONS", "SETTINGS_VERSION",
     "LoadedModel", "ModelLoadError", "OutputInfo", "OutputMapping",
-    "calibrate_preprocessing", "check_gender_convention", "describe_outputs", "detect_preprocessing_inside", "file_sha256",
+    "calibrate_preprocessing", "check_age_scale", "check_gender_convention", "describe_outputs", "detect_preprocessing_inside", "file_sha256",
     "infer_mapping", "load_model",
 ]
 
@@ -167,7 +170,7 @@ class LoadedModel:
         gender_raw = gender_raw.reshape(n, -1)
 
         if m.age_kind == "regression":
-            age = age_raw[:, 0]
+            age = apply_age_scale(age_raw[:, 0], m.age_scale)
         else:
             values = np.asarray(m.age_class_values, dtype=np.float64)
             if age_raw.shape[1] != len(values):
@@ -252,6 +255,7 @@ class LoadedModel:
             "age": {
                 "output": m.output_names[m.age_output],
                 "kind": m.age_kind,
+                "scale": m.age_scale if m.age_kind == "regression" else None,
                 "from_logits": m.age_from_logits,
                 "class_values": None
                 if age_values is None
@@ -269,9 +273,9 @@ class LoadedModel:
 
     def with_settings(self, **changes) -> "LoadedModel":
         """A copy with overrides: name, preprocessing, input_size, age_output, gender_output,
-        female_index, age_kind, age_class_values, gender_kind. Changing an output re-infers its kind."""
+        female_index, age_kind, age_class_values, gender_kind, age_scale. Changing an output re-infers its kind."""
         allowed = {"name", "preprocessing", "input_size", "age_output", "gender_output", "female_index",
-                   "age_kind", "age_class_values", "gender_kind"}
+                   "age_kind", "age_class_values", "gender_kind", "age_scale"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"unknown setting(s) {sorted(unknown)}; choose from {sorted(allowed)}")
@@ -284,7 +288,7 @@ class LoadedModel:
             notes = [n for n in notes if not n.startswith(_PROVISIONAL_NOTE_START)]
         if changes.get("input_size") is not None:
             updates["input_size"] = _resolve_input_size(self.declared_input_shape, changes["input_size"], [])
-        mapping_keys = {"age_output", "gender_output", "female_index", "age_kind", "age_class_values", "gender_kind"}
+        mapping_keys = {"age_output", "gender_output", "female_index", "age_kind", "age_class_values", "gender_kind", "age_scale"}
         if any(changes.get(k) is not None for k in mapping_keys):
             m = self.mapping
             age_changed = changes.get("age_output") is not None
@@ -297,6 +301,9 @@ class LoadedModel:
                 "age_class_values": changes.get("age_class_values")
                 or (None if age_changed or changes.get("age_kind") == "regression" else m.age_class_values),
                 "gender_kind": changes.get("gender_kind") or (None if gender_changed else m.gender_kind),
+                # a scale chosen on labelled images stays until the age output or its kind changes
+                "age_scale": changes.get("age_scale") or (
+                    None if age_changed or changes.get("age_kind") or m.age_kind != "regression" else m.age_scale),
             }
             updates["mapping"], _ = infer_mapping(self.outputs, model_label=self.name, **overrides)
             if changes.get("female_index") is not None:
@@ -318,6 +325,7 @@ def load_model(
     female_index=None,
     age_kind=None,
     age_class_values=None,
+    age_scale=None,
     input_size=None,
     allow_unsafe=False,
 ) -> LoadedModel:
@@ -326,7 +334,9 @@ def load_model(
     Every keyword overrides one inferred field (None / "auto" = infer):
     `preprocessing` one of PRESETS; `age_output` / `gender_output` an output name or index;
     `female_index` 0 or 1; `age_kind` "regression" or "classes"; `age_class_values` the age in years
-    of each class of a softmax age head; `input_size` (height, width) or an int, needed only when the
+    of each class of a softmax age head; `age_scale` how a regression age output gives years
+    ("years", "x100" / "x116" for age/100 or age/116, "log" for log-years; inferred on labelled
+    images by calibrate_preprocessing / check_age_scale); `input_size` (height, width) or an int, needed only when the
     model accepts any size. `allow_unsafe=True` permits Lambda layers, i.e. runs code stored in the file.
     Raises ModelLoadError (a ValueError) with a readable message for anything it cannot load or map.
     """
@@ -350,6 +360,7 @@ def load_model(
         female_index=female_index,
         age_kind=age_kind,
         age_class_values=None if age_class_values is None else tuple(float(v) for v in age_class_values),
+        age_scale=age_scale,
     )
     notes += mapping_notes
 
@@ -371,7 +382,7 @@ def load_model(
 
     given = {  # how to read the model (the name is a label, not one of these)
         "age_output": age_output, "gender_output": gender_output, "female_index": female_index,
-        "age_kind": age_kind, "age_class_values": age_class_values, "input_size": input_size,
+        "age_kind": age_kind, "age_class_values": age_class_values, "age_scale": age_scale, "input_size": input_size,
         "preprocessing": None if preprocessing in (None, "auto") else preprocessing,
     }
     loaded = LoadedModel(
@@ -634,11 +645,16 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
             f"got {len(images)}, {len(ages)}, {len(genders)}"
         )
     free_female_index = "female_index" not in loaded.user_settings
+    free_scale = _age_scale_free(loaded)
+    as_read = dataclasses.replace(loaded.mapping, age_scale="years") if free_scale else loaded.mapping
 
-    rows, per_image, needs_flip = [], {}, []
+    rows, per_image, needs_flip, scales = [], {}, [], {}
     for preset in PRESETS:
-        candidate = dataclasses.replace(loaded, preprocessing=preset)
+        candidate = dataclasses.replace(loaded, preprocessing=preset, mapping=as_read)
         age_pred, p_female = candidate.predict_batch(images)
+        if free_scale:  # each preset is judged with the age reading that suits it best
+            scales[preset] = _pick_age_scale(age_pred, ages)
+            age_pred = apply_age_scale(age_pred, scales[preset][0])
         finite = bool(np.isfinite(age_pred).all() and np.isfinite(p_female).all())
         correct = gender_correct(p_female, genders)
         abs_err = np.abs(age_pred - ages)
@@ -648,7 +664,8 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         # A preset under which the female column would be flipped is ranked on its flipped accuracy.
         flips = free_female_index and finite and _convention_inverted(correct, genders) is not None
         needs_flip.append(flips)
-        rows.append({"preset": preset, "gender_acc": acc, "age_mae": mae})
+        rows.append({"preset": preset, "gender_acc": acc, "age_mae": mae,
+                     "age_scale": scales[preset][0] if free_scale else loaded.mapping.age_scale})
     table = pd.DataFrame(rows)
     inside_preset = loaded.preprocessing if loaded.preprocessing_inside else None
     table["inside"] = table["preset"] == inside_preset
@@ -697,16 +714,76 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
                 f"({CLEAR_EVIDENCE}): if you know how the model was fed, give its preprocessing "
                 "(preprocessing= / --preprocessing-a)"
             )
+    base = loaded.mapping
+    if free_scale:
+        scale, years_mae, scaled_mae = scales[preset]
+        base = dataclasses.replace(loaded.mapping, age_scale=scale)
+        if scale != "years":
+            notes.append(_age_scale_note(loaded, scale, len(images), years_mae, scaled_mae))
     correct = per_image[preset][0] if per_image[preset] is not None else None
-    mapping, flip_note = _gender_convention(loaded.mapping, correct, genders, free_female_index)
-    if mapping is not loaded.mapping:
+    mapping, flip_note = _gender_convention(base, correct, genders, free_female_index)
+    if mapping is not base:
         table["gender_acc"] = 1.0 - table["gender_acc"]
         notes = _without_convention_notes(notes) + [flip_note + "; gender accuracies in the table use it"]
     elif flip_note:
         notes.append(flip_note)
     updated = dataclasses.replace(loaded, preprocessing=preset, mapping=mapping, notes=tuple(notes))
-    columns = ["preset", "gender_acc", "age_mae", "combined_rank", "inside", "chosen"]
+    columns = ["preset", "gender_acc", "age_mae", "age_scale", "combined_rank", "inside", "chosen"]
     return updated, table[columns]
+
+
+# A regression age output is read other than as years only when that fits the labels clearly
+# better: at most this share of the as-years MAE, and a paired Wilcoxon test at p < 0.01. A model
+# in years read ×100 or as log-years is off by orders of magnitude, so the rule is never close.
+AGE_SCALE_MAX_MAE_RATIO = 0.7
+
+
+def _age_scale_free(loaded: LoadedModel) -> bool:
+    return loaded.mapping.age_kind == "regression" and "age_scale" not in loaded.user_settings
+
+
+def _pick_age_scale(age_as_read, ages) -> tuple[str, float, float]:
+    """(scale, MAE read as years, MAE read with that scale) for a regression age output's values
+    on labelled images: the reading in AGE_SCALES with the lowest MAE, if clearly better than
+    years as they are (AGE_SCALE_MAX_MAE_RATIO and a paired test), else "years"."""
+    from scipy import stats
+
+    raw, ages = np.asarray(age_as_read, np.float64), np.asarray(ages, np.float64)
+    keep = np.isfinite(raw)
+    raw, ages = raw[keep], ages[keep]
+    if len(raw) == 0:
+        return "years", math.nan, math.nan
+    errors = {scale: np.abs(apply_age_scale(raw, scale) - ages) for scale in AGE_SCALES}
+    years = errors["years"]
+    best = min(AGE_SCALES, key=lambda scale: float(np.mean(errors[scale])))
+    gain = years - errors[best]
+    if best != "years" and np.mean(errors[best]) <= AGE_SCALE_MAX_MAE_RATIO * np.mean(years) and np.any(gain != 0) \
+            and stats.wilcoxon(gain, alternative="greater").pvalue < 0.01:
+        return best, float(np.mean(years)), float(np.mean(errors[best]))
+    return "years", float(np.mean(years)), float(np.mean(years))
+
+
+def _age_scale_note(loaded: LoadedModel, scale: str, n: int, years_mae: float, scaled_mae: float) -> str:
+    name = loaded.mapping.output_names[loaded.mapping.age_output]
+    return (f"age output '{name}' read as {age_scale_words(scale)}: on {n} labelled images that gave age MAE "
+            f"{scaled_mae:.2f} against {years_mae:.2f} read as years; override with age_scale= / --age-scale-a")
+
+
+def check_age_scale(loaded: LoadedModel, images, ages) -> LoadedModel:
+    """For a model whose preprocessing is set (no calibration): choose how its regression age output
+    gives years on labelled images, as calibrate_preprocessing does (see _pick_age_scale). A scale
+    given by the user is never changed."""
+    ages = np.asarray(ages, dtype=np.float64)
+    if not _age_scale_free(loaded) or len(ages) == 0:
+        return loaded
+    probe = dataclasses.replace(loaded, mapping=dataclasses.replace(loaded.mapping, age_scale="years"))
+    age_as_read, _ = probe.predict_batch(images)
+    scale, years_mae, scaled_mae = _pick_age_scale(age_as_read, ages)
+    if scale == loaded.mapping.age_scale:
+        return loaded
+    return dataclasses.replace(
+        loaded, mapping=dataclasses.replace(loaded.mapping, age_scale=scale),
+        notes=loaded.notes + (_age_scale_note(loaded, scale, len(ages), years_mae, scaled_mae),))
 
 
 # The female column can only be judged on labelled images of both genders: on an all-female

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -684,6 +685,42 @@ def _write_tables(evaluation, folder: Path) -> list[tuple[str, str]]:
     return index
 
 
+def model_reading(loaded, calibrated: bool, quote: str = "'") -> str:
+    """How a model is read, in one line: "64×64 colour · rgb_0_255 (chosen on the sample) · age:
+    regression 'age' × 100 · gender: sigmoid 'gender', female = 1". `calibrated`: the
+    preprocessing was chosen on labelled images; `quote` wraps output names (a backtick in Markdown)."""
+    m = loaded.mapping
+    height, width = loaded.input_size
+    colour = "grey" if loaded.channels == 1 else "colour"
+    if "preprocessing" in loaded.user_settings:
+        how = "set by you"
+    elif loaded.preprocessing_inside:
+        how = "from the model's own scaling layer"
+    else:
+        how = "chosen on the sample" if calibrated else "assumed"
+    age = f"{m.age_kind} {quote}{m.output_names[m.age_output]}{quote}"
+    if m.age_kind == "regression" and m.age_scale != "years":
+        age += " as log-years" if m.age_scale == "log" else f" × {m.age_scale[1:]}"
+    gender = f"{m.gender_kind} {quote}{m.output_names[m.gender_output]}{quote}, female = {m.female_index}"
+    return f"{height}×{width} {colour} · {loaded.preprocessing} ({how}) · age: {age} · gender: {gender}"
+
+
+# Notes of routine inferences (an output found by its name, the preprocessing a layer declares,
+# UTKFace's gender convention assumed); the others are worth the user's attention.
+_ROUTINE_NOTE_PATTERNS = (
+    r"^(age|gender) output '.*' found by ",
+    r"^preprocessing inside the model ",
+    r"^preprocessing \S+ chosen by calibration ",
+    r"^assumed (the sigmoid gives P\(female\)|gender column 1 = female) ",
+    r"^age output has \d+ classes: read as ages ",
+)
+
+
+def notes_to_read(loaded) -> list[str]:
+    """The loader's notes about `loaded` that a user should read (not the routine ones)."""
+    return [note for note in loaded.notes if not any(re.match(p, note) for p in _ROUTINE_NOTE_PATTERNS)]
+
+
 def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
     lines = ["# Age and gender model evaluation report", ""]
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -695,7 +732,11 @@ def _readme(evaluation, index: list[tuple[str, str]], notes: list[str]) -> str:
         "## Models",
         "",
     ]
-    lines += [f"- **{key}**: {m.name} (`{Path(m.path).name}`, sha256 `{m.file_sha256[:12]}…`)" for key, m in evaluation.models.items()]
+    for key, m in evaluation.models.items():
+        calibrated = evaluation.preprocessing_scores.get(key) is not None
+        lines.append(f"- **{key}**: {m.name} (`{Path(m.path).name}`, sha256 `{m.file_sha256[:12]}…`): "
+                     f"{model_reading(m, calibrated, '`')}")
+        lines += [f"  - {note}" for note in notes_to_read(m)]
     slices = evaluation.tables.get("slices")
     if slices is not None:
         overall = slices[slices["slice_by"] == "overall"]

@@ -14,6 +14,8 @@ import pandas as pd
 import streamlit as st
 
 from analysis.constants import MODEL_KEYS
+from analysis.mapping import AGE_SCALES, age_scale_words
+from analysis.report import model_reading
 from app import state, uploads
 
 ROLE = {"A": "baseline", "B": "compared"}
@@ -251,23 +253,7 @@ def render_model_header(slot: str, choice: state.ModelChoice | None, loaded, sco
     shown = f" · shown as **{choice.label}**" if choice.label else ""
     st.markdown(f"**Model {slot}** · {ROLE[slot]} :{colour}-badge[{badge}]  \n`{choice.name}`{shown}")
     if loaded is not None:
-        st.caption(model_summary(loaded, scores))
-
-
-def model_summary(loaded, scores) -> str:
-    """One line: "64×64 colour · rgb_0_255 (chosen on the sample) · age: regression `age` · gender: ..."."""
-    m = loaded.mapping
-    height, width = loaded.input_size
-    colour = "grey" if loaded.channels == 1 else "colour"
-    if "preprocessing" in loaded.user_settings:
-        how = "set by you"
-    elif loaded.preprocessing_inside:
-        how = "from the model's own scaling layer"
-    else:
-        how = "chosen on the sample" if scores is not None else "assumed"
-    age = f"{m.age_kind} `{m.output_names[m.age_output]}`"
-    gender = f"{m.gender_kind} `{m.output_names[m.gender_output]}`, female = {m.female_index}"
-    return f"{height}×{width} {colour} · {loaded.preprocessing} ({how}) · age: {age} · gender: {gender}"
+        st.caption(model_reading(loaded, scores is not None, "`"))
 
 
 def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
@@ -278,7 +264,8 @@ def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
         ("file", f"{loaded.file_format} · sha256 {loaded.file_sha256[:12]}…"),
         ("input", f"{loaded.input_size[0]}×{loaded.input_size[1]}, {loaded.channels} channel(s); declared {list(loaded.declared_input_shape)}"),
         ("preprocessing", f"{loaded.preprocessing}: {PRESET_DESCRIPTIONS[loaded.preprocessing]}"),
-        ("age output", f"{m.output_names[m.age_output]} ({m.age_kind}{', from logits' if m.age_from_logits else ''})"),
+        ("age output", f"{m.output_names[m.age_output]} ({m.age_kind}{', from logits' if m.age_from_logits else ''}"
+                       + (f", read as {age_scale_words(m.age_scale)}" if m.age_kind == "regression" else "") + ")"),
         ("gender output", f"{m.output_names[m.gender_output]} ({m.gender_kind}{', from logits' if m.gender_from_logits else ''}); female index {m.female_index}"),
         ("set by you", ", ".join(loaded.user_settings) or "nothing: all inferred"),
     ]
@@ -332,6 +319,12 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
         classes = given.get("age_class_values") or ()
         first_age = left.number_input("Age classes from", 0, 120, int(classes[0]) if classes else 0, help="Only for an age head over classes.")
         last_age = right.number_input("…to (inclusive)", 0, 120, int(classes[-1]) if classes else 100)
+        scales = [inferred, *AGE_SCALES]
+        age_scale = left.selectbox(
+            "Age scale", scales, index=_index(scales, given.get("age_scale")),
+            help="How a 1-unit age output gives years: years as they are, x100 / x116 for a model trained on "
+                 "age/100 or age/116, log for log-years. Inferred: chosen on labelled images of the sample.",
+        )
         size = given.get("input_size") or (0, 0)
         height = left.number_input("Input height", 0, 1024, int(size[0]), help="0 = the model's own size.")
         width = right.number_input("Input width", 0, 1024, int(size[1]))
@@ -341,6 +334,8 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
     problems = []
     if age_kind == "classes" and last_age <= first_age:
         problems.append(f"age classes from {first_age} to {last_age}: the last age must be above the first")
+    if age_kind == "classes" and age_scale != inferred:
+        problems.append("an age scale applies to a regression age head, not to one over classes")
     if bool(height) != bool(width):
         problems.append("give both the input height and width (or 0 for both: the model's own size)")
     if problems:  # refused as a whole: nothing half-applied
@@ -352,6 +347,7 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
         "gender_output": _output_choice(gender_output, inferred),
         "female_index": None if female_index == inferred else int(female_index),
         "age_kind": None if age_kind == inferred else age_kind,
+        "age_scale": None if age_scale == inferred else age_scale,
         "age_class_values": tuple(float(v) for v in range(int(first_age), int(last_age) + 1))
         if age_kind == "classes" and last_age > first_age
         else None,

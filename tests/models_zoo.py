@@ -96,7 +96,7 @@ def heads_model(
     return keras.Model(inputs, outputs, name="tiny_age_gender")
 
 
-def preset_model(preset: str, *, inside: bool = False, flipped_gender: bool = False, size=(12, 12)):
+def preset_model(preset: str, *, inside: bool = False, flipped_gender: bool = False, size=(12, 12), age_divisor: float = 1.0):
     """Fixed-weight model that is right only when fed with `preset` (labels from `preset_images`).
 
     After the preset's scaling, let R, G, B be each channel's mean mapped back to [0, 1]. Ground
@@ -104,15 +104,19 @@ def preset_model(preset: str, *, inside: bool = False, flipped_gender: bool = Fa
     order breaks age (and gender), another scaling breaks age. With inside=True the model starts with
     Rescaling(1/255) and `preset` describes what it wants after that layer (so it wants raw 0–255).
     flipped_gender=True: the sigmoid gives P(male) instead of P(female).
+    age_divisor: the age output is age / age_divisor (a model trained on ages divided by 100 or 116).
     """
     scale, offset = {"0_255": (1 / 255, 0.0), "0_1": (1.0, 0.0), "-1_1": (0.5, 0.5)}[preset.split("_", 1)[1]]
     red, green, blue = (0, 1, 2) if preset.startswith("rgb") else (2, 1, 0)
     inputs = keras.Input((*size, 3), name="image")
     x = layers.Rescaling(1 / 255, name="rescale")(inputs) if inside else inputs
     means = layers.GlobalAveragePooling2D(name="pool")(x)  # (n, 3)
-    age_layer = layers.Dense(1, name="age")
+    age_layer = layers.Dense(1, name="age" if age_divisor == 1 else "age_years")
     gender_layer = layers.Dense(1, activation="sigmoid", name="gender")
-    model = keras.Model(inputs, {"age": age_layer(means), "gender": gender_layer(means)})
+    age = age_layer(means)
+    if age_divisor != 1:
+        age = layers.Rescaling(1 / age_divisor, name="age")(age)
+    model = keras.Model(inputs, {"age": age, "gender": gender_layer(means)})
     age_kernel = np.zeros((3, 1), np.float32)
     age_kernel[red, 0] = 80 * scale
     sign = -1.0 if flipped_gender else 1.0

@@ -636,6 +636,21 @@ def test_overrides_reload_the_model_with_the_given_preprocessing():
     assert_headlines(at)
 
 
+def test_the_age_scale_can_be_given_and_is_shown():
+    at = new_app()
+    [s for s in at.sidebar.selectbox if s.label == "Age scale"][0].set_value("x100")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    assert_clean(at)
+    assert at.session_state["models"]["A"].overrides == (("age_scale", "x100"),)
+    assert "age: regression `age` × 100" in texts(at.sidebar.caption)
+    # Contradictory: a scale for an age head over classes.
+    [s for s in at.sidebar.selectbox if s.label == "Age head"][1].set_value("classes")
+    [s for s in at.sidebar.selectbox if s.label == "Age scale"][1].set_value("log")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][1].click().run()
+    assert "an age scale applies to a regression age head" in texts(at.sidebar.error)
+    assert at.session_state["models"]["B"].overrides == ()
+
+
 def test_contradictory_overrides_are_refused_whole_with_a_message():
     at = new_app()
     [s for s in at.sidebar.selectbox if s.label == "Age head"][0].set_value("classes")

@@ -40,6 +40,9 @@ def test_evaluate_two_models_writes_tables_that_match_sklearn(model_files, synth
     assert code == 0
     printed = capsys.readouterr().out
     assert "gender accuracy" in printed and "B − A" in printed
+    # How each model was read: the preprocessing found in A, the one given for B, B's outputs.
+    assert "  A: 24×24 colour · rgb_0_255 (from the model's own scaling layer) · age: regression 'age'" in printed
+    assert "  B: 20×20 colour · rgb_0_1 (set by you) · age: regression 'age_output'" in printed
 
     preds = pd.read_csv(out / "tables" / "predictions.csv")
     summary = json.loads((out / "summary.json").read_text())
@@ -75,6 +78,21 @@ def test_evaluate_two_models_writes_tables_that_match_sklearn(model_files, synth
     assert provenance["sample"]["n_images"] == 120 and provenance["bootstrap_resamples"] == 200
     assert provenance["sample"]["age_band_edges"] == [0, 3, 10, 20, 30, 40, 50, 60, 70]  # the default bands
     assert not (out / ".incomplete").exists()
+
+
+def test_an_age_scale_given_on_the_command_line_is_used_and_a_bad_one_refused(model_files, synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "scaled"
+    base = ["evaluate", "--model-a", str(model_files[0]), "--data", str(synthetic_dir), "--bootstrap", "50", "--no-gradcam"]
+    assert main(base + ["--out", str(out), "--age-scale-a", "116"]) == 0
+    assert "age: regression 'age' × 116" in capsys.readouterr().out
+    models = json.loads((out / "models.json").read_text())
+    assert models["A"]["describe"]["age"]["scale"] == "x116"
+    assert main(base + ["--out", str(tmp_path / "years"), "--age-scale-a", "years"]) == 0
+    scaled = pd.read_csv(out / "tables" / "predictions.csv")
+    as_years = pd.read_csv(tmp_path / "years" / "tables" / "predictions.csv")
+    np.testing.assert_allclose(scaled["age_pred_A"], 116 * as_years["age_pred_A"], rtol=1e-5)
+    assert main(base + ["--out", str(tmp_path / "bad"), "--age-scale-a", "decades"]) == 2
+    assert "age scale must be 'years', 'log' or a positive multiplier" in capsys.readouterr().err
 
 
 def test_one_model_and_overwrite_rules(model_files, synthetic_dir, tmp_path, capsys):

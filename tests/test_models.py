@@ -928,7 +928,7 @@ def test_calibration_recovers_the_preset_the_model_needs(tmp_path, true_preset):
     calibrated, scores = calibrate_preprocessing(loaded, images, ages, genders)
 
     assert calibrated.preprocessing == true_preset
-    assert list(scores.columns) == ["preset", "gender_acc", "age_mae", "combined_rank", "inside", "chosen"]
+    assert list(scores.columns) == ["preset", "gender_acc", "age_mae", "age_scale", "combined_rank", "inside", "chosen"]
     assert list(scores["preset"]) == list(PRESETS) and scores["chosen"].sum() == 1
     best = scores.set_index("preset").loc[true_preset]
     assert best["chosen"] and best["gender_acc"] == 1.0 and best["age_mae"] < 0.5
@@ -943,6 +943,73 @@ def test_calibration_recovers_the_preset_the_model_needs(tmp_path, true_preset):
     assert any(f"preprocessing {true_preset} chosen by calibration" in n for n in calibrated.notes)
     assert loaded.preprocessing == "rgb_0_1"  # provisional; the input LoadedModel is unchanged
     assert (calibrated.cache_key() != loaded.cache_key()) == (true_preset != "rgb_0_1")
+
+
+@pytest.mark.parametrize("divisor", [100, 116])
+def test_an_age_output_in_fractions_of_a_lifetime_is_read_in_years(tmp_path, divisor):
+    """A model trained on age / 100 was read as years: MAE ~33, and those nonsense age ranks
+    outvoted the right preprocessing's clear gender lead in calibration."""
+    from analysis.evaluation import ModelSpec, prepare_model
+
+    path = save(preset_model("rgb_0_1", age_divisor=divisor), tmp_path)
+    images, ages, genders = preset_images()
+    loaded = load_model(path)
+    assert loaded.mapping.age_scale == "years"  # nothing known before labelled images are seen
+    calibrated, scores = calibrate_preprocessing(loaded, images, ages, genders)
+    assert calibrated.preprocessing == "rgb_0_1" and calibrated.mapping.age_scale == f"x{divisor}"
+    age_pred, _ = calibrated.predict_batch(images)
+    assert np.mean(np.abs(age_pred - ages)) < 0.5
+    raw, _ = loaded.with_settings(preprocessing="rgb_0_1").predict_batch(images)  # as years: ~0.05–0.9
+    assert np.mean(np.abs(raw - ages)) > 20
+    assert scores.set_index("preset").loc["rgb_0_1", "age_scale"] == f"x{divisor}"
+    assert any(f"read as a fraction of {divisor} years" in note for note in calibrated.notes)
+    assert calibrated.cache_key() != loaded.with_settings(preprocessing="rgb_0_1").cache_key()
+    # With the preprocessing given there is no calibration; the scale is still found.
+    prepared, _ = prepare_model(ModelSpec(path=str(path), preprocessing="rgb_0_1"), _sample_table(tmp_path, images, ages, genders))
+    assert prepared.mapping.age_scale == f"x{divisor}"
+    # A scale the user gives is kept as given, even a wrong one.
+    told = load_model(path, age_scale="log")
+    assert "age_scale" in told.user_settings
+    kept, _ = calibrate_preprocessing(told, images, ages, genders)
+    assert kept.mapping.age_scale == "log"
+    assert kept.with_settings(female_index=1).mapping.age_scale == "log"
+
+
+def _sample_table(folder, images, ages, genders):
+    """A Sample table over PNG copies of `images` (for prepare_model)."""
+    from PIL import Image
+
+    rows = []
+    for i, (image, age, gender) in enumerate(zip(images, ages, genders)):
+        path = folder / f"{i}.png"
+        Image.fromarray(image).save(path)
+        rows.append({"image_id": str(i), "path": str(path), "age": float(age), "gender": int(gender), "ethnicity": 0})
+    return pd.DataFrame(rows)
+
+
+def test_the_age_scale_rule_picks_log_years_and_leaves_years_alone():
+    from analysis.models import _pick_age_scale
+
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(1, 90, 64)
+    assert _pick_age_scale(np.log(ages) + rng.normal(0, 0.1, 64), ages)[0] == "log"
+    assert _pick_age_scale(ages + rng.normal(0, 8, 64), ages)[0] == "years"
+    assert _pick_age_scale(ages / 116 + rng.normal(0, 0.05, 64), ages)[0] == "x116"
+    # A model that is simply bad in years is not "rescued" by a reading: ×100 of years is worse.
+    weak = np.full(64, 30.0) + rng.normal(0, 3, 64)
+    assert _pick_age_scale(weak, ages)[0] == "years"
+
+
+@pytest.mark.parametrize("value, expected", [("100", "x100"), (116, "x116"), ("×120", "x120"), ("LOG", "log"), ("years", "years")])
+def test_age_scale_values(value, expected):
+    from analysis.mapping import parse_age_scale
+
+    assert parse_age_scale(value) == expected
+
+
+def test_bad_age_scales_are_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="age scale must be"):
+        load_model(save(preset_model("rgb_0_1"), tmp_path), age_scale="decades")
 
 
 def test_calibration_confirms_preprocessing_inside_the_model(tmp_path):
