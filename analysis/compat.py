@@ -115,9 +115,8 @@ def _inspect_file(path: Path) -> tuple[str, str, dict]:
             with zipfile.ZipFile(path) as archive:
                 names = set(archive.namelist())
                 if "config.json" not in names:
-                    raise ModelFileError(
-                        f"{path.name} is a zip archive but not a Keras model (no config.json inside)"
-                    )
+                    raise ModelFileError(f"{path.name} is a zip archive but not a Keras model (no config.json inside)"
+                                         + zipped_model_hint(names))
                 _check_unpacked_sizes(archive, path)
                 config = json.loads(archive.read("config.json"))
                 metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
@@ -225,8 +224,24 @@ def _refuse_malformed(config: dict, path: Path) -> None:
             )
 
 
+def zipped_model_hint(names) -> str:
+    """For a zip that is not a .keras archive: the model files it holds, if any, and what to do."""
+    models = sorted(n for n in names if n.lower().endswith((".keras", ".h5", ".hdf5")) and not n.endswith("/"))
+    if not models:
+        return ""
+    return f". It holds {', '.join(models[:3])}{' …' if len(models) > 3 else ''}: unzip it and give that file"
+
+
 def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> None:
     """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for."""
+    top = config.get("class_name") if isinstance(config, dict) else None
+    if top and top not in ("Functional", "Sequential", "Model") and not _is_builtin_layer(config):
+        raise ModelFileError(
+            f"{path.name} is a subclassed model (class {top}): its structure is Python code, which a model file "
+            "does not hold and facecheck never imports. Rebuild it with the functional API "
+            "(keras.Model(inputs, [age, gender])) and load its weights into that, then save it, or evaluate it "
+            "where its code is installed."
+        )
     lambdas, custom, unsupported, ops, h5_ops = [], [], [], [], []
     for item in layer_entries(config):  # every entry, named or not: a Sequential's layers need no name
         class_name = item["class_name"]
@@ -241,7 +256,7 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
         elif "module" not in item and not hasattr(keras.layers, class_name) and _keras_op_class(class_name):
             h5_ops.append(f"{layer_name} ({class_name})")
         elif not _is_builtin_layer(item):
-            custom.append(f"{layer_name} ({class_name})")
+            custom.append(class_name if layer_name == "?" else f"{layer_name} ({class_name})")
     if lambdas and not allow_unsafe:
         raise ModelFileError(
             f"{path.name} contains Lambda layer(s) {', '.join(lambdas)}. A Lambda layer stores Python code in the "

@@ -341,7 +341,11 @@ def infer_mapping(
             i for i, o in enumerate(outputs)
             if i not in taken and (_looks_like_age(o, values) if role == "age" else _looks_like_gender(o))
         ]
-        if len(candidates) != 1:
+        if not candidates:
+            fail(f"No output looks like {role} (" + ("1 unit, or a softmax over a known number of ages"
+                 if role == "age" else "1 unit or 2, ending in a sigmoid or softmax")
+                 + "); if none is, this model cannot be evaluated here, else say which output it is")
+        if len(candidates) > 1:
             fail(f"Could not tell which output is {role}")
         if role == "age":
             age = candidates[0]
@@ -375,7 +379,13 @@ def infer_mapping(
         if values is None:
             values = KNOWN_AGE_CLASSES.get(age_info.units)
             if values is None:
-                fail(f"The age output '{age_info.name}' has {age_info.units} classes and their ages are unknown")
+                n = age_info.units
+                raise ModelLoadError(
+                    f"The age output '{age_info.name}' of {model_label} has {n} classes and their ages are unknown. "
+                    f"Give the age of each class — for age groups, e.g. the middle of each group: "
+                    f"age_class_values=(a1, …, a{n}) / --age-classes-a a1,…,a{n} ({n} numbers; -b for model B), "
+                    f"or 'START:STOP' when the classes are the single years START to STOP−1."
+                )
             notes.append(
                 f"age output has {age_info.units} classes: read as ages {values[0]:g}…{values[-1]:g}, "
                 "prediction = expected age"

@@ -649,7 +649,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     as_read = dataclasses.replace(loaded.mapping, age_scale="years") if free_scale else loaded.mapping
 
     rows, per_image, needs_flip, scales = [], {}, [], {}
-    for preset in PRESETS:
+    for preset in calibration_presets(loaded.channels):
         candidate = dataclasses.replace(loaded, preprocessing=preset, mapping=as_read)
         age_pred, p_female = candidate.predict_batch(images)
         if free_scale:  # each preset is judged with the age reading that suits it best
@@ -730,6 +730,14 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     updated = dataclasses.replace(loaded, preprocessing=preset, mapping=mapping, notes=tuple(notes))
     columns = ["preset", "gender_acc", "age_mae", "age_scale", "combined_rank", "inside", "chosen"]
     return updated, table[columns]
+
+
+def calibration_presets(channels: int) -> tuple[str, ...]:
+    """The presets worth scoring: for a one-channel model the grey level is taken before any colour
+    order, so each BGR preset with an RGB twin would only repeat its twin's row."""
+    if channels == 3:
+        return PRESETS
+    return tuple(p for p in PRESETS if not (p.startswith("bgr_") and "rgb_" + p[4:] in PRESETS))
 
 
 # A regression age output is read other than as years only when that fits the labels clearly

@@ -20,6 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from analysis.compat import zipped_model_hint
 from analysis.dataset import default_cache_dir
 
 MODEL_SUFFIXES: tuple[str, ...] = (".keras", ".h5", ".hdf5")
@@ -145,7 +146,7 @@ def _check_keras_archive(path: Path, name: str) -> None:
         raise UploadError(f"{name} is a damaged .keras file ({exc}).") from exc
     if "config.json" not in members:
         path.unlink(missing_ok=True)
-        raise UploadError(f"{name} is a zip but not a Keras model (it has no config.json).")
+        raise UploadError(f"{name} is a zip but not a Keras model (it has no config.json){zipped_model_hint(members)}.")
 
 
 def file_sha256(path) -> str:

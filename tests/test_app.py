@@ -583,7 +583,7 @@ def test_an_unmappable_model_can_be_retried_with_overrides(model_files):
     upload(at, "model_B", "scores_only.keras", model_files["unmappable"].read_bytes())
     assert_clean(at)
     errors = texts(at.sidebar.error)
-    assert "Could not tell which output is" in errors and "still demo B" in errors
+    assert "No output looks like gender" in errors and "still demo B" in errors
     assert "Retry form below" in errors and "--age-output-a" not in errors  # the app's way, not the CLI's
     assert model_name(at, "B") == "demo B"
     assert_headlines(at)

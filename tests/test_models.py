@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from keras import layers
 
+from analysis.compat import ModelFileError
 from analysis.models import (
     PRESETS,
     LoadedModel,
@@ -159,6 +160,13 @@ def test_grey_model_gets_luma_then_scaling(tmp_path):
     np.testing.assert_allclose(loaded.prepare(images), expected_input, atol=1e-5)
     ages, _ = loaded.predict_batch(images)
     np.testing.assert_allclose(ages, raw(model, expected_input)["age"][:, 0], rtol=1e-5, atol=1e-5)
+    # Calibration scores each grey input once: a BGR preset would repeat its RGB twin's row, and
+    # "could not tell rgb_0_1 from bgr_0_1" was the advice that followed.
+    (tmp_path / "auto").mkdir()
+    auto = load_model(save(model, tmp_path / "auto"))
+    calibrated, scores = calibrate_preprocessing(auto, images_for((6, 5), n=16), np.arange(16) * 5.0, np.arange(16) % 2)
+    assert list(scores["preset"]) == ["rgb_0_255", "rgb_0_1", "rgb_-1_1", "bgr_caffe", "rgb_torch"]
+    assert not any("from bgr_" in note for note in calibrated.notes)
 
 
 def test_every_preset_scales_and_orders_channels_as_named(tmp_path):
@@ -1269,3 +1277,63 @@ def test_an_empty_batch_gives_empty_predictions(tmp_path):
     loaded = load_model(save(heads_model((16, 16, 3)), tmp_path))
     ages, p_female = loaded.predict_batch(np.zeros((0, 16, 16, 3), np.uint8))
     assert ages.shape == p_female.shape == (0,)
+
+
+# ------------------------------------------------ messages for models that cannot be read as they are
+
+
+def test_an_age_head_over_unknown_groups_asks_for_that_many_ages(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    x = layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, {"age": layers.Dense(8, activation="softmax", name="age")(x),
+                                 "gender": layers.Dense(1, activation="sigmoid", name="gender")(x)})
+    path = save(model, tmp_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(path)
+    text = str(error.value)
+    assert "has 8 classes and their ages are unknown" in text and "--age-classes-a a1,…,a8 (8 numbers" in text
+    assert "0:101" not in text  # the generic example of 101 single years does not fit 8 groups
+    loaded = load_model(path, age_class_values=(1, 6, 15, 25, 35, 45, 55, 75))
+    assert loaded.mapping.age_kind == "classes" and loaded.mapping.age_class_values[-1] == 75
+
+
+def test_a_model_without_an_age_output_is_told_so(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    x = layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, {"gender": layers.Dense(1, activation="sigmoid", name="gender")(x),
+                                 "race": layers.Dense(5, activation="softmax", name="race")(x)})
+    with pytest.raises(ModelLoadError, match="No output looks like age .*cannot be evaluated here"):
+        load_model(save(model, tmp_path))
+
+
+@keras.saving.register_keras_serializable(package="facecheck_tests")
+class AgeGender(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.pool = layers.GlobalAveragePooling2D()
+        self.age = layers.Dense(1)
+        self.gender = layers.Dense(1, activation="sigmoid")
+
+    def call(self, x):
+        x = self.pool(x)
+        return {"age": self.age(x), "gender": self.gender(x)}
+
+
+def test_a_subclassed_model_is_named_as_such(tmp_path):
+    model = AgeGender()
+    model(np.zeros((1, 8, 8, 3), np.float32))
+    path = tmp_path / "subclassed.keras"
+    model.save(path)
+    with pytest.raises(ModelFileError) as error:
+        load_model(path)
+    text = str(error.value)
+    assert "is a subclassed model (class AgeGender)" in text and "functional API" in text and "?" not in text
+
+
+def test_a_zip_holding_a_model_says_to_unzip_it(tmp_path):
+    inner = save(preset_model("rgb_0_1"), tmp_path)
+    outer = tmp_path / "model.zip"
+    with zipfile.ZipFile(outer, "w") as archive:
+        archive.write(inner, "my_model.keras")
+    with pytest.raises(ModelFileError, match=r"no config.json inside\)\. It holds my_model.keras: unzip it and give that file"):
+        load_model(outer)
