@@ -36,10 +36,11 @@ the -a / -b options, e.g. --preprocessing-b bgr_0_255 --gender-output-b 0 --fema
 """
 
 
-def _add_model_options(parser: argparse.ArgumentParser, key: str, required: bool) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, key: str, required: bool, with_path: bool = True) -> None:
     k = key.lower()
-    group = parser.add_argument_group(f"model {key}")
-    group.add_argument(f"--model-{k}", required=required, metavar="PATH", help=f"model {key} file (.keras or .h5)")
+    group = parser.add_argument_group(f"model {key}" if with_path else "how to read the model (as for model A of evaluate)")
+    if with_path:
+        group.add_argument(f"--model-{k}", required=required, metavar="PATH", help=f"model {key} file (.keras or .h5)")
     group.add_argument(f"--name-{k}", metavar="NAME", help="display name (default: file name)")
     group.add_argument(
         f"--preprocessing-{k}",
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("model", metavar="PATH", help="a Keras model file (.keras or .h5)")
     inspect.add_argument("--allow-unsafe-model", action="store_true", help=argparse.SUPPRESS)
+    # The evaluate options of model A, to check that an override makes a model load before a full run
+    # (preprocessing and an age scale are chosen on labelled images, which inspect does not read).
+    _add_model_options(inspect, "A", required=False, with_path=False)
     return parser
 
 
@@ -184,11 +188,11 @@ def _parse_output(text: str | None):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def _spec(args, key: str):
+def _spec(args, key: str, path=None):
     from analysis.evaluation import ModelSpec
 
     k = key.lower()
-    path = getattr(args, f"model_{k}")
+    path = getattr(args, f"model_{k}") if path is None else path
     if path is None:
         return None
     return ModelSpec(
@@ -319,7 +323,7 @@ def _inspect(args) -> int:
     from analysis.models import load_model
     from analysis.report import to_jsonable
 
-    loaded = load_model(args.model, allow_unsafe=args.allow_unsafe_model)
+    loaded = load_model(args.model, **_spec(args, "A", path=args.model).load_kwargs())
     print(json.dumps(to_jsonable(loaded.describe()), indent=2, ensure_ascii=False))
     return 0
 

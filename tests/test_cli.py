@@ -228,3 +228,13 @@ def test_inspect_prints_the_inferred_mapping(model_files, capsys):
     described = json.loads(capsys.readouterr().out)
     text = json.dumps(described)
     assert "gender_output" in text and "softmax" in text
+
+
+def test_inspect_takes_the_evaluate_overrides(model_files, capsys):
+    """To check that an override makes a model load before a full evaluate ('unrecognized arguments')."""
+    assert main(["inspect", str(model_files[0]), "--female-index-a", "0", "--age-scale-a", "100"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["gender"]["female_index"] == 0 and described["age"]["scale"] == "x100"
+    assert set(described["user_settings"]) == {"female_index", "age_scale"}
+    assert main(["inspect", str(model_files[0]), "--age-classes-a", "1,6"]) == 2
+    assert "2 age class values were given but 'age' has 1 classes" in capsys.readouterr().err
