@@ -173,27 +173,26 @@ def read_image_rgb(source) -> np.ndarray:
     """
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        with warnings.catch_warnings():
-            _quiet_pillow_warnings()
-            with Image.open(handle) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(
-                        f"image too large: {image.width}x{image.height} pixels "
-                        f"(limit {MAX_IMAGE_PIXELS:,}); resize it first"
-                    )
-                return _to_rgb_array(_upright(image))
-    except ValueError:
+        with Image.open(handle) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"image too large: {image.width}x{image.height} pixels "
+                    f"(limit {MAX_IMAGE_PIXELS:,}); resize it first"
+                )
+            return _to_rgb_array(_upright(image))
+    except (ValueError, MemoryError):  # out of memory is the machine's state, not the file's: not a reason
         raise
     except Exception as exc:  # Pillow raises many types for damaged files (struct.error, IndexError, ...)
         raise ValueError(_decode_problem(exc)) from exc
 
 
-def _quiet_pillow_warnings() -> None:
-    """Inside warnings.catch_warnings(): a decompression-bomb warning becomes an error (a skip
-    reason), and Pillow's other warnings about a file ("Corrupt EXIF data ...", printed without the
-    file's name) are not printed: the file decodes, or its reason says why not."""
-    warnings.simplefilter("ignore", UserWarning)
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
+# Pillow's warnings about a file are not printed: "Corrupt EXIF data ..." names no file (the file
+# decodes, or its skip reason says why not), and a decompression-bomb warning (from 89 MP) only
+# precedes our own, lower limit (MAX_IMAGE_PIXELS), which refuses the image with a reason. Set
+# once here rather than per call: warnings.catch_warnings is not thread-safe, and images are
+# decoded in threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
@@ -269,12 +268,12 @@ def _check_image_header(data: bytes) -> str | None:
     if not data:
         return "not decodable: empty file (0 bytes)"
     try:
-        with warnings.catch_warnings():
-            _quiet_pillow_warnings()  # a decompression bomb is a reason, not a stderr line
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    return f"image too large: {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS:,}); resize it first"
-                image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return f"image too large: {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS:,}); resize it first"
+            image.verify()
+    except MemoryError:
+        raise
     except Exception as exc:  # PIL raises many exception types for junk input
         return _decode_problem(exc)
     return None
@@ -358,7 +357,12 @@ def load_sample(
             skipped.append((str(path), problem))
             continue
         image_id = hashlib.sha1(data).hexdigest()
-        rows.append((image_id, str(path.resolve()), path.name, age, gender, ethnicity, str(path), relative))
+        resolved = str(path.resolve())
+        if not _is_utf8(resolved):  # a link to a file whose own path is not UTF-8
+            skipped.append((str(path), "unreadable name: the file it links to has a path that is not valid UTF-8; "
+                                       "rename it or copy it in"))
+            continue
+        rows.append((image_id, resolved, path.name, age, gender, ethnicity, str(path), relative))
 
     sample = pd.DataFrame(rows, columns=[*SAMPLE_COLUMNS[:-1], "_found", "_relative"])
     sample, duplicates, duplicate_skips = _split_duplicates(sample, keep_duplicates)
@@ -454,12 +458,12 @@ def _nothing_usable(source_path: Path, skipped: list[tuple[str, str]]) -> str:
     naming = "Images must be named AGE_GENDER_RACE_DATETIME.jpg as in UTKFace."
     if not skipped:
         return f"no usable labelled images in {source_path}: no image files found. {naming}"
-    reasons = pd.Series([reason for _, reason in skipped])
-    common = reasons.value_counts().index[0]
-    count = int((reasons == common).sum())
+    table = pd.DataFrame(skipped, columns=["path", "reason"])
+    common, count = next(iter(reason_counts(table).items()))
+    example = table["reason"][table["reason"].str.split(":").str[0] == common].iloc[0]
     text = (f"no usable labelled images in {source_path}: {len(skipped)} file{'s' if len(skipped) != 1 else ''} "
-            f"skipped, {count} of them for \"{common}\"")
-    if common.split(":")[0] in _NAMING_REASONS:
+            f"skipped, {count} of them as {common} (e.g. \"{example}\")")
+    if common in _NAMING_REASONS:
         text += f". {naming}"
     return text
 

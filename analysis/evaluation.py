@@ -13,7 +13,8 @@ import pandas as pd
 from analysis import metrics
 from analysis.constants import DEFAULT_SEED
 from analysis.dataset import SampleResult, find_training_file, photo_key
-from analysis.models import LoadedModel, calibrate_preprocessing, check_age_scale, check_gender_convention, load_model
+from analysis.models import (LoadedModel, age_scale_is_free, calibrate_preprocessing, check_age_scale,
+                             check_gender_convention, load_model)
 from analysis.predict import PredictionRun, calibration_batch, predict_sample
 
 CALIBRATION_IMAGES = 64
@@ -78,8 +79,7 @@ def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_
     """
     loaded = load_model(spec.path, **spec.load_kwargs())
     if spec.preprocessing != "auto":
-        scale_free = loaded.mapping.age_kind == "regression" and spec.age_scale is None
-        if spec.female_index is not None and not scale_free:
+        if spec.female_index is not None and not age_scale_is_free(loaded):
             return loaded, None  # nothing left to infer
         try:
             images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)

@@ -62,7 +62,7 @@ __all__ = [
     "AGE_KINDS", "DEFAULT_FEMALE_INDEX", "DEFAULT_INPUT_SIZE", "GENDER_KINDS", "KNOWN_AGE_CLASSES",
     "LUMA_WEIGHTS", "PRESETS", "PRESET_DESCRIPTIONS", "SETTINGS_VERSION",
     "LoadedModel", "ModelLoadError", "OutputInfo", "OutputMapping",
-    "calibrate_preprocessing", "check_age_scale", "check_gender_convention", "describe_outputs", "detect_preprocessing_inside", "file_sha256",
+    "AgeScaleChoice", "age_scale_is_free", "calibrate_preprocessing", "check_age_scale", "check_gender_convention", "describe_outputs", "detect_preprocessing_inside", "file_sha256",
     "infer_mapping", "load_model",
 ]
 
@@ -645,7 +645,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
             f"got {len(images)}, {len(ages)}, {len(genders)}"
         )
     free_female_index = "female_index" not in loaded.user_settings
-    free_scale = _age_scale_free(loaded)
+    free_scale = age_scale_is_free(loaded)
     as_read = dataclasses.replace(loaded.mapping, age_scale="years") if free_scale else loaded.mapping
 
     rows, per_image, needs_flip, scales = [], {}, [], {}
@@ -654,7 +654,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         age_pred, p_female = candidate.predict_batch(images)
         if free_scale:  # each preset is judged with the age reading that suits it best
             scales[preset] = _pick_age_scale(age_pred, ages)
-            age_pred = apply_age_scale(age_pred, scales[preset][0])
+            age_pred = apply_age_scale(age_pred, scales[preset].scale)
         finite = bool(np.isfinite(age_pred).all() and np.isfinite(p_female).all())
         correct = gender_correct(p_female, genders)
         abs_err = np.abs(age_pred - ages)
@@ -665,7 +665,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         flips = free_female_index and finite and _convention_inverted(correct, genders) is not None
         needs_flip.append(flips)
         rows.append({"preset": preset, "gender_acc": acc, "age_mae": mae,
-                     "age_scale": scales[preset][0] if free_scale else loaded.mapping.age_scale})
+                     "age_scale": scales[preset].scale if free_scale else loaded.mapping.age_scale})
     table = pd.DataFrame(rows)
     inside_preset = loaded.preprocessing if loaded.preprocessing_inside else None
     table["inside"] = table["preset"] == inside_preset
@@ -716,10 +716,10 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
             )
     base = loaded.mapping
     if free_scale:
-        scale, years_mae, scaled_mae = scales[preset]
-        base = dataclasses.replace(loaded.mapping, age_scale=scale)
-        if scale != "years":
-            notes.append(_age_scale_note(loaded, scale, len(images), years_mae, scaled_mae))
+        base = dataclasses.replace(loaded.mapping, age_scale=scales[preset].scale)
+        note = _age_scale_note(loaded, scales[preset], len(images))
+        if note:
+            notes.append(note)
     correct = per_image[preset][0] if per_image[preset] is not None else None
     mapping, flip_note = _gender_convention(base, correct, genders, free_female_index)
     if mapping is not base:
@@ -741,40 +741,85 @@ def calibration_presets(channels: int) -> tuple[str, ...]:
 
 
 # A regression age output is read other than as years only when that fits the labels clearly
-# better: at most this share of the as-years MAE, and a paired Wilcoxon test at p < 0.01. A model
-# in years read ×100 or as log-years is off by orders of magnitude, so the rule is never close.
+# better — at most AGE_SCALE_MAX_MAE_RATIO of the as-years MAE, and a paired Wilcoxon test at
+# p < 0.01 (or, on samples too small for that test, at most AGE_SCALE_SURE_RATIO of it) — and only
+# when the reading can be judged at all: the output must follow age (Spearman ρ > 0, p < 0.01: an
+# output that carries no age, e.g. a constant, would otherwise be "rescued" to the MAE of a
+# well-placed constant) and the labelled ages must spread (interquartile range ≥
+# AGE_SCALE_MIN_AGE_IQR years: on babies alone exp(≈0) ≈ 1 year fits). log-years is not offered for
+# an output within [0, 1] (exp of it spans 1–2.7 years). A model in years read ×100 or as
+# log-years is off by orders of magnitude, so for working models the rule is never close.
 AGE_SCALE_MAX_MAE_RATIO = 0.7
+AGE_SCALE_SURE_RATIO = 0.2
+AGE_SCALE_MIN_AGE_IQR = 15.0
 
 
-def _age_scale_free(loaded: LoadedModel) -> bool:
+@dataclass(frozen=True)
+class AgeScaleChoice:
+    scale: str
+    years_mae: float  # the output read as years
+    scaled_mae: float  # read with `scale`
+    doubt: str | None = None  # why another reading that fits better was not taken, or which one it could also be
+
+
+def age_scale_is_free(loaded: LoadedModel) -> bool:
+    """A regression age output whose reading the user did not give: labelled images choose it."""
     return loaded.mapping.age_kind == "regression" and "age_scale" not in loaded.user_settings
 
 
-def _pick_age_scale(age_as_read, ages) -> tuple[str, float, float]:
-    """(scale, MAE read as years, MAE read with that scale) for a regression age output's values
-    on labelled images: the reading in AGE_SCALES with the lowest MAE, if clearly better than
-    years as they are (AGE_SCALE_MAX_MAE_RATIO and a paired test), else "years"."""
+def _pick_age_scale(age_as_read, ages) -> AgeScaleChoice:
+    """How a regression age output gives years, judged on labelled images (see the rule above)."""
     from scipy import stats
 
     raw, ages = np.asarray(age_as_read, np.float64), np.asarray(ages, np.float64)
     keep = np.isfinite(raw)
     raw, ages = raw[keep], ages[keep]
-    if len(raw) == 0:
-        return "years", math.nan, math.nan
-    errors = {scale: np.abs(apply_age_scale(raw, scale) - ages) for scale in AGE_SCALES}
-    years = errors["years"]
-    best = min(AGE_SCALES, key=lambda scale: float(np.mean(errors[scale])))
-    gain = years - errors[best]
-    if best != "years" and np.mean(errors[best]) <= AGE_SCALE_MAX_MAE_RATIO * np.mean(years) and np.any(gain != 0) \
-            and stats.wilcoxon(gain, alternative="greater").pvalue < 0.01:
-        return best, float(np.mean(years)), float(np.mean(errors[best]))
-    return "years", float(np.mean(years)), float(np.mean(years))
+    if len(raw) < 2:
+        return AgeScaleChoice("years", math.nan, math.nan)
+    candidates = [scale for scale in AGE_SCALES if not (scale == "log" and raw.min() >= 0 and raw.max() <= 1)]
+    errors = {scale: np.abs(apply_age_scale(raw, scale) - ages) for scale in candidates}
+    years_mae = float(np.mean(errors["years"]))
+    best = min(candidates, key=lambda scale: float(np.mean(errors[scale])))
+    best_mae = float(np.mean(errors[best]))
+    as_years = AgeScaleChoice("years", years_mae, years_mae)
+    if best == "years" or best_mae > AGE_SCALE_MAX_MAE_RATIO * years_mae:
+        return as_years
+    spread = float(np.subtract(*np.percentile(ages, [75, 25])))
+    rho, rho_p = stats.spearmanr(raw, ages) if np.ptp(raw) > 0 and np.ptp(ages) > 0 else (math.nan, 1.0)
+    if spread < AGE_SCALE_MIN_AGE_IQR:
+        return dataclasses.replace(as_years, doubt=(
+            f"the labelled ages spread too little to judge it (middle half within {spread:.0f} years)"))
+    if not (rho > 0 and rho_p < 0.01):
+        return dataclasses.replace(as_years, doubt=(
+            "its values do not follow the labelled ages (Spearman ρ "
+            + ("undefined: they do not vary" if math.isnan(rho) else f"{rho:.2f}, p = {rho_p:.2g}") + ")"))
+    gain = errors["years"] - errors[best]
+    clear = (np.any(gain != 0) and stats.wilcoxon(gain, alternative="greater").pvalue < 0.01) \
+        or best_mae <= AGE_SCALE_SURE_RATIO * years_mae
+    if not clear:
+        return dataclasses.replace(as_years, doubt=f"{best} fit better but not clearly (paired Wilcoxon p ≥ 0.01)")
+    doubt = None
+    if best in ("x100", "x116"):
+        other = "x116" if best == "x100" else "x100"
+        edge = errors[other] - errors[best]
+        if not (np.any(edge != 0) and stats.wilcoxon(edge, alternative="greater").pvalue < 0.01):
+            doubt = f"age/{other[1:]} fit nearly as well (paired Wilcoxon p ≥ 0.01)"
+    return AgeScaleChoice(best, years_mae, best_mae, doubt)
 
 
-def _age_scale_note(loaded: LoadedModel, scale: str, n: int, years_mae: float, scaled_mae: float) -> str:
+def _age_scale_note(loaded: LoadedModel, choice: AgeScaleChoice, n: int) -> str | None:
+    """What the labelled images said about the age reading, when there is something to say."""
     name = loaded.mapping.output_names[loaded.mapping.age_output]
-    return (f"age output '{name}' read as {age_scale_words(scale)}: on {n} labelled images that gave age MAE "
-            f"{scaled_mae:.2f} against {years_mae:.2f} read as years; override with age_scale= / --age-scale-a")
+    if choice.scale != "years":
+        text = (f"age output '{name}' read as {age_scale_words(choice.scale)}: on {n} labelled images that gave age "
+                f"MAE {choice.scaled_mae:.2f} against {choice.years_mae:.2f} read as years")
+        if choice.doubt:
+            text += f"; {choice.doubt}"
+        return text + "; override with age_scale= / --age-scale-a"
+    if choice.doubt:
+        return (f"age output '{name}' read as years, though another reading fit the labelled images better: "
+                f"{choice.doubt}; if the model predicts age/100, age/116 or log-years, give age_scale= / --age-scale-a")
+    return None
 
 
 def check_age_scale(loaded: LoadedModel, images, ages) -> LoadedModel:
@@ -782,16 +827,15 @@ def check_age_scale(loaded: LoadedModel, images, ages) -> LoadedModel:
     gives years on labelled images, as calibrate_preprocessing does (see _pick_age_scale). A scale
     given by the user is never changed."""
     ages = np.asarray(ages, dtype=np.float64)
-    if not _age_scale_free(loaded) or len(ages) == 0:
+    if not age_scale_is_free(loaded) or len(ages) == 0:
         return loaded
     probe = dataclasses.replace(loaded, mapping=dataclasses.replace(loaded.mapping, age_scale="years"))
     age_as_read, _ = probe.predict_batch(images)
-    scale, years_mae, scaled_mae = _pick_age_scale(age_as_read, ages)
-    if scale == loaded.mapping.age_scale:
-        return loaded
+    choice = _pick_age_scale(age_as_read, ages)
+    note = _age_scale_note(loaded, choice, len(ages))
     return dataclasses.replace(
-        loaded, mapping=dataclasses.replace(loaded.mapping, age_scale=scale),
-        notes=loaded.notes + (_age_scale_note(loaded, scale, len(ages), years_mae, scaled_mae),))
+        loaded, mapping=dataclasses.replace(loaded.mapping, age_scale=choice.scale),
+        notes=loaded.notes + ((note,) if note else ()))
 
 
 # The female column can only be judged on labelled images of both genders: on an all-female

@@ -695,7 +695,13 @@ def model_reading(loaded, calibrated: bool, quote: str = "'") -> str:
     if "preprocessing" in loaded.user_settings:
         how = "set by you"
     elif loaded.preprocessing_inside:
-        how = "from the model's own scaling layer"
+        from analysis.models import detect_preprocessing_inside
+
+        implied = detect_preprocessing_inside(loaded.keras_model)
+        if implied is None or implied[0] == loaded.preprocessing:
+            how = "from the model's own scaling layer"
+        else:  # calibration found the other colour order clearly better
+            how = "the model's own scaling layer, in the other colour order chosen on the sample"
     else:
         how = "chosen on the sample" if calibrated else "assumed"
     age = f"{m.age_kind} {quote}{m.output_names[m.age_output]}{quote}"

@@ -1000,12 +1000,45 @@ def test_the_age_scale_rule_picks_log_years_and_leaves_years_alone():
 
     rng = np.random.default_rng(0)
     ages = rng.uniform(1, 90, 64)
-    assert _pick_age_scale(np.log(ages) + rng.normal(0, 0.1, 64), ages)[0] == "log"
-    assert _pick_age_scale(ages + rng.normal(0, 8, 64), ages)[0] == "years"
-    assert _pick_age_scale(ages / 116 + rng.normal(0, 0.05, 64), ages)[0] == "x116"
+    assert _pick_age_scale(np.log(ages) + rng.normal(0, 0.1, 64), ages).scale == "log"
+    assert _pick_age_scale(ages + rng.normal(0, 8, 64), ages).scale == "years"
+    exact = _pick_age_scale(ages / 116 + rng.normal(0, 0.02, 64), ages)
+    assert exact.scale == "x116" and exact.doubt is None
     # A model that is simply bad in years is not "rescued" by a reading: ×100 of years is worse.
-    weak = np.full(64, 30.0) + rng.normal(0, 3, 64)
-    assert _pick_age_scale(weak, ages)[0] == "years"
+    assert _pick_age_scale(np.full(64, 30.0) + rng.normal(0, 3, 64), ages).scale == "years"
+
+
+@pytest.mark.parametrize("constant", [0.3, 3.4])
+def test_an_output_that_carries_no_age_is_not_rescued_by_a_reading(constant):
+    """A constant 0.3 read ×100 (or 3.4 as log-years) halved a dead model's MAE."""
+    from analysis.models import _pick_age_scale
+
+    rng = np.random.default_rng(1)
+    ages = rng.uniform(1, 90, 64)
+    for output in (np.full(64, constant), constant + rng.normal(0, 0.01, 64)):
+        choice = _pick_age_scale(output, ages)
+        assert choice.scale == "years" and "do not follow the labelled ages" in choice.doubt
+
+
+def test_the_age_scale_is_not_judged_on_a_narrow_age_range():
+    """On babies alone exp(output ≈ 0) ≈ 1 year fits, whatever the model's real reading."""
+    from analysis.models import _pick_age_scale
+
+    rng = np.random.default_rng(2)
+    babies = rng.uniform(0, 3, 64)
+    choice = _pick_age_scale(babies / 116 + rng.normal(0, 0.02, 64), babies)
+    assert choice.scale == "years" and "spread too little" in choice.doubt
+    # A 0–1 output is never read as log-years (exp of it spans 1–2.7 years).
+    ages = rng.uniform(1, 90, 64)
+    assert _pick_age_scale(rng.uniform(0, 0.2, 64), ages).scale != "log"
+
+
+def test_a_tiny_sample_still_finds_an_overwhelming_reading(tmp_path):
+    """With 6 images the paired test cannot reach p < 0.01: the right preprocessing was lost again."""
+    path = save(preset_model("rgb_0_1", age_divisor=116), tmp_path)
+    images, ages, genders = preset_images(n=6, seed=3)
+    calibrated, _ = calibrate_preprocessing(load_model(path), images, ages, genders)
+    assert calibrated.preprocessing == "rgb_0_1" and calibrated.mapping.age_scale == "x116"
 
 
 @pytest.mark.parametrize("value, expected", [("100", "x100"), (116, "x116"), ("×120", "x120"), ("LOG", "log"), ("years", "years")])
@@ -1018,6 +1051,16 @@ def test_age_scale_values(value, expected):
 def test_bad_age_scales_are_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="age scale must be"):
         load_model(save(preset_model("rgb_0_1"), tmp_path), age_scale="decades")
+
+
+def test_the_reading_line_says_when_calibration_changed_the_colour_order(tmp_path):
+    from analysis.report import model_reading
+
+    loaded = load_model(save(preset_model("bgr_0_1", inside=True), tmp_path))
+    assert "rgb_0_255 (from the model's own scaling layer)" in model_reading(loaded, False)
+    calibrated, _ = calibrate_preprocessing(loaded, *preset_images())
+    assert calibrated.preprocessing == "bgr_0_255"
+    assert "bgr_0_255 (the model's own scaling layer, in the other colour order chosen on the sample)" in model_reading(calibrated, True)
 
 
 def test_calibration_confirms_preprocessing_inside_the_model(tmp_path):

@@ -777,17 +777,18 @@ def test_command_line_exit_status_matches_analysis(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_interrupted_training_exits_130(monkeypatch, capsys):
+def test_interrupted_training_exits_130(synthetic_dir, tmp_path, monkeypatch, capsys):
+    import training.train
     from training import cli
 
-    def interrupted(argv):
-        raise cli.Interrupted("\ninterrupted: Model A was not written")
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "main", interrupted)
-    assert cli.command_line([]) == 130
-    assert "Model A was not written" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "main", lambda argv: 0)
-    assert cli.command_line([]) == 0
+    monkeypatch.setattr(training.train, "train_model", interrupted)  # Ctrl-C while Model A trains
+    code = cli.command_line(["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--model", "A", "--no-cache"])
+    assert code == 130
+    assert "interrupted: Model A was not written" in capsys.readouterr().err
+    assert finished_files(tmp_path / "out") == []
 
 
 def test_each_backbone_brings_its_own_defaults_unless_given():
