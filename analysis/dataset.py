@@ -182,6 +182,8 @@ def read_image_rgb(source) -> np.ndarray:
             return _to_rgb_array(_upright(image))
     except (ValueError, MemoryError):  # out of memory is the machine's state, not the file's: not a reason
         raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:  # the file, not its content
+        raise ValueError(f"{UNREADABLE_FILE}: {exc.strerror or exc}") from exc
     except Exception as exc:  # Pillow raises many types for damaged files (struct.error, IndexError, ...)
         raise ValueError(_decode_problem(exc)) from exc
 
@@ -218,6 +220,9 @@ def _upright(image: Image.Image) -> Image.Image:
         return image.transpose(method) if method is not None else image
 
 
+# Skip reason of a file that could not be opened (gone, not permitted): a state of the disk, not of
+# the image's content, so it is not remembered with the content's predictions (analysis.predict).
+UNREADABLE_FILE = "cannot be read"
 _TOO_LARGE = f"image too large: over {MAX_IMAGE_PIXELS:,} pixels; resize it first"
 
 

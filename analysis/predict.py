@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.dataset import default_cache_dir, read_image_rgb, resize_image
+from analysis.dataset import UNREADABLE_FILE, default_cache_dir, read_image_rgb, resize_image
 
 DEFAULT_BATCH_SIZE = 64
 Progress = Callable[[int, int], None]
@@ -211,6 +211,9 @@ def _read_cache(cache_root: Path, loaded) -> dict:
 
 
 def _write_cache(cache_root: Path, loaded, known: dict, failures: dict[str, str]) -> None:
+    # Failures are remembered by content hash; a file that could not even be opened says nothing
+    # about its content (it may be back, or readable, next time).
+    failures = {key: reason for key, reason in failures.items() if not reason.startswith(UNREADABLE_FILE)}
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
         ids = np.array(list(known), dtype=str)

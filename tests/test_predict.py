@@ -79,6 +79,22 @@ def test_undecodable_images_are_skipped_and_the_rest_predicted(sample, tmp_path)
     assert len(again.skipped) == 1 and again.cached["A"] == len(broken) - 1 and model.calls == 0
 
 
+def test_a_file_gone_since_the_scan_is_skipped_but_not_remembered_as_undecodable(sample, tmp_path):
+    """A reader whose extraction was swapped out under it (or a file moved away) cached the image's
+    content as "not decodable" for good."""
+    folder = tmp_path / "faces"
+    shutil.copytree(Path(sample["path"].iloc[0]).parent, folder)
+    table = load_sample(folder).sample
+    victim = Path(table["path"].iloc[3])
+    kept = victim.read_bytes()
+    victim.unlink()
+    run = predict_sample(table, {"A": PixelModel()}, batch_size=32, cache_dir=tmp_path / "cache")
+    assert list(run.skipped["path"]) == [str(victim)] and run.skipped["reason"].iloc[0].startswith("cannot be read: ")
+    victim.write_bytes(kept)  # back again: predicted, not skipped from the cache
+    again = predict_sample(table, {"A": PixelModel()}, batch_size=32, cache_dir=tmp_path / "cache")
+    assert again.skipped.empty and len(again.predictions) == len(table)
+
+
 def test_cache_hit_runs_no_model_and_gives_identical_numbers(sample, tmp_path):
     first_model = PixelModel()
     first = predict_sample(sample, {"A": first_model}, cache_dir=tmp_path)
