@@ -274,6 +274,15 @@ def apply_age_scale(raw, scale: str) -> np.ndarray:
     return raw * float(scale[1:])
 
 
+# How to give the ages of an age head's classes ("{n}" = their number); the app puts its own
+# field's name in its place (app.state).
+CLASS_AGES_HELP = (
+    "Give the age of each class — for age groups, e.g. the middle of each group: age_class_values=(a1, …, a{n}) / "
+    "--age-classes-a a1,…,a{n} ({n} numbers; -b for model B), or 'START:STOP' when the classes are the single "
+    "years START to STOP−1."
+)
+
+
 def female_index_hint(value: int) -> str:
     """How to set the female column, in the library and on the command line (either model's slot)."""
     return f"female_index={value} (command line: --female-index-a {value}, or --female-index-b {value} for model B)"
@@ -382,16 +391,15 @@ def infer_mapping(
                 n = age_info.units
                 raise ModelLoadError(
                     f"The age output '{age_info.name}' of {model_label} has {n} classes and their ages are unknown. "
-                    f"Give the age of each class — for age groups, e.g. the middle of each group: "
-                    f"age_class_values=(a1, …, a{n}) / --age-classes-a a1,…,a{n} ({n} numbers; -b for model B), "
-                    f"or 'START:STOP' when the classes are the single years START to STOP−1."
+                    + CLASS_AGES_HELP.replace("{n}", str(n))
                 )
             notes.append(
                 f"age output has {age_info.units} classes: read as ages {values[0]:g}…{values[-1]:g}, "
                 "prediction = expected age"
             )
         if len(values) != age_info.units:
-            fail(f"{len(values)} age class values were given but '{age_info.name}' has {age_info.units} classes")
+            fail(f"{len(values)} age class values were given but '{age_info.name}' has {age_info.units} "
+                 f"class{'es' if age_info.units != 1 else ''}")
         age_from_logits = age_info.activation in _LOGIT_ACTIVATIONS
         if age_from_logits:
             notes.append(f"age classes {_LOGIT_ACTIVATIONS[age_info.activation]}: softmax applied")

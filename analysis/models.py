@@ -702,10 +702,13 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     preset = table["preset"][best]
 
     acc, mae = table["gender_acc"][best], table["age_mae"][best]
-    notes.append(
-        f"preprocessing {preset} chosen by calibration on {len(images)} labelled images "
-        f"(gender accuracy {acc:.3f}, age MAE {mae:.2f} years)"
-    )
+
+    def chosen_note(accuracy: float, flipped: bool = False) -> str:
+        return (f"preprocessing {preset} chosen by calibration on {len(images)} labelled images "
+                f"(gender accuracy {accuracy:.3f}{' with the gender convention flipped' if flipped else ''}, "
+                f"age MAE {mae:.2f} years)")
+
+    notes.append(chosen_note(acc))
     if inside_preset is None:
         runner_up = next((i for i in order if i != best and per_image[table["preset"][i]] is not None), None)
         if runner_up is not None and not _clearly_better(per_image[preset], per_image[table["preset"][runner_up]]):
@@ -724,6 +727,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     mapping, flip_note = _gender_convention(base, correct, genders, free_female_index)
     if mapping is not base:
         table["gender_acc"] = 1.0 - table["gender_acc"]
+        notes = [chosen_note(1.0 - acc, True) if n == chosen_note(acc) else n for n in notes]
         notes = _without_convention_notes(notes) + [flip_note + "; gender accuracies in the table use it"]
     elif flip_note:
         notes.append(flip_note)

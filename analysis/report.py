@@ -704,10 +704,16 @@ def model_reading(loaded, calibrated: bool, quote: str = "'") -> str:
             how = "the model's own scaling layer, in the other colour order chosen on the sample"
     else:
         how = "chosen on the sample" if calibrated else "assumed"
+    given = set(loaded.user_settings)
+    yours = " (set by you)"
     age = f"{m.age_kind} {quote}{m.output_names[m.age_output]}{quote}"
     if m.age_kind == "regression" and m.age_scale != "years":
         age += " as log-years" if m.age_scale == "log" else f" × {m.age_scale[1:]}"
+    if given & {"age_output", "age_kind", "age_class_values", "age_scale"}:
+        age += yours
     gender = f"{m.gender_kind} {quote}{m.output_names[m.gender_output]}{quote}, female = {m.female_index}"
+    if given & {"gender_output", "female_index", "gender_kind"}:
+        gender += yours
     return f"{height}×{width} {colour} · {loaded.preprocessing} ({how}) · age: {age} · gender: {gender}"
 
 

@@ -15,7 +15,7 @@ import streamlit as st
 
 from analysis.constants import MODEL_KEYS
 from analysis.mapping import AGE_SCALES, age_scale_words
-from analysis.report import model_reading
+from analysis.report import model_reading, notes_to_read
 from app import state, uploads
 
 ROLE = {"A": "baseline", "B": "compared"}
@@ -226,8 +226,9 @@ def model_slot_section(slot: str) -> None:
             with st.expander(f"Retry {pending.name} with these settings", expanded=True):
                 st.caption("Say what the loader could not infer, e.g. which output is age and which is gender.")
                 overrides = overrides_ui(f"retry_{slot}", dict(pending.overrides), None)
-            if overrides is not None and state.apply_overrides(slot, overrides, pending=True):
-                st.rerun()
+            if overrides is not None:
+                state.apply_overrides(slot, overrides, pending=True)
+                st.rerun()  # success or not: the note above this form must say what happened now
 
 
 def model_source_ui(slot: str) -> SourceInput:
@@ -254,6 +255,8 @@ def render_model_header(slot: str, choice: state.ModelChoice | None, loaded, sco
     st.markdown(f"**Model {slot}** · {ROLE[slot]} :{colour}-badge[{badge}]  \n`{choice.name}`{shown}")
     if loaded is not None:
         st.caption(model_reading(loaded, scores is not None, "`"))
+        for note in notes_to_read(loaded):  # the rest is under "What the loader inferred"
+            st.caption(f":orange[●] {note}")
 
 
 def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
@@ -317,8 +320,16 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
             help="classes: a softmax over ages; the prediction is the expected age.",
         )
         classes = given.get("age_class_values") or ()
-        first_age = left.number_input("Age classes from", 0, 120, int(classes[0]) if classes else 0, help="Only for an age head over classes.")
-        last_age = right.number_input("…to (inclusive)", 0, 120, int(classes[-1]) if classes else 100)
+        consecutive = bool(classes) and list(classes) == [float(v) for v in range(int(classes[0]), int(classes[-1]) + 1)]
+        first_age = left.number_input("Age classes from", 0, 120, int(classes[0]) if consecutive else 0,
+                                      help="Only for an age head over classes: one class per year, from … to.")
+        last_age = right.number_input("…to (inclusive)", 0, 120, int(classes[-1]) if consecutive else 100)
+        class_list = st.text_input(
+            "…or the age of each class", ", ".join(f"{v:g}" for v in classes) if classes and not consecutive else "",
+            key=f"{form_key}_class_ages", placeholder="e.g. 1, 6, 15, 25, 35, 45, 55, 75",
+            help="For an age head over age groups: one age per class, in the model's order (e.g. the middle of "
+                 "each group). Overrides from/to.",
+        )
         scales = [inferred, *AGE_SCALES]
         age_scale = left.selectbox(
             "Age scale", scales, index=_index(scales, given.get("age_scale")),
@@ -332,7 +343,15 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
     if not submitted:
         return None
     problems = []
-    if age_kind == "classes" and last_age <= first_age:
+    listed = None
+    if class_list.strip():
+        try:
+            listed = tuple(float(v) for v in class_list.replace(";", ",").split(",") if v.strip())
+        except ValueError:
+            problems.append(f"the age of each class must be numbers separated by commas, got “{class_list.strip()}”")
+        if age_kind == inferred:
+            age_kind = "classes"  # class ages say what the head is
+    if age_kind == "classes" and listed is None and last_age <= first_age:
         problems.append(f"age classes from {first_age} to {last_age}: the last age must be above the first")
     if age_kind == "classes" and age_scale != inferred:
         problems.append("an age scale applies to a regression age head, not to one over classes")
@@ -348,8 +367,8 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
         "female_index": None if female_index == inferred else int(female_index),
         "age_kind": None if age_kind == inferred else age_kind,
         "age_scale": None if age_scale == inferred else age_scale,
-        "age_class_values": tuple(float(v) for v in range(int(first_age), int(last_age) + 1))
-        if age_kind == "classes" and last_age > first_age
+        "age_class_values": listed if age_kind == "classes" and listed
+        else tuple(float(v) for v in range(int(first_age), int(last_age) + 1)) if age_kind == "classes" and last_age > first_age
         else None,
         "input_size": (int(height), int(width)) if height and width else None,
     }

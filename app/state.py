@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import re
 import threading
 import uuid
 from collections import OrderedDict
@@ -340,10 +341,13 @@ def rename_model(slot: str, label: str) -> None:
 
 
 def describe_load_error(name: str, exc: Exception) -> str:
-    from analysis.mapping import MAPPING_HELP
+    from analysis.mapping import CLASS_AGES_HELP, MAPPING_HELP
 
     text = str(exc).strip() or type(exc).__name__
     text = text.replace(MAPPING_HELP, "Say which output is which in the Retry form below.")
+    text = re.sub(re.escape(CLASS_AGES_HELP).replace(re.escape("{n}"), r"\d+"),
+                  "Give the age of each class in the Retry form below: Age head = classes, and the ages in "
+                  "“…or the age of each class” (for age groups, e.g. the middle of each group).", text)
     if isinstance(exc, ValueError):  # ModelLoadError, SampleError and friends say it well already
         return f"Could not use {name}: {text}"
     return f"Could not load {name} ({type(exc).__name__}): {text}"

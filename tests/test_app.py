@@ -651,6 +651,52 @@ def test_the_age_scale_can_be_given_and_is_shown():
     assert at.session_state["models"]["B"].overrides == ()
 
 
+def test_an_age_head_over_groups_is_mended_with_the_age_of_each_class(tmp_path):
+    """The form only offered consecutive years (from … to): 8 groups loaded as ages 1…8, MAE 29."""
+    import keras
+
+    inputs = keras.Input((64, 64, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    groups = keras.Model(inputs, {"age_group": keras.layers.Dense(8, activation="softmax", name="age_group")(x),
+                                  "gender": keras.layers.Dense(1, activation="sigmoid", name="gender")(x)})
+    groups.save(tmp_path / "groups.keras")
+    at = new_app()
+    upload(at, "model_B", "groups.keras", (tmp_path / "groups.keras").read_bytes())
+    assert_clean(at)
+    errors = texts(at.sidebar.error)
+    assert "has 8 classes and their ages are unknown" in errors and "“…or the age of each class”" in errors
+    assert "--age-classes" not in errors  # the app's way, not the command line's
+    # A failed retry says why at once (it showed the previous message until the next rerun).
+    [s for s in at.sidebar.selectbox if s.label == "Age head"][-1].set_value("classes")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][-1].click().run()
+    assert "101 age class values were given but 'age_group' has 8 classes" in texts(at.sidebar.error)
+    ages = "1, 6, 15, 25, 35, 45, 55, 75"
+    next(t for t in at.sidebar.text_input if t.key == "retry_B_class_ages").input(ages)
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][-1].click().run()
+    assert_clean(at)
+    assert model_name(at, "B") == "groups.keras", texts(at.sidebar.error)
+    assert dict(at.session_state["models"]["B"].overrides)["age_class_values"] == (1, 6, 15, 25, 35, 45, 55, 75)
+    assert "age: classes `age_group` (set by you)" in texts(at.sidebar.caption)
+
+
+def test_notes_worth_reading_are_shown_under_the_model(model_files):
+    at = new_app()
+    [s for s in at.sidebar.selectbox if s.label == "Age scale"][0].set_value("x100")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    captions = texts(at.sidebar.caption)
+    assert "age: regression `age` × 100 (set by you)" in captions
+    # The demo models' notes are all routine: none is repeated under the summary line.
+    assert ":orange[●]" not in captions
+    # A model read as giving P(male) says so under its summary, not only inside the expander.
+    from models_zoo import heads_model
+
+    folder = model_files["good"].parent
+    heads_model((64, 64, 3), gender_name="is_male", rescaling=(1 / 255, 0), seed=4).save(folder / "male.keras")
+    upload(at, "model_B", "male.keras", (folder / "male.keras").read_bytes())
+    assert_clean(at)
+    assert ":orange[●] assumed the sigmoid 'is_male' gives P(male)" in texts(at.sidebar.caption)
+
+
 def test_contradictory_overrides_are_refused_whole_with_a_message():
     at = new_app()
     [s for s in at.sidebar.selectbox if s.label == "Age head"][0].set_value("classes")

@@ -237,4 +237,4 @@ def test_inspect_takes_the_evaluate_overrides(model_files, capsys):
     assert described["gender"]["female_index"] == 0 and described["age"]["scale"] == "x100"
     assert set(described["user_settings"]) == {"female_index", "age_scale"}
     assert main(["inspect", str(model_files[0]), "--age-classes-a", "1,6"]) == 2
-    assert "2 age class values were given but 'age' has 1 classes" in capsys.readouterr().err
+    assert "2 age class values were given but 'age' has 1 class " in capsys.readouterr().err

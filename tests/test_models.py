@@ -1114,6 +1114,9 @@ def test_calibration_flips_a_reversed_gender_convention_only_when_not_given(tmp_
     assert calibrated.mapping.female_index == 0
     assert any("gender convention flipped" in n for n in calibrated.notes)
     assert scores.loc[scores["chosen"], "gender_acc"].item() == 1.0
+    # The chosen preset's note gives the accuracy the table shows (it gave the one before the flip).
+    assert any("bgr_0_1 chosen by calibration on 48 labelled images (gender accuracy 1.000 with the gender "
+               "convention flipped" in n for n in calibrated.notes), calibrated.notes
     p_female = calibrated.predict_batch(images)[1]
     assert np.mean((p_female >= 0.5) == genders) == 1.0
 

@@ -29,10 +29,13 @@ def render_headlines(current) -> None:
             st.markdown(f"##### Model {slot} · {evaluation.models[slot].name}")
             left, right = st.columns(2)
             is_baseline = slot == overall.index[0]
+            points = (row["gender_acc"] - baseline["gender_acc"]) * 100
+            years = row["age_mae"] - baseline["age_mae"]
             left.metric(
                 "Gender accuracy",
                 wording.percent(row["gender_acc"]),
-                delta=None if is_baseline else f"{(row['gender_acc'] - baseline['gender_acc']) * 100:+.1f} points vs {overall.index[0]}",
+                delta=None if is_baseline else f"{points:+.1f} points vs {overall.index[0]}",
+                delta_color="off" if round(points, 1) == 0 else "normal",  # no green arrow for a tie
                 border=True,
                 help="Share of images whose predicted gender (P(female) ≥ 0.5) is right.",
             )
@@ -40,8 +43,8 @@ def render_headlines(current) -> None:
             right.metric(
                 "Age MAE",
                 wording.years(row["age_mae"]),
-                delta=None if is_baseline else f"{_signed(row['age_mae'] - baseline['age_mae'])} years vs {overall.index[0]}",
-                delta_color="inverse",
+                delta=None if is_baseline else f"{_signed(years)} years vs {overall.index[0]}",
+                delta_color="off" if round(years, 2) == 0 else "inverse",
                 border=True,
                 help="Mean absolute age error in years (lower is better).",
             )
