@@ -905,3 +905,15 @@ def test_comparisons_read_as_plain_sentences():
     assert wording.ci_text(0.9, 0.95, "percent") == "95% CI 90.0%–95.0%"
     assert wording.slice_name("age_band×gender", "20–29 × female") == "age 20–29 × female"
     assert wording.slice_name("ethnicity", "Asian") == "Asian"
+
+
+def test_a_tie_is_not_shown_as_a_gain():
+    """"+0.0 points vs A" came with a green arrow when both models were equally right."""
+    at = new_app()
+    differing = [m.proto.color for m in at.metric if m.proto.delta]
+    at.text_input(key="path_B_0").input(at.session_state["models"]["A"].path).run()
+    assert_clean(at)
+    tied = {m.proto.delta: m.proto.color for m in at.metric if m.proto.delta}
+    assert set(tied) == {"+0.0 points vs A", "0.00 years vs A"}
+    grey = type(at.metric[0].proto).MetricColor.Value("GRAY")
+    assert set(tied.values()) == {grey} and grey not in differing
