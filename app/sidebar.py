@@ -256,7 +256,7 @@ def render_model_header(slot: str, choice: state.ModelChoice | None, loaded, sco
     if loaded is not None:
         st.caption(model_reading(loaded, scores is not None, "`"))
         for note in notes_to_read(loaded):  # the rest is under "What the loader inferred"
-            st.caption(f":orange[●] {note}")
+            st.caption(f":orange[●] {state.app_note(note)}")
 
 
 def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
@@ -274,7 +274,7 @@ def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
     ]
     st.dataframe(pd.DataFrame(rows, columns=["setting", "value"]), hide_index=True)
     if loaded.notes:
-        st.markdown("\n".join(f"- {note}" for note in loaded.notes))
+        st.markdown("\n".join(f"- {state.app_note(note)}" for note in loaded.notes))
     if scores is not None:
         st.caption("Preprocessing auto-detection: every preset scored on labelled sample images.")
         st.dataframe(

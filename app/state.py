@@ -340,6 +340,21 @@ def rename_model(slot: str, label: str) -> None:
         st.session_state["models"][slot] = replace(choice, label="" if label == choice.name else label)
 
 
+# The loader's notes name library keywords and command-line options; the app has form fields.
+_NOTE_OPTIONS = (
+    (re.compile(r"female_index=(\d) \(command line: [^)]*\)"), r"Female index = \1 in the override form"),
+    (re.compile(r"age_scale= / --age-scale-a"), "the Age scale field of the override form"),
+    (re.compile(r"preprocessing= / --preprocessing-a"), "the Preprocessing field of the override form"),
+)
+
+
+def app_note(note: str) -> str:
+    """A loader note in the app's terms (its form fields instead of keywords and options)."""
+    for pattern, replacement in _NOTE_OPTIONS:
+        note = pattern.sub(replacement, note)
+    return note
+
+
 def describe_load_error(name: str, exc: Exception) -> str:
     from analysis.mapping import CLASS_AGES_HELP, MAPPING_HELP
 

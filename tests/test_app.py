@@ -694,7 +694,9 @@ def test_notes_worth_reading_are_shown_under_the_model(model_files):
     heads_model((64, 64, 3), gender_name="is_male", rescaling=(1 / 255, 0), seed=4).save(folder / "male.keras")
     upload(at, "model_B", "male.keras", (folder / "male.keras").read_bytes())
     assert_clean(at)
-    assert ":orange[●] assumed the sigmoid 'is_male' gives P(male)" in texts(at.sidebar.caption)
+    captions = texts(at.sidebar.caption)
+    assert ":orange[●] assumed the sigmoid 'is_male' gives P(male)" in captions
+    assert "override with Female index = 1 in the override form" in captions and "--female-index" not in captions
 
 
 def test_contradictory_overrides_are_refused_whole_with_a_message():
