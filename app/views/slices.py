@@ -105,7 +105,12 @@ def render_comparison_table(current, slice_by: str, hide_small: bool) -> None:
     if hide_small:
         rows = rows[~rows["small"]]
     st.markdown("##### B − A on the same images")
-    st.caption("Negative age MAE difference: B is closer. p-values: exact McNemar (gender), Wilcoxon signed-rank (age).")
+    st.caption(
+        "Negative age MAE difference: B is closer. p-values: exact McNemar (gender), Wilcoxon signed-rank (age). "
+        "The age difference's 95% CI is a paired bootstrap of the mean difference, while Wilcoxon tests whether "
+        "one model's errors are typically smaller: two different questions, so near the edge one can exclude 0 "
+        "while the other's p is above 0.05."
+    )
     columns = ["slice", "n", "gender_acc_delta", "mcnemar_p", "age_mae_delta", "age_mae_delta_lo", "age_mae_delta_hi", "wilcoxon_p", "small"]
     shown = as_percent(rows[columns], ["gender_acc_delta"])  # percentage points
     for p in ("mcnemar_p", "wilcoxon_p"):  # "< 0.001" rather than "0.000"
