@@ -331,7 +331,7 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
                  "each group). Overrides from/to.",
         )
         scales = [inferred, *AGE_SCALES]
-        age_scale = left.selectbox(
+        age_scale = st.selectbox(  # full width: the columns' rows stay paired (height beside width)
             "Age scale", scales, index=_index(scales, given.get("age_scale")),
             help="How a 1-unit age output gives years: years as they are, x100 / x116 for a model trained on "
                  "age/100 or age/116, log for log-years. Inferred: chosen on labelled images of the sample.",
@@ -351,6 +351,8 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
             problems.append(f"the age of each class must be numbers separated by commas, got “{class_list.strip()}”")
         if age_kind == inferred:
             age_kind = "classes"  # class ages say what the head is
+        elif age_kind == "regression":
+            problems.append("the age of each class applies to an age head over classes, not to a regression head")
     if age_kind == "classes" and listed is None and last_age <= first_age:
         problems.append(f"age classes from {first_age} to {last_age}: the last age must be above the first")
     if age_kind == "classes" and age_scale != inferred:

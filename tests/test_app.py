@@ -708,6 +708,11 @@ def test_contradictory_overrides_are_refused_whole_with_a_message():
     assert_clean(at)
     assert "the last age must be above the first" in texts(at.sidebar.error)
     assert at.session_state["models"]["A"].overrides == ()  # nothing half-applied
+    [s for s in at.sidebar.selectbox if s.label == "Age head"][0].set_value("regression")
+    at.text_input(key="overrides_A_class_ages").input("1, 6, 15")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    assert "the age of each class applies to an age head over classes" in texts(at.sidebar.error)
+    assert at.session_state["models"]["A"].overrides == ()
     [n for n in at.sidebar.number_input if n.label == "Input height"][0].set_value(64)
     [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
     assert "give both the input height and width" in texts(at.sidebar.error)
