@@ -272,7 +272,8 @@ def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
         ("gender output", f"{m.output_names[m.gender_output]} ({m.gender_kind}{', from logits' if m.gender_from_logits else ''}); female index {m.female_index}"),
         ("set by you", ", ".join(loaded.user_settings) or "nothing: all inferred"),
     ]
-    st.dataframe(pd.DataFrame(rows, columns=["setting", "value"]), hide_index=True)
+    # Lines rather than a table: they wrap in the narrow sidebar, where a table cut its values.
+    st.markdown("\n".join(f"- **{setting}**: {value}" for setting, value in rows))
     if loaded.notes:
         st.markdown("\n".join(f"- {state.app_note(note)}" for note in loaded.notes))
     if scores is not None:

@@ -643,6 +643,8 @@ def test_the_age_scale_can_be_given_and_is_shown():
     assert_clean(at)
     assert at.session_state["models"]["A"].overrides == (("age_scale", "x100"),)
     assert "age: regression `age` × 100" in texts(at.sidebar.caption)
+    details = texts(at.sidebar.markdown)  # the details as lines, which wrap in the sidebar
+    assert "- **set by you**: age_scale" in details and "- **age output**: age (regression, read as a fraction of 100 years" in details
     # Contradictory: a scale for an age head over classes.
     [s for s in at.sidebar.selectbox if s.label == "Age head"][1].set_value("classes")
     [s for s in at.sidebar.selectbox if s.label == "Age scale"][1].set_value("log")
