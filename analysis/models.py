@@ -702,13 +702,15 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     preset = table["preset"][best]
 
     acc, mae = table["gender_acc"][best], table["age_mae"][best]
-
-    def chosen_note(accuracy: float, flipped: bool = False) -> str:
-        return (f"preprocessing {preset} chosen by calibration on {len(images)} labelled images "
-                f"(gender accuracy {accuracy:.3f}{' with the gender convention flipped' if flipped else ''}, "
-                f"age MAE {mae:.2f} years)")
-
-    notes.append(chosen_note(acc))
+    base = dataclasses.replace(loaded.mapping, age_scale=scales[preset].scale) if free_scale else loaded.mapping
+    correct = per_image[preset][0] if per_image[preset] is not None else None
+    mapping, flip_note = _gender_convention(base, correct, genders, free_female_index)
+    flipped = mapping is not base
+    notes.append(
+        f"preprocessing {preset} chosen by calibration on {len(images)} labelled images (gender accuracy "
+        f"{1.0 - acc if flipped else acc:.3f}{' with the gender convention flipped' if flipped else ''}, "
+        f"age MAE {mae:.2f} years)"
+    )
     if inside_preset is None:
         runner_up = next((i for i in order if i != best and per_image[table["preset"][i]] is not None), None)
         if runner_up is not None and not _clearly_better(per_image[preset], per_image[table["preset"][runner_up]]):
@@ -717,17 +719,12 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
                 f"({CLEAR_EVIDENCE}): if you know how the model was fed, give its preprocessing "
                 "(preprocessing= / --preprocessing-a)"
             )
-    base = loaded.mapping
     if free_scale:
-        base = dataclasses.replace(loaded.mapping, age_scale=scales[preset].scale)
         note = _age_scale_note(loaded, scales[preset], len(images))
         if note:
             notes.append(note)
-    correct = per_image[preset][0] if per_image[preset] is not None else None
-    mapping, flip_note = _gender_convention(base, correct, genders, free_female_index)
-    if mapping is not base:
+    if flipped:
         table["gender_acc"] = 1.0 - table["gender_acc"]
-        notes = [chosen_note(1.0 - acc, True) if n == chosen_note(acc) else n for n in notes]
         notes = _without_convention_notes(notes) + [flip_note + "; gender accuracies in the table use it"]
     elif flip_note:
         notes.append(flip_note)
@@ -789,10 +786,10 @@ def _pick_age_scale(age_as_read, ages) -> AgeScaleChoice:
     if best == "years" or best_mae > AGE_SCALE_MAX_MAE_RATIO * years_mae:
         return as_years
     spread = float(np.subtract(*np.percentile(ages, [75, 25])))
-    rho, rho_p = stats.spearmanr(raw, ages) if np.ptp(raw) > 0 and np.ptp(ages) > 0 else (math.nan, 1.0)
     if spread < AGE_SCALE_MIN_AGE_IQR:
         return dataclasses.replace(as_years, doubt=(
             f"the labelled ages spread too little to judge it (middle half within {spread:.0f} years)"))
+    rho, rho_p = stats.spearmanr(raw, ages) if np.ptp(raw) > 0 else (math.nan, 1.0)  # ages spread: ptp > 0
     if not (rho > 0 and rho_p < 0.01):
         return dataclasses.replace(as_years, doubt=(
             "its values do not follow the labelled ages (Spearman ρ "
