@@ -235,7 +235,7 @@ def zipped_model_hint(names) -> str:
 def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> None:
     """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for."""
     top = config.get("class_name") if isinstance(config, dict) else None
-    if top and top not in ("Functional", "Sequential", "Model") and not _is_builtin_layer(config):
+    if top and not _is_builtin_layer(config):  # Functional / Sequential / Model are built in
         raise ModelFileError(
             f"{path.name} is a subclassed model (class {top}): its structure is Python code, which a model file "
             "does not hold and facecheck never imports. Rebuild it with the functional API "

@@ -122,7 +122,12 @@ def reason_counts(skipped: pd.DataFrame) -> dict[str, int]:
     """Number of skipped files per reason category (text before the first colon) of a `skipped` table."""
     if skipped.empty:
         return {}
-    return skipped["reason"].str.split(":").str[0].value_counts().to_dict()
+    return _reason_categories(skipped["reason"]).value_counts().to_dict()
+
+
+def _reason_categories(reasons: pd.Series) -> pd.Series:
+    """Each skip reason's category: its text before the first colon ("malformed name", ...)."""
+    return reasons.str.split(":").str[0]
 
 
 def sample_fingerprint(sample: pd.DataFrame) -> str:
@@ -175,10 +180,7 @@ def read_image_rgb(source) -> np.ndarray:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         with Image.open(handle) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"image too large: {image.width}x{image.height} pixels "
-                    f"(limit {MAX_IMAGE_PIXELS:,}); resize it first"
-                )
+                raise ValueError(_too_many_pixels(image))
             return _to_rgb_array(_upright(image))
     except (ValueError, MemoryError):  # out of memory is the machine's state, not the file's: not a reason
         raise
@@ -224,6 +226,10 @@ def _upright(image: Image.Image) -> Image.Image:
 # the image's content, so it is not remembered with the content's predictions (analysis.predict).
 UNREADABLE_FILE = "cannot be read"
 _TOO_LARGE = f"image too large: over {MAX_IMAGE_PIXELS:,} pixels; resize it first"
+
+
+def _too_many_pixels(image: Image.Image) -> str:
+    return f"image too large: {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS:,}); resize it first"
 
 
 def _decode_problem(exc: Exception) -> str:
@@ -275,7 +281,7 @@ def _check_image_header(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                return f"image too large: {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS:,}); resize it first"
+                return _too_many_pixels(image)
             image.verify()
     except MemoryError:
         raise
@@ -463,9 +469,11 @@ def _nothing_usable(source_path: Path, skipped: list[tuple[str, str]]) -> str:
     naming = "Images must be named AGE_GENDER_RACE_DATETIME.jpg as in UTKFace."
     if not skipped:
         return f"no usable labelled images in {source_path}: no image files found. {naming}"
-    table = pd.DataFrame(skipped, columns=["path", "reason"])
-    common, count = next(iter(reason_counts(table).items()))
-    example = table["reason"][table["reason"].str.split(":").str[0] == common].iloc[0]
+    reasons = pd.Series([reason for _, reason in skipped])
+    categories = _reason_categories(reasons)
+    counts = categories.value_counts()
+    common, count = counts.index[0], int(counts.iloc[0])
+    example = reasons[categories == common].iloc[0]
     text = (f"no usable labelled images in {source_path}: {len(skipped)} file{'s' if len(skipped) != 1 else ''} "
             f"skipped, {count} of them as {common} (e.g. \"{example}\")")
     if common in _NAMING_REASONS:
@@ -488,7 +496,7 @@ def extract_zip_safely(
     corrupt archive or one over the bounds.
     """
     target = Path(target_dir).resolve()
-    done_marker = target / ".facecheck-extracted"
+    done_marker = target / _DONE_MARKER
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -532,6 +540,10 @@ def extract_zip_safely(
     return target, skipped + unpack_skips
 
 
+# Written into an extraction once every file is in it (with the entries that could not be unpacked).
+_DONE_MARKER = ".facecheck-extracted"
+
+
 def _is_complete(target: Path, planned, done: list[tuple[str, str]]) -> bool:
     """Every planned entry that was not skipped while unpacking is in `target` at its full size
     (a finished extraction whose files were since deleted or cut short is unpacked again)."""
@@ -556,7 +568,7 @@ def _move_into_place(partial: Path, target: Path, planned) -> None:
             return
         except OSError:
             pass
-        done = _read_marker(target / ".facecheck-extracted")
+        done = _read_marker(target / _DONE_MARKER)
         if done is not None and _is_complete(target, planned, done):
             shutil.rmtree(partial, ignore_errors=True)
             return
