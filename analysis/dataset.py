@@ -109,6 +109,14 @@ class SampleResult:
                 pass
         return str(path)
 
+    def path_in_sample(self, reported: str) -> str:
+        """A reported path (see reported_path) relative to the sample folder, for display: the
+        same name can be in two sub-folders (a zip's are relative already)."""
+        try:
+            return Path(reported).relative_to(self.source).as_posix()
+        except ValueError:
+            return str(reported)
+
     @property
     def fingerprint(self) -> str:
         """Hash of the images and labels: equal fingerprints mean the same evaluation sample."""

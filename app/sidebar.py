@@ -8,7 +8,6 @@ Every message about an input is shown right under that input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -123,15 +122,6 @@ def sample_source_ui() -> SourceInput:
     return SourceInput(upload=upload, path=path or "", use_demo=bool(use_demo))
 
 
-def _in_sample(path: str, source: str) -> str:
-    """A skipped file's path inside the sample folder (a zip's are already relative): the same
-    name can be in two sub-folders, and a duplicate's reason names the other copy this way."""
-    try:
-        return Path(path).relative_to(source).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def render_sample_summary() -> None:
     choice: state.SampleChoice = st.session_state["sample"]
     try:
@@ -151,7 +141,7 @@ def render_sample_summary() -> None:
         with st.expander(f"Skipped files ({skipped:,}) and why"):
             counts = result.skipped_counts()
             st.markdown("\n".join(f"- {reason}: {n:,}" for reason, n in counts.items()))
-            table = result.skipped.assign(file=result.skipped["path"].map(lambda p: _in_sample(p, result.source)))
+            table = result.skipped.assign(file=result.skipped["path"].map(result.path_in_sample))
             st.dataframe(table[["file", "reason"]], hide_index=True, height=200)
 
 

@@ -12,8 +12,6 @@ from analysis.report import p_text  # noqa: F401 (part of this module's vocabula
 ALPHA = 0.05  # below this p-value a difference is called clear
 
 
-
-
 def percent(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
