@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.constants import MODEL_KEYS
-from analysis.mapping import AGE_SCALES, age_scale_words
+from analysis.mapping import AGE_SCALES, ModelLoadError, age_scale_words, parse_age_scale
 from analysis.report import model_reading, notes_to_read
 from app import state, uploads
 
@@ -267,15 +267,25 @@ def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
     if loaded.notes:
         st.markdown("\n".join(f"- {state.app_note(note)}" for note in loaded.notes))
     if scores is not None:
-        st.caption("Preprocessing auto-detection: every preset scored on labelled sample images.")
-        st.dataframe(
-            scores,
-            hide_index=True,
-            column_config={
-                "gender_acc": st.column_config.NumberColumn("gender acc", format="percent"),
-                "age_mae": st.column_config.NumberColumn("age MAE", format="%.2f"),
-            },
-        )
+        st.caption("Preprocessing auto-detection: every preset scored on labelled sample images "
+                   "(✓ the one kept; all columns in the report bundle's models.json).")
+        st.dataframe(compact_scores(scores), hide_index=True, column_config={
+            "gender": st.column_config.NumberColumn("gender", format="percent"),
+            "age MAE": st.column_config.NumberColumn("age MAE", format="%.2f"),
+        })
+
+
+def compact_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """The preprocessing scores in columns that fit the sidebar: the kept preset ticked, the age
+    reading only when some preset reads the age output other than as years."""
+    table = pd.DataFrame({
+        "preset": [f"{p} ✓" if chosen else p for p, chosen in zip(scores["preset"], scores["chosen"])],
+        "gender": scores["gender_acc"].to_numpy(),
+        "age MAE": scores["age_mae"].to_numpy(),
+    })
+    if "age_scale" in scores and (scores["age_scale"] != "years").any():
+        table["age as"] = scores["age_scale"].to_numpy()
+    return table
 
 
 def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> dict | None:
@@ -286,7 +296,7 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
     """
     from analysis.models import PRESETS
 
-    inferred = "(inferred)"
+    inferred = "auto"  # short: "(inferred)" was cut to "(inferre…" in the sidebar's half-width columns
     with st.form(key=form_key, border=False):
         presets = ["auto", *PRESETS]
         preprocessing = st.selectbox(
@@ -322,10 +332,13 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
                  "each group). Overrides from/to.",
         )
         scales = [inferred, *AGE_SCALES]
+        if given.get("age_scale") and given["age_scale"] not in scales:
+            scales.append(given["age_scale"])  # a multiplier typed earlier stays selectable
         age_scale = st.selectbox(  # full width: the columns' rows stay paired (height beside width)
-            "Age scale", scales, index=_index(scales, given.get("age_scale")),
+            "Age scale", scales, index=_index(scales, given.get("age_scale")), accept_new_options=True,
             help="How a 1-unit age output gives years: years as they are, x100 / x116 for a model trained on "
-                 "age/100 or age/116, log for log-years. Inferred: chosen on labelled images of the sample.",
+                 "age/100 or age/116, log for log-years; type another multiplier (e.g. x80) for age/80. "
+                 "auto: chosen on labelled images of the sample.",
         )
         size = given.get("input_size") or (0, 0)
         height = left.number_input("Input height", 0, 1024, int(size[0]), help="0 = the model's own size.")
@@ -346,8 +359,13 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
             problems.append("the age of each class applies to an age head over classes, not to a regression head")
     if age_kind == "classes" and listed is None and last_age <= first_age:
         problems.append(f"age classes from {first_age} to {last_age}: the last age must be above the first")
-    if age_kind == "classes" and age_scale != inferred:
-        problems.append("an age scale applies to a regression age head, not to one over classes")
+    if age_scale not in (None, inferred):
+        try:
+            age_scale = parse_age_scale(age_scale)
+        except ModelLoadError as err:
+            problems.append(str(err).replace("got ", "not "))
+        if age_kind == "classes":
+            problems.append("an age scale applies to a regression age head, not to one over classes")
     if bool(height) != bool(width):
         problems.append("give both the input height and width (or 0 for both: the model's own size)")
     if problems:  # refused as a whole: nothing half-applied
@@ -359,7 +377,7 @@ def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> 
         "gender_output": _output_choice(gender_output, inferred),
         "female_index": None if female_index == inferred else int(female_index),
         "age_kind": None if age_kind == inferred else age_kind,
-        "age_scale": None if age_scale == inferred else age_scale,
+        "age_scale": None if age_scale in (None, inferred) else age_scale,
         "age_class_values": listed if age_kind == "classes" and listed
         else tuple(float(v) for v in range(int(first_age), int(last_age) + 1)) if age_kind == "classes" and last_age > first_age
         else None,

@@ -653,6 +653,43 @@ def test_the_age_scale_can_be_given_and_is_shown():
     assert at.session_state["models"]["B"].overrides == ()
 
 
+def _type_new_option(select, text: str):
+    """What the browser sends when a new option is typed into a selectbox that accepts them (the
+    test driver only knows the listed options)."""
+    select.options.append(text)
+    return select.set_value(text)
+
+
+def test_any_age_multiplier_can_be_typed_and_a_bad_one_is_refused():
+    """The CLI takes any multiplier (--age-scale-a x80); the form offered only years/x100/x116/log."""
+    at = new_app()
+    _type_new_option([s for s in at.sidebar.selectbox if s.label == "Age scale"][0], "×80")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    assert_clean(at)
+    assert at.session_state["models"]["A"].overrides == (("age_scale", "x80"),)
+    assert "age: regression `age` × 80 (set by you)" in texts(at.sidebar.caption)
+    again = [s for s in at.sidebar.selectbox if s.label == "Age scale"][0]
+    assert again.value == "x80" and "x80" in again.options  # the typed value stays selected
+    _type_new_option(again, "eighty")
+    [b for b in at.sidebar.button if b.label == "Apply and reload"][0].click().run()
+    assert "positive multiplier such as 100 or 116, not 'eighty'" in texts(at.sidebar.error)
+    assert at.session_state["models"]["A"].overrides == (("age_scale", "x80"),)  # nothing half-applied
+
+
+def test_the_preprocessing_scores_fit_the_sidebar():
+    from app.sidebar import compact_scores
+
+    scores = pd.DataFrame({"preset": ["rgb_0_1", "rgb_0_255", "bgr_0_255"], "gender_acc": [0.5, 0.9, 0.7],
+                           "age_mae": [30.0, 6.0, 9.5], "age_scale": ["years"] * 3, "combined_rank": [3.0, 1.0, 2.0],
+                           "inside": [False, True, False], "chosen": [False, True, False]})
+    table = compact_scores(scores)
+    assert list(table.columns) == ["preset", "gender", "age MAE"]
+    assert table["preset"].tolist() == ["rgb_0_1", "rgb_0_255 ✓", "bgr_0_255"]
+    assert table["gender"].tolist() == [0.5, 0.9, 0.7] and table["age MAE"].tolist() == [30.0, 6.0, 9.5]
+    scores.loc[2, "age_scale"] = "x100"  # a reading other than years is worth its column
+    assert compact_scores(scores)["age as"].tolist() == ["years", "years", "x100"]
+
+
 def test_an_age_head_over_groups_is_mended_with_the_age_of_each_class(tmp_path):
     """The form only offered consecutive years (from … to): 8 groups loaded as ages 1…8, MAE 29."""
     import keras
