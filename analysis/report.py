@@ -367,9 +367,16 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -> s
 
 @dataclass
 class ReportFigure:
+    """A figure of the report. Its chart is built on first use: a page that lists the 14 figures
+    and shows one (the app's Export) built all of them first, ~1.5 s."""
+
     name: str  # file stem, e.g. "by_age_band"
-    chart: object  # an Altair chart
+    build: Callable[[], object]  # makes the Altair chart
     caption: str
+
+    @functools.cached_property
+    def chart(self):
+        return self.build()
 
 
 _INTERSECTIONS = ("age_band×ethnicity", "age_band×gender", "gender×ethnicity")
@@ -398,28 +405,32 @@ def report_figures(evaluation, histories: dict[str, pd.DataFrame] | None = None)
     """
     tables, names = evaluation.tables, model_names(evaluation)
     slices, comparison = tables["slices"], tables.get("comparison")
-    out = [ReportFigure("overall", figures.overall_chart(slices, names), "Overall gender accuracy and age MAE with 95% CIs")]
+    out = [ReportFigure("overall", functools.partial(figures.overall_chart, slices, names), "Overall gender accuracy and age MAE with 95% CIs")]
     for slice_by, words in (("age_band", "age band"), ("gender", "gender"), ("ethnicity", "ethnicity")):
         if (slices["slice_by"] == slice_by).any():
-            chart = figures.slice_chart(slices, slice_by, names)
-            out.append(ReportFigure(f"by_{slice_by}", chart, f"Gender accuracy and age MAE by {words}, 95% CIs, n per group"))
+            build = functools.partial(figures.slice_chart, slices, slice_by, names)
+            out.append(ReportFigure(f"by_{slice_by}", build, f"Gender accuracy and age MAE by {words}, 95% CIs, n per group"))
     for slice_by in _INTERSECTIONS:
         if not (slices["slice_by"] == slice_by).any():
             continue
         words = slice_by.replace("_", " ").replace("×", " × ")
         for metric, what in (("age_mae", "Age MAE"), ("gender_acc", "Gender accuracy")):
-            chart = figures.intersection_heatmap(slices, slice_by, metric, comparison, names)
+            build = functools.partial(figures.intersection_heatmap, slices, slice_by, metric, comparison, names)
             suffix = " per model and B − A" if comparison is not None else ""
-            out.append(ReportFigure(f"heatmap_{metric}_{slice_by.replace('×', '_x_')}", chart, f"{what} by {words}{suffix}"))
-    out.append(ReportFigure("age_scatter", figures.age_scatter(evaluation.predictions, list(evaluation.models), names), "Predicted vs true age with the identity line"))
+            out.append(ReportFigure(f"heatmap_{metric}_{slice_by.replace('×', '_x_')}", build, f"{what} by {words}{suffix}"))
+    build = functools.partial(figures.age_scatter, evaluation.predictions, list(evaluation.models), names)
+    out.append(ReportFigure("age_scatter", build, "Predicted vs true age with the identity line"))
     if "age_error_by_true_age" in tables:
-        out.append(ReportFigure("age_error_by_true_age", figures.age_error_chart(tables["age_error_by_true_age"], names), "Signed age error (bias) and MAE by true age"))
+        build = functools.partial(figures.age_error_chart, tables["age_error_by_true_age"], names)
+        out.append(ReportFigure("age_error_by_true_age", build, "Signed age error (bias) and MAE by true age"))
     if "calibration" in tables:
         ece = {k: v.get("gender_ece") for k, v in evaluation.summary.get("models", {}).items()}
-        out.append(ReportFigure("gender_calibration", figures.reliability_chart(tables["calibration"], ece, names), "Reliability diagram of P(female), ECE in the legend"))
+        build = functools.partial(figures.reliability_chart, tables["calibration"], ece, names)
+        out.append(ReportFigure("gender_calibration", build, "Reliability diagram of P(female), ECE in the legend"))
     histories = model_histories(evaluation) if histories is None else histories
     if histories:
-        out.append(ReportFigure("learning_curves", figures.learning_curves_chart(histories, names), "Training and validation curves from history_<model>.csv"))
+        build = functools.partial(figures.learning_curves_chart, histories, names)
+        out.append(ReportFigure("learning_curves", build, "Training and validation curves from history_<model>.csv"))
     return out
 
 

@@ -642,15 +642,6 @@ def report_figures(report_key: str, _evaluation) -> list:
     return report.report_figures(_evaluation)
 
 
-@st.cache_data(max_entries=64, show_spinner="Rendering the figure…")
-def figure_file(report_key: str, name: str, file_format: str, _chart) -> bytes:
-    from analysis import figures
-
-    if file_format == "png":
-        return figures.chart_png(_chart)
-    return figures.chart_svg(_chart).encode("utf-8")
-
-
 def stored_bundle(current: Current, with_gradcam: bool) -> bytes | None:
     return st.session_state["bundles"].get((report_key(current), with_gradcam))
 

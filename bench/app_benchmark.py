@@ -87,9 +87,9 @@ def main(argv=None) -> int:
     at.text_input(key="sample_path_0").input(str(folder))
     cold["load the 5000-image sample, predict, compute tables"] = timed_run(at)
     n_images = at.session_state["current"].evaluation.predictions.shape[0]
-    for page in ("views/slices.py", "views/errors.py"):
+    for page in ("views/slices.py", "views/errors.py", "views/export.py"):
         at.switch_page(page)
-        cold[f"first view of {page} (charts, Grad-CAM)"] = timed_run(at)
+        cold[f"first view of {page} (charts, Grad-CAM, figure list)"] = timed_run(at)
     predictions_before = len(calls)
 
     results: dict[str, list[float]] = {}

@@ -800,6 +800,16 @@ def test_export_builds_and_serves_the_report_zip(monkeypatch):
         return real(self, path_or_data, mimetype, kind, filename)
 
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", remember)
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    deferred: dict[str, object] = {}  # the figure files, rendered only when their button is clicked
+    real_deferred = MediaFileManager.add_deferred
+
+    def remember_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        deferred[file_name] = data_callable
+        return real_deferred(self, data_callable, mimetype, coordinates, file_name=file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", remember_deferred)
     at = new_app()
     at.switch_page("views/export.py").run()
     assert_clean(at)
@@ -807,7 +817,14 @@ def test_export_builds_and_serves_the_report_zip(monkeypatch):
     assert any(label.startswith("slices.csv") for label in table_buttons)
     assert any(label.startswith("predictions.csv · 300 rows") for label in table_buttons)
     assert pd.read_csv(io.BytesIO(served["slices.csv"]))["slice_by"].iloc[0] == "overall"
-    assert served["age_scatter.png" if "age_scatter.png" in served else "overall.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    shown = at.selectbox(key="export_figure").value
+    assert not any(name.endswith((".png", ".svg")) for name in served)  # nothing rendered before a click
+    assert deferred[f"{shown}.png"]()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = deferred[f"{shown}.svg"]().decode("utf-8")
+    assert svg.lstrip().startswith("<svg") and "</svg>" in svg
+    at.selectbox(key="export_figure").set_value("by_gender").run()
+    by_gender = deferred["by_gender.svg"]().decode("utf-8")  # the figure now shown, not the first one
+    assert "female" in by_gender and "female" not in svg
 
     at.toggle(key="bundle_gradcam").set_value(False).run()  # Grad-CAM grids are tested on the Errors page
     at.button(key="build_bundle").click().run()

@@ -296,8 +296,8 @@ def test_bundle_zip_bytes_for_the_app(evaluation, monkeypatch):
 def _two_figures(evaluation, histories=None):
     """A cheaper figure list for the tests that exercise the folder mechanics."""
     return [
-        report.ReportFigure("overall", figures.overall_chart(evaluation.tables["slices"]), "overall"),
-        report.ReportFigure("by_gender", figures.slice_chart(evaluation.tables["slices"], "gender"), "by gender"),
+        report.ReportFigure("overall", lambda: figures.overall_chart(evaluation.tables["slices"]), "overall"),
+        report.ReportFigure("by_gender", lambda: figures.slice_chart(evaluation.tables["slices"], "gender"), "by gender"),
     ]
 
 
