@@ -5,16 +5,19 @@ Each step is a plain function so the app can cache them separately; `evaluate` c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import pandas as pd
 
 from analysis import metrics
 from analysis.constants import DEFAULT_SEED
 from analysis.dataset import SampleResult, find_training_file, photo_key
-from analysis.models import (LoadedModel, age_scale_is_free, calibrate_preprocessing, check_age_scale,
-                             check_gender_convention, load_model)
+from analysis.mapping import AmbiguousOutputs
+from analysis.models import (CLEAR_EVIDENCE, LoadedModel, clearly_better, age_scale_is_free, calibrate_preprocessing,
+                             check_age_scale, check_gender_convention, load_model)
 from analysis.predict import PredictionRun, calibration_batch, predict_sample
 
 CALIBRATION_IMAGES = 64
@@ -73,21 +76,73 @@ class Evaluation:
 def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_SEED):
     """Load a model and, when its preprocessing is "auto", calibrate it on labelled sample images;
     with a given preprocessing, only check on them that an inferred female column is not inverted
-    and how a regression age output gives years (unless given).
+    and how a regression age output gives years (unless given). When the outputs' names and
+    shapes do not say which is age and which is gender, each reading that fits is tried on the
+    labelled images and the clearly best one kept (see read_outputs_on_labels).
 
     Returns (LoadedModel, scores table or None when no calibration was needed).
     """
-    loaded = load_model(spec.path, **spec.load_kwargs())
-    if spec.preprocessing != "auto":
-        if spec.female_index is not None and not age_scale_is_free(loaded):
+    try:
+        loaded = load_model(spec.path, **spec.load_kwargs())
+    except AmbiguousOutputs as exc:
+        return read_outputs_on_labels(exc, spec.preprocessing, sample, seed)
+    return _fit_to_labels(loaded, spec.preprocessing, lambda: calibration_batch(
+        sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed))
+
+
+def _fit_to_labels(loaded: LoadedModel, preprocessing: str, batch):
+    """prepare_model's work once the model is loaded; `batch()` gives (images, ages, genders)."""
+    if preprocessing != "auto":
+        if "female_index" in loaded.user_settings and not age_scale_is_free(loaded):
             return loaded, None  # nothing left to infer
         try:
-            images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
+            images, ages, genders = batch()
         except ValueError:  # no decodable image: evaluate says so with the skipped list
             return loaded, None
         return check_gender_convention(check_age_scale(loaded, images, ages), images, genders), None
-    images, ages, genders = calibration_batch(sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed)
-    return calibrate_preprocessing(loaded, images, ages, genders)
+    return calibrate_preprocessing(loaded, *batch())
+
+
+def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, sample: pd.DataFrame, seed: int = DEFAULT_SEED):
+    """The reading of a model's outputs (which is age, which is gender) that labelled images
+    clearly favour: each candidate reading is prepared as usual (preprocessing, age scale, gender
+    convention) and kept only when it is clearly better than every other one on the same images
+    (paired tests at p < 0.01, see models.clearly_better). Otherwise raises AmbiguousOutputs
+    saying what each reading scored. Returns (LoadedModel, scores table or None) like prepare_model."""
+    readings = ambiguous.candidates
+    if not readings:
+        raise ambiguous
+    try:
+        images, ages, genders = calibration_batch(sample, readings[0].input_size, n=CALIBRATION_IMAGES, seed=seed)
+    except ValueError:  # no decodable image to decide with
+        raise ambiguous from None
+    tried = []
+    for reading in readings:
+        loaded, scores = _fit_to_labels(reading, preprocessing, lambda: (images, ages, genders))
+        age, p_female = loaded.predict_batch(images)
+        tried.append((loaded, scores, (metrics.gender_correct(p_female, genders), np.abs(age - ages))))
+
+    def words(loaded: LoadedModel) -> str:
+        m = loaded.mapping
+        return f"age '{m.output_names[m.age_output]}', gender '{m.output_names[m.gender_output]}'"
+
+    def numbers(result) -> str:
+        correct, abs_err = result[2]
+        return f"gender accuracy {np.mean(correct):.3f}, age MAE {np.mean(abs_err):.2f} years"
+
+    ranked = sorted(tried, key=lambda r: (-np.mean(r[2][0]), np.mean(r[2][1])))
+    best, others = ranked[0], ranked[1:]
+    if not all(clearly_better(best[2], other[2]) for other in others):
+        raise AmbiguousOutputs(
+            ambiguous.listing, ambiguous.pairs,
+            tried=f"Each way of reading them was tried on {len(images)} labelled images and none was clearly the best "
+                  f"({CLEAR_EVIDENCE}): " + "; ".join(f"{words(r[0])}: {numbers(r)}" for r in ranked) + ".",
+        ) from None
+    loaded, scores, _ = best
+    note = (f"outputs told apart on {len(images)} labelled images, their names and shapes did not say: {words(loaded)} "
+            f"({numbers(best)}; the next best reading, {words(others[0][0])}: {numbers(others[0])}); if that is wrong, "
+            "say which is which with age_output= / --age-output-a and gender_output= / --gender-output-a")
+    return dataclasses.replace(loaded, notes=(*loaded.notes, note)), scores
 
 
 def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:

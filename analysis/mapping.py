@@ -231,6 +231,40 @@ def _outputs_listing(outputs: list[OutputInfo]) -> str:
     return "Its outputs:\n" + "\n".join(f"  [{i}] {info.describe()}" for i, info in enumerate(outputs))
 
 
+class AmbiguousOutputs(ModelLoadError):
+    """infer_mapping could not tell which output is which, but only a few (age, gender) pairs of
+    outputs fit their shapes and activations: labelled images can decide between them
+    (analysis.evaluation.prepare_model). `pairs` lists them as (age index, gender index);
+    load_model adds `candidates`, the model read with each pair."""
+
+    def __init__(self, listing: str, pairs: list[tuple[int, int]], tried: str | None = None):
+        """`listing`: what could not be told and the outputs; `tried`: what labelled images showed
+        (None: they have not been asked yet)."""
+        labels = (f"With a labelled sample (evaluate --data, the app) the {len(pairs)} ways of reading them that fit "
+                  "are tried on labelled images and a clearly better one is kept." if tried is None else tried)
+        super().__init__(f"{listing}\n{labels}\n{MAPPING_HELP}")
+        self.listing, self.pairs = listing, pairs
+        self.candidates: tuple = ()
+
+
+# At most this many readings are tried on labelled images; more means the model has too many
+# look-alike outputs for a guess to be worth making.
+MAX_OUTPUT_PAIRS = 4
+
+
+def _plausible_pairs(outputs: list[OutputInfo], age, gender, values, logits: bool = False) -> list[tuple[int, int]]:
+    """(age, gender) output pairs that fit by shape and activation, keeping a role already known.
+    An age output may also be a 1-unit sigmoid (an age/100 or age/116 target); with logits=True
+    a gender output may be 1 or 2 units without their sigmoid/softmax (asked only when no output
+    looks like gender otherwise: two plain Dense(1) outputs)."""
+    ages = [age] if age is not None else [
+        i for i, o in enumerate(outputs) if _looks_like_age(o, values) or (o.units == 1 and o.activation == "sigmoid")]
+    genders = [gender] if gender is not None else [
+        i for i, o in enumerate(outputs)
+        if _looks_like_gender(o) or (logits and o.units in (1, 2) and o.activation in _LOGIT_ACTIVATIONS)]
+    return [(a, g) for a in ages for g in genders if a != g]
+
+
 MAPPING_HELP = (
     "Say which is which: load_model(..., age_output=NAME_OR_INDEX, gender_output=NAME_OR_INDEX) or on the "
     "command line --age-output-a NAME_OR_INDEX --gender-output-a NAME_OR_INDEX (-b for model B). For a softmax "
@@ -351,10 +385,18 @@ def infer_mapping(
             if i not in taken and (_looks_like_age(o, values) if role == "age" else _looks_like_gender(o))
         ]
         if not candidates:
+            pairs = _plausible_pairs(outputs, age, gender, values, logits=True) if role == "gender" else []
+            if 2 <= len(pairs) <= MAX_OUTPUT_PAIRS:
+                raise AmbiguousOutputs(f"No output looks like gender (1 unit or 2, ending in a sigmoid or softmax) "
+                                       f"in {model_label}: one may hold logits.\n{_outputs_listing(outputs)}", pairs)
             fail(f"No output looks like {role} (" + ("1 unit, or a softmax over a known number of ages"
                  if role == "age" else "1 unit or 2, ending in a sigmoid or softmax")
                  + "); if none is, this model cannot be evaluated here, else say which output it is")
         if len(candidates) > 1:
+            pairs = _plausible_pairs(outputs, age, gender, values)
+            if 2 <= len(pairs) <= MAX_OUTPUT_PAIRS:
+                raise AmbiguousOutputs(f"Could not tell which output is {role} in {model_label}.\n"
+                                       f"{_outputs_listing(outputs)}", pairs)
             fail(f"Could not tell which output is {role}")
         if role == "age":
             age = candidates[0]

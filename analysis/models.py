@@ -44,6 +44,7 @@ from analysis.keras2 import tf_op_affine, tf_op_reverses_channels
 from analysis.metrics import gender_correct
 from analysis.mapping import (
     AGE_KINDS,
+    AmbiguousOutputs,
     AGE_SCALES,
     DEFAULT_FEMALE_INDEX,
     GENDER_KINDS,
@@ -352,55 +353,68 @@ def load_model(
     size = _resolve_input_size(declared, input_size, notes)
     outputs = describe_outputs(model)
 
-    mapping, mapping_notes = infer_mapping(
-        outputs,
-        model_label=path.name,
-        age_output=age_output,
-        gender_output=gender_output,
-        female_index=female_index,
-        age_kind=age_kind,
-        age_class_values=None if age_class_values is None else tuple(float(v) for v in age_class_values),
+    mapping_kwargs = dict(
+        model_label=path.name, age_output=age_output, gender_output=gender_output, female_index=female_index,
+        age_kind=age_kind, age_class_values=None if age_class_values is None else tuple(float(v) for v in age_class_values),
         age_scale=age_scale,
     )
-    notes += mapping_notes
-
     inside = detect_preprocessing_inside(model)
+    prep_notes: list[str] = []
     if preprocessing in (None, "auto"):
         if inside is not None:
             chosen = inside[0]
-            notes.append(f"preprocessing inside the model ({inside[1]}): feeding {PRESET_DESCRIPTIONS[chosen]}")
+            prep_notes.append(f"preprocessing inside the model ({inside[1]}): feeding {PRESET_DESCRIPTIONS[chosen]}")
         else:
             chosen = "rgb_0_1"
-            notes.append(
+            prep_notes.append(
                 _PROVISIONAL_NOTE_START + " (rgb_0_1 for now): run calibrate_preprocessing on a few "
                 "labelled images, or give preprocessing= / --preprocessing-a"
             )
     else:
         chosen = _check_preset(preprocessing)
         if inside is not None:
-            notes.append(f"preprocessing inside the model ({inside[1]}); using the given preset {chosen}")
+            prep_notes.append(f"preprocessing inside the model ({inside[1]}); using the given preset {chosen}")
 
     given = {  # how to read the model (the name is a label, not one of these)
         "age_output": age_output, "gender_output": gender_output, "female_index": female_index,
         "age_kind": age_kind, "age_class_values": age_class_values, "age_scale": age_scale, "input_size": input_size,
         "preprocessing": None if preprocessing in (None, "auto") else preprocessing,
     }
-    loaded = LoadedModel(
-        name=str(label),
-        path=str(path.resolve()),
-        file_sha256=file_sha256(path),
-        keras_model=model,
-        input_size=size,
-        channels=channels,
-        preprocessing=chosen,
-        preprocessing_inside=inside is not None,
-        mapping=mapping,
-        notes=tuple(notes),
-        outputs=tuple(outputs),
-        file_format=file_format,
-        declared_input_shape=declared,
-        user_settings=tuple(k for k, v in given.items() if v is not None),
-    )
+
+    def read_as(mapping, mapping_notes) -> LoadedModel:
+        return LoadedModel(
+            name=str(label),
+            path=str(path.resolve()),
+            file_sha256=sha256,
+            keras_model=model,
+            input_size=size,
+            channels=channels,
+            preprocessing=chosen,
+            preprocessing_inside=inside is not None,
+            mapping=mapping,
+            notes=tuple(notes + mapping_notes + prep_notes),
+            outputs=tuple(outputs),
+            file_format=file_format,
+            declared_input_shape=declared,
+            user_settings=tuple(k for k, v in given.items() if v is not None),
+        )
+
+    sha256 = file_sha256(path)
+    try:
+        loaded = read_as(*infer_mapping(outputs, **mapping_kwargs))
+    except AmbiguousOutputs as exc:  # each reading that fits, for labelled images to choose from
+        readings = []
+        for age_index, gender_index in exc.pairs:
+            try:
+                pair_mapping, pair_notes = infer_mapping(
+                    outputs, **{**mapping_kwargs, "age_output": age_index, "gender_output": gender_index})
+            except ModelLoadError:
+                continue
+            readings.append(read_as(pair_mapping, pair_notes))
+        exc.candidates = tuple(readings)
+        if readings:
+            _check_runs(readings[0])  # one Keras model under every reading
+        raise
     _check_runs(loaded)
     return loaded
 
@@ -546,7 +560,9 @@ def _check_runs(loaded: LoadedModel) -> None:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    from scipy.special import expit  # no overflow warning for large negative logits
+
+    return expit(x)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -562,7 +578,7 @@ def _other_colour_order(preset: str) -> str:
     return candidate if candidate in PRESETS else preset
 
 
-# Smallest age improvement that counts as "better" in _clearly_better: a mean of 0.1 years and
+# Smallest age improvement that counts as "better" in clearly_better: a mean of 0.1 years and
 # 1% of the incumbent's MAE. A weak model can be *consistently* a thousandth of a year closer under
 # another colour order (Wilcoxon p ~ 1e-6 on 64 images) without that meaning anything.
 MIN_AGE_GAIN_YEARS = 0.1
@@ -572,7 +588,7 @@ MIN_AGE_GAIN_SHARE = 0.01
 CLEAR_EVIDENCE = "paired tests at p < 0.01: exact McNemar for gender, Wilcoxon for age with a gain of at least 0.1 years"
 
 
-def _clearly_better(challenger, incumbent, alpha: float = 0.01) -> bool:
+def clearly_better(challenger, incumbent, alpha: float = 0.01) -> bool:
     """Is `challenger` (correct flags, abs age errors) clearly better than `incumbent` on the same images?
 
     Clearly better on one head and not clearly worse on the other, "clearly" meaning: for gender
@@ -623,7 +639,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     (when there is one), then to lower age MAE, then to PRESETS order.
     When the model has a rescaling layer inside, that layer fixes the scale: only the same scale in
     the other colour order may replace the implied preset, and only when it is clearly better on
-    the same images and not clearly worse on the other head (see _clearly_better: paired tests at
+    the same images and not clearly worse on the other head (see clearly_better: paired tests at
     p < 0.01, and for age a gain of at least MIN_AGE_GAIN_YEARS) — so noise on a weak model never
     overrides what the file declares.
     A preset whose outputs are not finite ranks last.
@@ -690,7 +706,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     best = order[0]
     if inside_preset is not None and table["preset"][best] != inside_preset:
         challenger = table["preset"][best]
-        if not _clearly_better(per_image[challenger], per_image.get(inside_preset)):
+        if not clearly_better(per_image[challenger], per_image.get(inside_preset)):
             best = int(np.flatnonzero(table["inside"])[0])
             notes.append(
                 f"kept {inside_preset} (implied by the rescaling layer inside the model): {challenger}, the same "
@@ -713,7 +729,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     )
     if inside_preset is None:
         runner_up = next((i for i in order if i != best and per_image[table["preset"][i]] is not None), None)
-        if runner_up is not None and not _clearly_better(per_image[preset], per_image[table["preset"][runner_up]]):
+        if runner_up is not None and not clearly_better(per_image[preset], per_image[table["preset"][runner_up]]):
             notes.append(
                 f"calibration could not clearly tell {preset} from {table['preset'][runner_up]} on these images "
                 f"({CLEAR_EVIDENCE}): if you know how the model was fed, give its preprocessing "

@@ -345,6 +345,8 @@ _NOTE_OPTIONS = (
     (re.compile(r"female_index=(\d) \(command line: [^)]*\)"), r"Female index = \1 in the override form"),
     (re.compile(r"age_scale= / --age-scale-a"), "the Age scale field of the override form"),
     (re.compile(r"preprocessing= / --preprocessing-a"), "the Preprocessing field of the override form"),
+    (re.compile(r"age_output= / --age-output-a and gender_output= / --gender-output-a"),
+     "the Age output and Gender output fields of the override form"),
 )
 
 

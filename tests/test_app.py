@@ -841,6 +841,20 @@ def test_export_builds_and_serves_the_report_zip(monkeypatch):
 # ---------------------------------------------------------------- the pure helpers
 
 
+def test_loader_notes_name_the_override_forms_fields_instead_of_options():
+    from analysis.mapping import female_index_hint
+    from app.state import app_note
+
+    told_apart = ("outputs told apart on 64 labelled images, their names and shapes did not say: age 'dense_9', gender "
+                  "'dense_7' (…); if that is wrong, say which is which with age_output= / --age-output-a and gender_output= / "
+                  "--gender-output-a")
+    assert app_note(told_apart).endswith(
+        "if that is wrong, say which is which with the Age output and Gender output fields of the override form")
+    assert app_note(f"assumed P(male); override with {female_index_hint(1)}").endswith(
+        "override with Female index = 1 in the override form")
+    assert app_note("or give age_scale= / --age-scale-a") == "or give the Age scale field of the override form"
+
+
 def test_uploads_are_checked_and_kept_per_session(tmp_path):
     from app import uploads
 

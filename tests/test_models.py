@@ -7,6 +7,7 @@ numpy from the raw Keras outputs, never taken from the code under test.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -981,6 +982,87 @@ def test_an_age_output_in_fractions_of_a_lifetime_is_read_in_years(tmp_path, div
     kept, _ = calibrate_preprocessing(told, images, ages, genders)
     assert kept.mapping.age_scale == "log"
     assert kept.with_settings(female_index=1).mapping.age_scale == "log"
+
+
+def _look_alike_outputs_model(age_first: bool, same: bool = False, logits: bool = False):
+    """Two 1-unit outputs named like Dense layers: one P(female) (green above blue, as
+    preset_images labels), one age / 100 (a sigmoid close to 0.8·R + 0.05 over the images' range);
+    same=True: both are the gender output; logits=True: neither has an activation (gender logits,
+    age in years = 80·R + 5)."""
+    import keras
+
+    inputs = keras.Input((12, 12, 3))
+    means = keras.layers.GlobalAveragePooling2D()(inputs)
+    gender_layer = keras.layers.Dense(1, activation=None if logits else "sigmoid", name="dense_7")
+    age_layer = keras.layers.Dense(1, activation=None if logits else "sigmoid", name="dense_9")
+    gender, age = gender_layer(means), age_layer(means)
+    model = keras.Model(inputs, [age, gender] if age_first else [gender, age])
+    gender_weights = [np.array([[0.0], [40.0], [-40.0]], np.float32), np.zeros(1, np.float32)]
+    gender_layer.set_weights(gender_weights)
+    if same:
+        age_layer.set_weights(gender_weights)
+    elif logits:
+        age_layer.set_weights([np.array([[80.0], [0.0], [0.0]], np.float32), np.array([5.0], np.float32)])
+    else:  # sigmoid(3.2·R − 1.8) has the slope and middle of 0.8·R + 0.05 at R = 0.5 (age 45)
+        age_layer.set_weights([np.array([[3.2], [0.0], [0.0]], np.float32), np.array([-1.8], np.float32)])
+    return model
+
+
+@pytest.mark.parametrize("age_first, logits", [(True, False), (False, False), (False, True)])
+def test_outputs_their_names_and_shapes_cannot_tell_apart_are_told_apart_on_labelled_images(tmp_path, age_first, logits):
+    """Two sigmoid outputs called dense_N (age trained on age/100, and gender), or two plain
+    Dense(1) outputs (age in years, gender logits): the loader asked for --age-output-a and
+    --gender-output-a although labelled images make the answer plain."""
+    from analysis.evaluation import ModelSpec, prepare_model
+    from analysis.mapping import AmbiguousOutputs
+
+    model = _look_alike_outputs_model(age_first, logits=logits)
+    path = save(model, tmp_path)
+    with pytest.raises(AmbiguousOutputs, match="No output looks like gender" if logits else "Could not tell which output is gender") as caught:
+        load_model(path)
+    assert "the 2 ways of reading them that fit are tried on labelled images" in str(caught.value)
+    assert len(caught.value.candidates) == 2
+    images, ages, genders = preset_images(n=64)
+    sample = _sample_table(tmp_path, images, ages, genders)
+    raw = [np.asarray(o)[:, 0] for o in model.predict_on_batch(images.astype(np.float32) / 255.0)]
+    raw_age, raw_gender = (raw[0], raw[1]) if age_first else (raw[1], raw[0])
+    if logits:
+        raw_gender = 1.0 / (1.0 + np.exp(-raw_gender))
+    for preprocessing in ("auto", "rgb_0_1"):
+        prepared, _ = prepare_model(ModelSpec(str(path), preprocessing=preprocessing), sample)
+        m = prepared.mapping
+        assert (m.output_names[m.age_output], m.output_names[m.gender_output]) == ("dense_9", "dense_7")
+        assert prepared.preprocessing == "rgb_0_1" and m.female_index == 1 and m.gender_from_logits == logits
+        assert m.age_scale == ("years" if logits else "x100")
+        assert "age_output" not in prepared.user_settings  # inferred, from the labels
+        age_pred, p_female = prepared.predict_batch(images)
+        np.testing.assert_allclose(age_pred, raw_age * (1 if logits else 100), rtol=1e-5)  # the model's own numbers, in years
+        np.testing.assert_allclose(p_female, raw_gender, rtol=1e-5, atol=1e-7)
+        assert np.mean(np.abs(age_pred - ages)) < 3 and np.mean((p_female >= 0.5) == genders) == 1.0
+        note = next(n for n in prepared.notes if n.startswith("outputs told apart on 64 labelled images"))
+        assert "age 'dense_9', gender 'dense_7' (gender accuracy 1.000" in note
+        assert "the next best reading, age 'dense_7', gender 'dense_9'" in note
+
+
+def test_look_alike_outputs_the_labels_cannot_separate_are_refused_with_what_was_tried(tmp_path):
+    from analysis.evaluation import ModelSpec, prepare_model
+    from analysis.mapping import AmbiguousOutputs
+
+    path = save(_look_alike_outputs_model(age_first=True, same=True), tmp_path)
+    images, ages, genders = preset_images(n=64)
+    with pytest.raises(AmbiguousOutputs) as caught:
+        prepare_model(ModelSpec(str(path)), _sample_table(tmp_path, images, ages, genders))
+    message = str(caught.value)
+    assert "Could not tell which output is gender" in message and "[0] dense_9" in message
+    assert "tried on 64 labelled images and none was clearly the best" in message
+    # both readings, with their numbers (the same: the two outputs are one and the same)
+    scored = dict(re.findall(r"(age '\w+', gender '\w+'): (gender accuracy [\d.]+, age MAE [\d.]+ years)", message))
+    assert set(scored) == {"age 'dense_9', gender 'dense_7'", "age 'dense_7', gender 'dense_9'"}
+    assert len(set(scored.values())) == 1
+    assert "--age-output-a NAME_OR_INDEX" in message  # how to settle it
+    # Saying which is which settles it without labels.
+    told = load_model(path, age_output="dense_9", gender_output="dense_7")
+    assert told.mapping.output_names[told.mapping.gender_output] == "dense_7"
 
 
 def _sample_table(folder, images, ages, genders):
