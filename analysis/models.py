@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -738,7 +739,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     if free_scale:
         note = _age_scale_note(loaded, scales[preset], len(images))
         if note:
-            notes.append(note)
+            notes = _without_sigmoid_age_note(notes) + [note]
     if flipped:
         table["gender_acc"] = 1.0 - table["gender_acc"]
         notes = _without_convention_notes(notes) + [flip_note + "; gender accuracies in the table use it"]
@@ -852,7 +853,13 @@ def check_age_scale(loaded: LoadedModel, images, ages) -> LoadedModel:
     note = _age_scale_note(loaded, choice, len(ages))
     return dataclasses.replace(
         loaded, mapping=dataclasses.replace(loaded.mapping, age_scale=choice.scale),
-        notes=loaded.notes + ((note,) if note else ()))
+        notes=tuple(_without_sigmoid_age_note(loaded.notes) + [note]) if note else loaded.notes)
+
+
+def _without_sigmoid_age_note(notes) -> list[str]:
+    """The loader's "ends in a sigmoid … labelled images decide" note, once they have decided and
+    a note says how (it would repeat it)."""
+    return [n for n in notes if not re.match(r"age output '.*' ends in a sigmoid \(0–1\)", n)]
 
 
 # The female column can only be judged on labelled images of both genders: on an all-female

@@ -1022,6 +1022,9 @@ def test_outputs_their_names_and_shapes_cannot_tell_apart_are_told_apart_on_labe
         load_model(path)
     assert "the 2 ways of reading them that fit are tried on labelled images" in str(caught.value)
     assert len(caught.value.candidates) == 2
+    sigmoid_note = "age output 'dense_9' ends in a sigmoid (0–1): not years as they are; labelled images decide"
+    reading = next(c for c in caught.value.candidates if c.mapping.output_names[c.mapping.age_output] == "dense_9")
+    assert any(n.startswith(sigmoid_note) for n in reading.notes) != logits
     images, ages, genders = preset_images(n=64)
     sample = _sample_table(tmp_path, images, ages, genders)
     raw = [np.asarray(o)[:, 0] for o in model.predict_on_batch(images.astype(np.float32) / 255.0)]
@@ -1042,6 +1045,9 @@ def test_outputs_their_names_and_shapes_cannot_tell_apart_are_told_apart_on_labe
         note = next(n for n in prepared.notes if n.startswith("outputs told apart on 64 labelled images"))
         assert "age 'dense_9', gender 'dense_7' (gender accuracy 1.000" in note
         assert "the next best reading, age 'dense_7', gender 'dense_9'" in note
+        # once the labels have said how the sigmoid gives years, the "labels will decide" note goes
+        assert not any(n.startswith(sigmoid_note) for n in prepared.notes)
+        assert any(n.startswith("age output 'dense_9' read as a fraction of 100 years") for n in prepared.notes) != logits
 
 
 def test_look_alike_outputs_the_labels_cannot_separate_are_refused_with_what_was_tried(tmp_path):
