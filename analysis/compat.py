@@ -23,7 +23,10 @@ Keras 3 files need no shim for what Keras 2 stored as TensorFlow-op layers: an o
 (`x / 127.5 - 1`, or `keras.applications.*.preprocess_input(inputs)` as in TensorFlow's
 transfer-learning tutorial) is stored as an op node (`TrueDivide`, `Subtract`, `GetItem`, ...) of
 `keras.ops`. Those are Keras' own code; they are accepted from a fixed list of op modules, and only
-when their stored arguments are tensors and constants, never functions.
+when their stored arguments are tensors and constants, never functions. A Keras 3 `.h5` file stores
+those nodes without their module, and Keras cannot read it back (nor Keras 3's own MobileNetV3 or
+ConvNeXt saved as `.h5`): the loader hands Keras the op classes by name, under names of their own
+(an op and a layer can both be "Add"), and writes `x[..., k]` with explicit slices.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import json
 import shutil
 import tempfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import keras
@@ -74,7 +78,11 @@ def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tupl
         if kind.endswith("-legacy"):
             custom_objects = patch_keras2_config(patched, notes, archive=kind == "keras-legacy")
             changed = True
-        _refuse_unloadable(patched, path, allow_unsafe, notes)
+        op_classes = _refuse_unloadable(patched, path, allow_unsafe, notes)
+        if op_classes:
+            _spell_out_ellipses(patched)
+            op_classes = _alias_h5_ops(patched, op_classes)
+            changed = True
     except ModelLoadError:
         raise
     except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError, RecursionError) as exc:
@@ -83,6 +91,7 @@ def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tupl
     if kind.startswith("h5"):  # .h5 configs name no module: Keras needs these classes handed over
         custom_objects.update({entry["class_name"]: _application_layer(entry["class_name"])
                                for entry in layer_entries(patched) if entry["class_name"] in APPLICATION_LAYERS})
+        custom_objects.update(op_classes)
     return _load_keras_model(path, kind, patched if changed else None, custom_objects, allow_unsafe), file_format
 
 
@@ -232,8 +241,10 @@ def zipped_model_hint(names) -> str:
     return f". It holds {', '.join(models[:3])}{' …' if len(models) > 3 else ''}: unzip it and give that file"
 
 
-def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> None:
-    """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for."""
+def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list[str]) -> dict:
+    """Refuse Lambda layers (stored Python code) unless allowed, and custom layers we have no code for.
+    Returns the Keras op classes a Keras 3 .h5 config names without their module, which Keras
+    needs handed over (see _h5_op_class)."""
     top = config.get("class_name") if isinstance(config, dict) else None
     if top and not _is_builtin_layer(config):  # Functional / Sequential / Model are built in
         raise ModelFileError(
@@ -242,7 +253,8 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
             "(keras.Model(inputs, [age, gender])) and load its weights into that, then save it, or evaluate it "
             "where its code is installed."
         )
-    lambdas, custom, unsupported, ops, h5_ops = [], [], [], [], []
+    lambdas, custom, unsupported, ops, h5_ops, h5_named = [], [], [], [], [], []
+    h5_op_classes: dict[str, type] = {}
     for item in layer_entries(config):  # every entry, named or not: a Sequential's layers need no name
         class_name = item["class_name"]
         layer_name = item["config"].get("name", item.get("name", "?"))
@@ -253,8 +265,13 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
         elif str(item.get("module")).startswith("keras.src.ops."):
             if not _is_keras_op(item):
                 ops.append(f"{layer_name} ({item['module']}.{class_name})")
-        elif "module" not in item and not hasattr(keras.layers, class_name) and _keras_op_class(class_name):
-            h5_ops.append(f"{layer_name} ({class_name})")
+        elif _is_h5_op_entry(item):
+            op_class = _h5_op_class(item)
+            if op_class is None:
+                h5_ops.append(f"{layer_name} ({class_name})")
+            else:
+                h5_op_classes[class_name] = op_class
+                h5_named.append(f"{layer_name} ({class_name})")
         elif not _is_builtin_layer(item):
             custom.append(class_name if layer_name == "?" else f"{layer_name} ({class_name})")
     if lambdas and not allow_unsafe:
@@ -285,10 +302,19 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
         )
     if h5_ops:
         raise ModelFileError(
-            f"{path.name} holds Keras operation(s) {', '.join(h5_ops)} (written as arithmetic or "
+            f"{path.name} holds Keras operation(s) {', '.join(h5_ops[:5])}{' …' if len(h5_ops) > 5 else ''} (written as arithmetic or "
             "preprocess_input on a tensor), which Keras 3's .h5 format stores without saying where they come "
-            "from: Keras itself cannot load this file. Save the model as .keras instead "
-            "(model.save('model.keras')), where these operations load."
+            "from, and which facecheck does not load (only array operations of keras.ops whose stored arguments "
+            "are tensors and constants, named by one module alone): Keras itself cannot load this file either. "
+            "Save the model as .keras instead (model.save('model.keras'))."
+        )
+    if h5_named:
+        counts = Counter(name.rsplit(" (", 1)[1].rstrip(")") for name in h5_named)
+        notes.append(
+            f"Keras operation(s) {', '.join(f'{n} {cls}' for cls, n in sorted(counts.items()))} (arithmetic or "
+            "preprocess_input written on a tensor) loaded "
+            "as Keras' own keras.ops classes: Keras 3's .h5 format does not say where they come from, so Keras "
+            "alone cannot load this file (nothing from the file is run)"
         )
     if custom:
         raise ModelFileError(
@@ -296,6 +322,7 @@ def _refuse_unloadable(config: dict, path: Path, allow_unsafe: bool, notes: list
             "code named by a model file. Re-save the model with standard Keras layers, or evaluate it where its "
             "code is installed."
         )
+    return h5_op_classes
 
 
 def _preprocess_input_source(item: dict) -> str | None:
@@ -359,6 +386,60 @@ def _keras_op_class(class_name: str, modules=_KERAS_OP_MODULES):
         if isinstance(cls, type) and issubclass(cls, keras.Operation) and not issubclass(cls, keras.layers.Layer):
             return cls
     return None
+
+
+def _is_h5_op_entry(item: dict) -> bool:
+    """A Keras 3 op node as a .h5 config stores it: no module, no layer settings ("trainable"), and
+    the class name of a Keras op (which may also be a layer's: `x + 1.0` is stored as "Add")."""
+    return "module" not in item and "trainable" not in item["config"] and _keras_op_class(item["class_name"]) is not None
+
+
+# What a Keras 3 .h5 op node's class name becomes for loading: an op and a layer can share a name
+# ("Add", "Multiply" in MobileNetV3), and Keras looks both up by that name alone.
+H5_OP_ALIAS = "facecheck_keras_op_"
+
+
+def _alias_h5_ops(config: dict, op_classes: dict[str, type]) -> dict[str, type]:
+    """Give each accepted .h5 op node a class name of its own (H5_OP_ALIAS + name); returns the
+    custom objects Keras needs for them."""
+    for item in layer_entries(config):
+        if item["class_name"] in op_classes and _is_h5_op_entry(item):
+            item["class_name"] = H5_OP_ALIAS + item["class_name"]
+    return {H5_OP_ALIAS + name: cls for name, cls in op_classes.items()}
+
+
+def _spell_out_ellipses(config: dict) -> int:
+    """In Keras 3 .h5 op nodes, write `x[..., i]` as `x[:, :, :, i]` when x's rank is stored: the
+    legacy .h5 reader turns the stored ellipsis into a Python object that Keras' node
+    deserialisation then rejects ("Could not parse config: Ellipsis"). Returns how many were spelled out."""
+    every_slice = {"class_name": "__slice__", "config": {"start": None, "stop": None, "step": None}}
+    done = 0
+    for item in layer_entries(config):
+        if item.get("class_name") != "GetItem" or "module" in item:
+            continue
+        for node in item.get("inbound_nodes") or []:
+            args = node.get("args") if isinstance(node, dict) else None
+            if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], dict) and isinstance(args[1], list)):
+                continue
+            shape = (args[0].get("config") or {}).get("shape")
+            index = args[1]
+            ellipses = [i for i, v in enumerate(index) if isinstance(v, dict) and v.get("class_name") == "__ellipsis__"]
+            if not isinstance(shape, list) or len(ellipses) != 1 or len(index) - 1 > len(shape):
+                continue
+            at = ellipses[0]
+            args[1] = index[:at] + [dict(every_slice)] * (len(shape) - len(index) + 1) + index[at + 1:]
+            done += 1
+    return done
+
+
+def _h5_op_class(item: dict):
+    """The Keras op class of a Keras 3 .h5 entry (which names no module) when exactly one module of
+    _KERAS_OP_MODULES defines that name and the entry passes _is_keras_op there; else None."""
+    found = {module: cls for module in _KERAS_OP_MODULES if (cls := _keras_op_class(item["class_name"], [module]))}
+    if len(set(found.values())) != 1:
+        return None
+    module, cls = next(iter(found.items()))
+    return cls if _is_keras_op({**item, "module": module}) else None
 
 
 def _is_keras_op(item: dict) -> bool:
@@ -456,9 +537,8 @@ def _load_keras_model(path: Path, kind: str, patched: dict | None, custom_object
         message = str(exc).split("\n")[0][:600]
         hint = "If the file is complete, it may use layers or options this Keras version does not support."
         if kind == "h5":  # written by Keras 3, whose .h5 format drops what operation nodes need
-            hint = ("Keras 3's .h5 format cannot store every model (e.g. operations on tensors inside Keras 3's "
-                    "MobileNetV3 or ConvNeXt), so Keras itself cannot read some of its .h5 files back: save the "
-                    "model as .keras (model.save('model.keras')) and load that.")
+            hint = ("Keras 3's .h5 format cannot store every model, so Keras itself cannot read some of its .h5 "
+                    "files back: save the model as .keras (model.save('model.keras')) and load that.")
         raise ModelFileError(f"Keras could not load {path.name} ({type(exc).__name__}: {message}). {hint}") from exc
     if not isinstance(model, keras.Model):
         raise ModelFileError(f"{path.name} holds a {type(model).__name__}, not a Keras model")
@@ -516,11 +596,16 @@ def keras_channel_order(op) -> tuple[int, ...] | None:
 
 
 def keras_channel_slice(op) -> int | None:
-    """k when a Keras 3 `GetItem` node takes `x[..., k]` (one channel), else None."""
+    """k when a Keras 3 `GetItem` node takes `x[..., k]` (one channel), else None; also written
+    `x[:, :, :, k]` (as _spell_out_ellipses stores it for a .h5 file)."""
     args = first_call(op)[0]
     if type(op).__name__ != "GetItem" or len(args) != 2 or not isinstance(args[0], keras.KerasTensor):
         return None
     key = args[1]
-    if isinstance(key, (list, tuple)) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], int):
-        return key[1]
+    if not (isinstance(key, (list, tuple)) and len(key) >= 2 and isinstance(key[-1], int)):
+        return None
+    if len(key) == 2 and key[0] is Ellipsis:
+        return key[-1]
+    if len(key) == len(args[0].shape) and all(k == slice(None) for k in key[:-1]):
+        return key[-1]
     return None

@@ -486,15 +486,23 @@ def _preprocess_input_model(application):
                                 "gender": layers.Dense(1, activation="sigmoid", name="gender")(means)})
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
 @pytest.mark.parametrize("mode", sorted(KERAS_APP_MODES))
-def test_keras3_preprocess_input_op_nodes_load_and_are_detected(tmp_path, mode):
+def test_keras3_preprocess_input_op_nodes_load_and_are_detected(tmp_path, mode, suffix):
+    """In a Keras 3 .h5 file the op nodes name no module, and Keras itself cannot read it back."""
     application, preprocess = KERAS_APP_MODES[mode]
     model = _preprocess_input_model(application)
-    path = save(model, tmp_path, "ops.keras")
-    assert '"module": "keras.src.ops.numpy"' in zipfile.ZipFile(path).read("config.json").decode()
+    path = save(model, tmp_path, "ops" + suffix)
+    if suffix == ".keras":
+        assert '"module": "keras.src.ops.numpy"' in zipfile.ZipFile(path).read("config.json").decode()
+    else:
+        with pytest.raises((ValueError, TypeError)):
+            keras.saving.load_model(path, compile=False)
     loaded = load_model(path)
     assert loaded.preprocessing_inside and loaded.preprocessing == "rgb_0_255"
     assert ("channels reordered (2, 1, 0)" in " ".join(loaded.notes)) == (mode == "caffe")
+    assert any(n.startswith("Keras operation(s) ") and "loaded as Keras' own keras.ops classes" in n
+               for n in loaded.notes) == (suffix == ".h5")
 
     images = images_for((8, 8))
     means = preprocess(images.astype(float)).reshape(len(images), -1, 3).mean(axis=1)
@@ -505,14 +513,38 @@ def test_keras3_preprocess_input_op_nodes_load_and_are_detected(tmp_path, mode):
     np.testing.assert_allclose(p_female, sigmoid(means @ gender_kernel[:, 0] + gender_bias[0]), rtol=1e-4, atol=1e-5)
 
 
-def test_keras3_h5_with_op_nodes_is_refused_with_the_way_out(tmp_path):
-    model = _preprocess_input_model(keras.applications.resnet50)
+def test_keras3_h5_op_nodes_named_like_layers_load_beside_those_layers(tmp_path):
+    """`x + 1.0` (the Add operation) beside an Add layer: the .h5 file calls both "Add" (as
+    MobileNetV3's hard-swish beside its residual additions), and Keras built a layer for the op."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    shifted = inputs * 2.0 + 1.0
+    pooled = layers.GlobalAveragePooling2D()(layers.Add()([shifted, inputs]))
+    model = keras.Model(inputs, {"age": layers.Dense(1, name="age")(pooled),
+                                 "gender": layers.Dense(1, activation="sigmoid", name="gender")(pooled)})
     path = save(model, tmp_path, "ops.h5")
-    with pytest.raises(ValueError, match="GetItem"):  # Keras itself cannot read it back
+    with pytest.raises(ValueError, match="Only input tensors may be passed as positional arguments"):
         keras.saving.load_model(path, compile=False)
-    with pytest.raises(ModelLoadError, match=r"operation\(s\) .*get_item\w* \(GetItem\).*model\.save\('model\.keras'\)") as error:
+    loaded = load_model(path, preprocessing="rgb_0_255")
+    assert "Keras operation(s) 1 Add, 1 Multiply (arithmetic" in " ".join(loaded.notes)
+    images = images_for((8, 8))
+    means = images.astype(float).reshape(len(images), -1, 3).mean(axis=1) * 3.0 + 1.0  # (2x + 1) + x
+    age_kernel, age_bias = model.get_layer("age").get_weights()
+    ages, _ = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, means @ age_kernel[:, 0] + age_bias[0], rtol=1e-4, atol=1e-3)
+
+
+def test_keras3_h5_op_nodes_holding_more_than_data_are_refused_with_the_way_out(tmp_path):
+    inputs = keras.Input((8, 8, 3), name="image")
+    pooled = layers.GlobalAveragePooling2D()(inputs / 255.0)
+    model = keras.Model(inputs, {"age": layers.Dense(1, name="age")(pooled),
+                                 "gender": layers.Dense(1, activation="sigmoid", name="gender")(pooled)})
+    path = save(model, tmp_path, "ops.h5")
+    with h5py.File(path, "r+") as f:  # the constant replaced by a stored function, as a hostile file could
+        text = f.attrs["model_config"]
+        text = text.decode() if isinstance(text, bytes) else text
+        f.attrs["model_config"] = text.replace("255.0]", '{"class_name": "__lambda__", "config": {"code": "x"}}]')
+    with pytest.raises(ModelLoadError, match=r"operation\(s\) true_divide\w* \(TrueDivide\).*model\.save\('model\.keras'\)"):
         load_model(path)
-    assert "(Add)" not in str(error.value)  # named like the Add layer, so not called an operation
 
 
 def _rewrite_config(path, change, metadata=None):
