@@ -267,25 +267,24 @@ def render_model_details(loaded, scores: pd.DataFrame | None) -> None:
     if loaded.notes:
         st.markdown("\n".join(f"- {state.app_note(note)}" for note in loaded.notes))
     if scores is not None:
-        st.caption("Preprocessing auto-detection: every preset scored on labelled sample images "
-                   "(✓ the one kept; all columns in the report bundle's models.json).")
-        st.dataframe(compact_scores(scores), hide_index=True, column_config={
-            "gender": st.column_config.NumberColumn("gender", format="percent"),
-            "age MAE": st.column_config.NumberColumn("age MAE", format="%.2f"),
-        })
+        st.caption("Preprocessing auto-detection: every preset scored on labelled sample images, gender accuracy · "
+                   "age MAE (✓ the one kept; all columns in the report bundle's models.json).")
+        # Lines, not a table: the sidebar's expander is too narrow for three columns of numbers.
+        st.markdown("\n".join(f"- {line}" for line in score_lines(scores)))
 
 
-def compact_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """The preprocessing scores in columns that fit the sidebar: the kept preset ticked, the age
-    reading only when some preset reads the age output other than as years."""
-    table = pd.DataFrame({
-        "preset": [f"{p} ✓" if chosen else p for p, chosen in zip(scores["preset"], scores["chosen"])],
-        "gender": scores["gender_acc"].to_numpy(),
-        "age MAE": scores["age_mae"].to_numpy(),
-    })
-    if "age_scale" in scores and (scores["age_scale"] != "years").any():
-        table["age as"] = scores["age_scale"].to_numpy()
-    return table
+def score_lines(scores: pd.DataFrame) -> list[str]:
+    """One line per scored preset, the kept one ticked; the age reading only when some preset reads
+    the age output other than as years."""
+    show_scale = "age_scale" in scores and bool((scores["age_scale"] != "years").any())
+    lines = []
+    for row in scores.itertuples(index=False):
+        numbers = ("outputs not finite" if pd.isna(row.gender_acc) or pd.isna(row.age_mae)
+                   else f"{row.gender_acc:.1%} · {row.age_mae:.2f}\u00a0y")  # no lone "y" on a line
+        scale = (" · age " + {"years": "in years", "log": "in log-years"}.get(row.age_scale, row.age_scale.replace("x", "×"))
+                 if show_scale else "")
+        lines.append(f"`{row.preset}`{' ✓' if row.chosen else ''}: {numbers}{scale}")
+    return lines
 
 
 def overrides_ui(form_key: str, given: dict, output_names: list[str] | None) -> dict | None:

@@ -677,17 +677,17 @@ def test_any_age_multiplier_can_be_typed_and_a_bad_one_is_refused():
 
 
 def test_the_preprocessing_scores_fit_the_sidebar():
-    from app.sidebar import compact_scores
+    """A three-column table was cut at the MAE column in the sidebar's expander: lines wrap."""
+    from app.sidebar import score_lines
 
-    scores = pd.DataFrame({"preset": ["rgb_0_1", "rgb_0_255", "bgr_0_255"], "gender_acc": [0.5, 0.9, 0.7],
-                           "age_mae": [30.0, 6.0, 9.5], "age_scale": ["years"] * 3, "combined_rank": [3.0, 1.0, 2.0],
+    scores = pd.DataFrame({"preset": ["rgb_0_1", "rgb_0_255", "bgr_0_255"], "gender_acc": [0.5, 0.984375, np.nan],
+                           "age_mae": [30.0, 6.5612, np.nan], "age_scale": ["years"] * 3, "combined_rank": [2.0, 1.0, 3.0],
                            "inside": [False, True, False], "chosen": [False, True, False]})
-    table = compact_scores(scores)
-    assert list(table.columns) == ["preset", "gender", "age MAE"]
-    assert table["preset"].tolist() == ["rgb_0_1", "rgb_0_255 ✓", "bgr_0_255"]
-    assert table["gender"].tolist() == [0.5, 0.9, 0.7] and table["age MAE"].tolist() == [30.0, 6.0, 9.5]
-    scores.loc[2, "age_scale"] = "x100"  # a reading other than years is worth its column
-    assert compact_scores(scores)["age as"].tolist() == ["years", "years", "x100"]
+    assert score_lines(scores) == ["`rgb_0_1`: 50.0% · 30.00\u00a0y", "`rgb_0_255` ✓: 98.4% · 6.56\u00a0y",
+                                   "`bgr_0_255`: outputs not finite"]
+    scores.loc[1, "age_scale"] = "x100"  # a reading other than years is worth saying, for every preset
+    assert score_lines(scores)[:2] == ["`rgb_0_1`: 50.0% · 30.00\u00a0y · age in years",
+                                       "`rgb_0_255` ✓: 98.4% · 6.56\u00a0y · age ×100"]
 
 
 def test_an_age_head_over_groups_is_mended_with_the_age_of_each_class(tmp_path):
