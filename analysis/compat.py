@@ -79,6 +79,10 @@ def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tupl
             custom_objects = patch_keras2_config(patched, notes, archive=kind == "keras-legacy")
             changed = True
         op_classes = _refuse_unloadable(patched, path, allow_unsafe, notes)
+        if op_classes and H5_OP_ALIAS in json.dumps(config):
+            # the alias is ours: anywhere in the file (an initializer, say) it would reach an op unchecked
+            raise ModelFileError(f"{path.name}: its configuration names {H5_OP_ALIAS}…, which no Keras model "
+                                 "holds; the file was edited to look like something else — not loaded")
         if op_classes:
             _spell_out_ellipses(patched)
             op_classes = _alias_h5_ops(patched, op_classes)
@@ -424,10 +428,11 @@ def _spell_out_ellipses(config: dict) -> int:
             shape = (args[0].get("config") or {}).get("shape")
             index = args[1]
             ellipses = [i for i, v in enumerate(index) if isinstance(v, dict) and v.get("class_name") == "__ellipsis__"]
-            if not isinstance(shape, list) or len(ellipses) != 1 or len(index) - 1 > len(shape):
+            used = len(index) - len(ellipses) - sum(v is None for v in index)  # None (newaxis) uses no dimension
+            if not isinstance(shape, list) or len(ellipses) != 1 or used > len(shape):
                 continue
             at = ellipses[0]
-            args[1] = index[:at] + [dict(every_slice)] * (len(shape) - len(index) + 1) + index[at + 1:]
+            args[1] = index[:at] + [dict(every_slice)] * (len(shape) - used) + index[at + 1:]
             done += 1
     return done
 

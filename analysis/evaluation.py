@@ -85,9 +85,11 @@ def prepare_model(spec: ModelSpec, sample: pd.DataFrame, *, seed: int = DEFAULT_
     try:
         loaded = load_model(spec.path, **spec.load_kwargs())
     except AmbiguousOutputs as exc:
-        return read_outputs_on_labels(exc, spec.preprocessing, sample, seed)
-    return _fit_to_labels(loaded, spec.preprocessing, lambda: calibration_batch(
-        sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed))
+        ambiguous = exc  # handled outside the except block: a failure then carries no context
+    else:
+        return _fit_to_labels(loaded, spec.preprocessing, lambda: calibration_batch(
+            sample, loaded.input_size, n=CALIBRATION_IMAGES, seed=seed))
+    return read_outputs_on_labels(ambiguous, spec.preprocessing, sample, seed)
 
 
 def _fit_to_labels(loaded: LoadedModel, preprocessing: str, batch):
@@ -109,13 +111,15 @@ def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, samp
     convention) and kept only when it is clearly better than every other one on the same images
     (paired tests at p < 0.01, see models.clearly_better). Otherwise raises AmbiguousOutputs
     saying what each reading scored. Returns (LoadedModel, scores table or None) like prepare_model."""
-    readings = ambiguous.candidates
+    # Failures raise a fresh exception: the given one holds every reading's Keras model, and the app
+    # keeps a failure for the session.
+    readings, ambiguous.candidates = ambiguous.candidates, ()
     if not readings:
-        raise ambiguous
+        raise AmbiguousOutputs(ambiguous.listing, ambiguous.pairs)
     try:
         images, ages, genders = calibration_batch(sample, readings[0].input_size, n=CALIBRATION_IMAGES, seed=seed)
     except ValueError:  # no decodable image to decide with
-        raise ambiguous from None
+        raise AmbiguousOutputs(ambiguous.listing, ambiguous.pairs) from None
     tried = []
     for reading in readings:
         loaded, scores = _fit_to_labels(reading, preprocessing, lambda: (images, ages, genders))

@@ -45,6 +45,7 @@ from analysis.keras2 import tf_op_affine, tf_op_reverses_channels
 from analysis.metrics import gender_correct
 from analysis.mapping import (
     AGE_KINDS,
+    MAPPING_HELP,
     AmbiguousOutputs,
     AGE_SCALES,
     DEFAULT_FEMALE_INDEX,
@@ -404,20 +405,31 @@ def load_model(
     try:
         loaded = read_as(*infer_mapping(outputs, **mapping_kwargs))
     except AmbiguousOutputs as exc:  # each reading that fits, for labelled images to choose from
-        readings = []
-        for age_index, gender_index in exc.pairs:
-            try:
-                pair_mapping, pair_notes = infer_mapping(
-                    outputs, **{**mapping_kwargs, "age_output": age_index, "gender_output": gender_index})
-            except ModelLoadError:
-                continue
-            readings.append(read_as(pair_mapping, pair_notes))
-        exc.candidates = tuple(readings)
-        if readings:
-            _check_runs(readings[0])  # one Keras model under every reading
-        raise
-    _check_runs(loaded)
-    return loaded
+        ambiguous = exc
+    else:
+        _check_runs(loaded)
+        return loaded
+    readings, pairs = [], []
+    for age_index, gender_index in ambiguous.pairs:
+        try:  # settings given (an age scale, class ages) can rule a reading out
+            pair_mapping, pair_notes = infer_mapping(
+                outputs, **{**mapping_kwargs, "age_output": age_index, "gender_output": gender_index})
+        except ModelLoadError:
+            continue
+        readings.append(read_as(pair_mapping, pair_notes))
+        pairs.append((age_index, gender_index))
+    if not readings:
+        raise ModelLoadError(f"{ambiguous.listing}\n{MAPPING_HELP}")
+    _check_runs(readings[0])  # one Keras model under every reading
+    if len(readings) == 1:
+        m = readings[0].mapping
+        return dataclasses.replace(readings[0], notes=readings[0].notes + (
+            f"age output '{m.output_names[m.age_output]}' and gender output '{m.output_names[m.gender_output]}': "
+            "their names and shapes did not say, and this is the only way of reading them that fits the settings "
+            "given",))
+    fitting = AmbiguousOutputs(ambiguous.listing, pairs)
+    fitting.candidates = tuple(readings)
+    raise fitting
 
 
 _PROVISIONAL_NOTE_START = "preprocessing not known from the file"

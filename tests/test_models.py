@@ -547,6 +547,79 @@ def test_keras3_h5_op_nodes_holding_more_than_data_are_refused_with_the_way_out(
         load_model(path)
 
 
+@pytest.mark.parametrize("rank, key", [
+    (4, (Ellipsis, 1)), (4, (Ellipsis, slice(1, 3))), (4, (0, Ellipsis)), (4, (slice(None), Ellipsis, 0)),
+    (4, (Ellipsis, slice(None, None, -1))), (4, (Ellipsis,)), (3, (Ellipsis, None)), (4, (Ellipsis, None, 0)),
+    (4, (None, Ellipsis)), (4, (Ellipsis, [2, 1, 0])),
+])
+def test_ellipses_in_h5_op_indices_are_spelled_out_as_numpy_reads_them(rank, key):
+    """The .h5 reader cannot take `x[..., k]` back; the slices written instead must index the same
+    elements (a newaxis uses no dimension: `x[..., None]` on rank 3 was spelled x[:, :, None])."""
+    from analysis.compat import _spell_out_ellipses
+
+    def stored(k):
+        if k is Ellipsis:
+            return {"class_name": "__ellipsis__", "config": {}}
+        if isinstance(k, slice):
+            return {"class_name": "__slice__", "config": {"start": k.start, "stop": k.stop, "step": k.step}}
+        return k
+
+    def read(k):
+        if isinstance(k, dict):
+            return slice(k["config"]["start"], k["config"]["stop"], k["config"]["step"])
+        return k
+
+    array = np.arange(2 * 4 * 5 * 3).reshape(2, 4, 5, 3)[(Ellipsis, 0) if rank == 3 else (Ellipsis,)]
+    node = {"args": [{"class_name": "__keras_tensor__", "config": {"shape": [None, *array.shape[1:]], "dtype": "float32"}},
+                     [stored(k) for k in key]], "kwargs": {}}
+    config = {"class_name": "Functional", "config": {"layers": [
+        {"class_name": "GetItem", "config": {"name": "get_item"}, "inbound_nodes": [node]}]}}
+    assert _spell_out_ellipses(config) == 1
+    spelled = tuple(read(k) for k in node["args"][1])
+    assert Ellipsis not in spelled
+    np.testing.assert_array_equal(array[spelled], array[key])
+
+
+def test_a_keras3_h5_file_naming_the_loaders_op_alias_elsewhere_is_refused(tmp_path):
+    """The alias under which ops are handed to Keras applies to the whole file: anywhere but an
+    op node (here a Dense layer's initializer) it would build an op from an unchecked config."""
+    from analysis.compat import H5_OP_ALIAS
+
+    inputs = keras.Input((8, 8, 3), name="image")
+    pooled = layers.GlobalAveragePooling2D()(inputs / 255.0)
+    model = keras.Model(inputs, {"age": layers.Dense(1, name="age")(pooled),
+                                 "gender": layers.Dense(1, activation="sigmoid", name="gender")(pooled)})
+    path = save(model, tmp_path, "ops.h5")
+    with h5py.File(path, "r+") as f:
+        text = f.attrs["model_config"]
+        config = json.loads(text.decode() if isinstance(text, bytes) else text)
+        age = next(item for item in config["config"]["layers"] if item["config"].get("name") == "age")
+        age["config"]["kernel_initializer"] = {"class_name": H5_OP_ALIAS + "TrueDivide", "config": {"name": "sneaky"}}
+        f.attrs["model_config"] = json.dumps(config)
+    with pytest.raises(ModelFileError, match=f"names {H5_OP_ALIAS}…, which no Keras model holds"):
+        load_model(path)
+
+
+def test_the_only_reading_of_look_alike_outputs_that_fits_the_settings_given_is_used(tmp_path):
+    """Three dense_N outputs (101 ages, a sigmoid, a 2-way softmax) and an age scale given: the
+    readings with the 101-way softmax as age are ruled out, one is left (it crashed on 'the next
+    best reading')."""
+    inputs = keras.Input((12, 12, 3))
+    pooled = layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, [layers.Dense(101, activation="softmax", name="dense_1")(pooled),
+                                 layers.Dense(1, activation="sigmoid", name="dense_2")(pooled),
+                                 layers.Dense(2, activation="softmax", name="dense_3")(pooled)])
+    path = save(model, tmp_path)
+    loaded = load_model(path, age_scale="x100")
+    m = loaded.mapping
+    assert (m.output_names[m.age_output], m.output_names[m.gender_output], m.age_scale) == ("dense_2", "dense_3", "x100")
+    assert any("the only way of reading them that fits the settings given" in n for n in loaded.notes)
+    from analysis.mapping import AmbiguousOutputs
+
+    with pytest.raises(AmbiguousOutputs, match="the 3 ways of reading them that fit"):  # without it, three fit
+        load_model(path)
+
+
 def _rewrite_config(path, change, metadata=None):
     """Apply `change` to the stored config of a .keras file (in place), and replace its metadata if given."""
     with zipfile.ZipFile(path) as archive:
@@ -1091,6 +1164,8 @@ def test_look_alike_outputs_the_labels_cannot_separate_are_refused_with_what_was
     with pytest.raises(AmbiguousOutputs) as caught:
         prepare_model(ModelSpec(str(path)), _sample_table(tmp_path, images, ages, genders))
     message = str(caught.value)
+    # a failure the app keeps for the session holds no Keras model (readings, context, traceback frames)
+    assert caught.value.candidates == () and caught.value.__context__ is None
     assert "Could not tell which output is gender" in message and "[0] dense_9" in message
     assert "tried on 64 labelled images and none was clearly the best" in message
     # both readings, with their numbers (the same: the two outputs are one and the same)
