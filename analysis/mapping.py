@@ -155,7 +155,22 @@ def _final_activation(tensor, depth: int = 0) -> str:
         return _activation_name(layer.activation)
     if class_name in ("Rescaling", "TFOpLambda"):
         return "linear"  # e.g. age = sigmoid × 100: a scaled value, no longer a probability
+    if isinstance(layer, keras.Operation) and not isinstance(layer, keras.layers.Layer):  # a Keras 3 op node
+        if class_name in _SHAPE_OPS:
+            try:
+                previous = layer._inbound_nodes[node_index].input_tensors[0]
+            except (IndexError, AttributeError):
+                return "unknown"
+            return _final_activation(previous, depth + 1)
+        # ops.sigmoid(x) is a sigmoid; arithmetic (Dense(1, "sigmoid")(x) * 100) gives a plain value
+        return _OP_ACTIVATIONS.get(class_name, "linear")
     return "unknown"
+
+
+# Keras 3 op nodes (keras.ops written on a tensor) seen through or read as an activation.
+_SHAPE_OPS = {"Squeeze", "Reshape", "ExpandDims"}
+_OP_ACTIVATIONS = {"Sigmoid": "sigmoid", "Softmax": "softmax", "LogSoftmax": "log_softmax", "Relu": "relu",
+                   "Exp": "exponential", "Softplus": "softplus"}
 
 
 def _name_tokens(name: str) -> list[str]:

@@ -682,7 +682,7 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
         candidate = dataclasses.replace(loaded, preprocessing=preset, mapping=as_read)
         age_pred, p_female = candidate.predict_batch(images)
         if free_scale:  # each preset is judged with the age reading that suits it best
-            scales[preset] = _pick_age_scale(age_pred, ages)
+            scales[preset] = _pick_age_scale(age_pred, ages, unit_interval=_age_ends_in_sigmoid(loaded))
             age_pred = apply_age_scale(age_pred, scales[preset].scale)
         finite = bool(np.isfinite(age_pred).all() and np.isfinite(p_female).all())
         correct = gender_correct(p_female, genders)
@@ -797,15 +797,30 @@ def age_scale_is_free(loaded: LoadedModel) -> bool:
     return loaded.mapping.age_kind == "regression" and "age_scale" not in loaded.user_settings
 
 
-def _pick_age_scale(age_as_read, ages) -> AgeScaleChoice:
-    """How a regression age output gives years, judged on labelled images (see the rule above)."""
+def _age_ends_in_sigmoid(loaded: LoadedModel) -> bool:
+    outputs, index = loaded.outputs, loaded.mapping.age_output
+    return index < len(outputs) and outputs[index].activation == "sigmoid"
+
+
+def _pick_age_scale(age_as_read, ages, unit_interval: bool = False) -> AgeScaleChoice:
+    """How a regression age output gives years, judged on labelled images (see the rule above).
+    unit_interval: the output ends in a sigmoid, so it is never years: the closer of age/100 and
+    age/116 is taken whatever the images say about years (an untrained or collapsed model was
+    read as years, against the note that said it could not be)."""
     from scipy import stats
 
     raw, ages = np.asarray(age_as_read, np.float64), np.asarray(ages, np.float64)
     keep = np.isfinite(raw)
     raw, ages = raw[keep], ages[keep]
     if len(raw) < 2:
-        return AgeScaleChoice("years", math.nan, math.nan)
+        return AgeScaleChoice("x100" if unit_interval else "years", math.nan, math.nan)
+    if unit_interval:
+        errors = {scale: np.abs(apply_age_scale(raw, scale) - ages) for scale in ("years", "x100", "x116")}
+        best, other = sorted(("x100", "x116"), key=lambda scale: float(np.mean(errors[scale])))
+        edge = errors[other] - errors[best]
+        doubt = None if np.any(edge != 0) and stats.wilcoxon(edge, alternative="greater").pvalue < 0.01 else (
+            f"age/{other[1:]} fit nearly as well (paired Wilcoxon p ≥ 0.01)")
+        return AgeScaleChoice(best, float(np.mean(errors["years"])), float(np.mean(errors[best])), doubt)
     candidates = [scale for scale in AGE_SCALES if not (scale == "log" and raw.min() >= 0 and raw.max() <= 1)]
     errors = {scale: np.abs(apply_age_scale(raw, scale) - ages) for scale in candidates}
     years_mae = float(np.mean(errors["years"]))
@@ -840,9 +855,13 @@ def _pick_age_scale(age_as_read, ages) -> AgeScaleChoice:
 def _age_scale_note(loaded: LoadedModel, choice: AgeScaleChoice, n: int) -> str | None:
     """What the labelled images said about the age reading, when there is something to say."""
     name = loaded.mapping.output_names[loaded.mapping.age_output]
-    if choice.scale != "years":
+    if choice.scale != "years" and _age_ends_in_sigmoid(loaded):
+        text = (f"age output '{name}' ends in a sigmoid (0–1), so not years: read as {age_scale_words(choice.scale)}, "
+                f"the closer fit on {n} labelled images (age MAE {choice.scaled_mae:.2f})")
+    elif choice.scale != "years":
         text = (f"age output '{name}' read as {age_scale_words(choice.scale)}: on {n} labelled images that gave age "
                 f"MAE {choice.scaled_mae:.2f} against {choice.years_mae:.2f} read as years")
+    if choice.scale != "years":
         if choice.doubt:
             text += f"; {choice.doubt}"
         return text + "; override with age_scale= / --age-scale-a"
@@ -861,7 +880,7 @@ def check_age_scale(loaded: LoadedModel, images, ages) -> LoadedModel:
         return loaded
     probe = dataclasses.replace(loaded, mapping=dataclasses.replace(loaded.mapping, age_scale="years"))
     age_as_read, _ = probe.predict_batch(images)
-    choice = _pick_age_scale(age_as_read, ages)
+    choice = _pick_age_scale(age_as_read, ages, unit_interval=_age_ends_in_sigmoid(loaded))
     note = _age_scale_note(loaded, choice, len(ages))
     return dataclasses.replace(
         loaded, mapping=dataclasses.replace(loaded.mapping, age_scale=choice.scale),
@@ -871,7 +890,7 @@ def check_age_scale(loaded: LoadedModel, images, ages) -> LoadedModel:
 def _without_sigmoid_age_note(notes) -> list[str]:
     """The loader's "ends in a sigmoid … labelled images decide" note, once they have decided and
     a note says how (it would repeat it)."""
-    return [n for n in notes if not re.match(r"age output '.*' ends in a sigmoid \(0–1\)", n)]
+    return [n for n in notes if not re.match(r"age output '.*' ends in a sigmoid \(0–1\): not years as they are", n)]
 
 
 # The female column can only be judged on labelled images of both genders: on an all-female

@@ -26,6 +26,7 @@ from analysis.models import (
     ModelLoadError,
     OutputMapping,
     calibrate_preprocessing,
+    check_age_scale,
     check_gender_convention,
     load_model,
 )
@@ -1152,7 +1153,59 @@ def test_outputs_their_names_and_shapes_cannot_tell_apart_are_told_apart_on_labe
         assert "the next best reading, age 'dense_7', gender 'dense_9'" in note
         # once the labels have said how the sigmoid gives years, the "labels will decide" note goes
         assert not any(n.startswith(sigmoid_note) for n in prepared.notes)
-        assert any(n.startswith("age output 'dense_9' read as a fraction of 100 years") for n in prepared.notes) != logits
+        assert any(n.startswith("age output 'dense_9' ends in a sigmoid (0–1), so not years: read as a fraction of 100 "
+                                "years") for n in prepared.notes) != logits
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+@pytest.mark.parametrize("after", ["times100", "squeeze", "ops_sigmoid"])
+def test_keras_ops_written_after_a_head_are_read_through(tmp_path, after, suffix):
+    """`Dense(1, "sigmoid")(x) * 100` or `ops.squeeze(Dense(1)(x), -1)` as the age output: the op node
+    had activation "unknown", so no output looked like age and the model was refused."""
+    inputs = keras.Input((8, 8, 3))
+    pooled = layers.GlobalAveragePooling2D()(layers.Rescaling(1 / 255)(inputs))
+    if after == "times100":
+        age = layers.Dense(1, activation="sigmoid")(pooled) * 100.0
+    elif after == "squeeze":
+        age = keras.ops.squeeze(layers.Dense(1)(pooled), -1)
+    else:  # the gender head's sigmoid written as an op, the age a plain Dense
+        age = layers.Dense(1)(pooled)
+    gender = keras.ops.sigmoid(layers.Dense(1)(pooled)) if after == "ops_sigmoid" else layers.Dense(
+        1, activation="sigmoid", name="gender")(pooled)
+    model = keras.Model(inputs, [age, gender])
+    path = save(model, tmp_path, "model" + suffix)
+    loaded = load_model(path, preprocessing="rgb_0_255")
+    m = loaded.mapping
+    assert (m.age_output, m.gender_output, m.age_kind, m.gender_kind) == (0, 1, "regression", "sigmoid")
+    assert loaded.outputs[0].activation == "linear" and loaded.outputs[1].activation == "sigmoid"
+    images = images_for((8, 8))
+    expected_age, expected_gender = (np.asarray(o).reshape(len(images)) for o in model.predict_on_batch(images.astype(np.float32)))
+    ages, p_female = loaded.predict_batch(images)
+    np.testing.assert_allclose(ages, expected_age, rtol=1e-5)
+    np.testing.assert_allclose(p_female, expected_gender, rtol=1e-5)
+
+
+def test_a_sigmoid_age_output_is_never_read_as_years(tmp_path):
+    """An untrained model's sigmoid sits near 0.7: as years (0.7 y) it was 'closer' than ×100 (70 y)
+    to the labels, and was read so, under a note saying it could not be years."""
+    inputs = keras.Input((12, 12, 3))
+    pooled = layers.GlobalAveragePooling2D()(inputs)
+    age_layer = layers.Dense(1, activation="sigmoid", name="age")
+    model = keras.Model(inputs, [age_layer(pooled), layers.Dense(1, activation="sigmoid", name="gender")(pooled)])
+    age_layer.set_weights([np.zeros((3, 1), np.float32), np.array([0.85], np.float32)])  # sigmoid(0.85) ≈ 0.70
+    path = save(model, tmp_path)
+    images, ages, genders = preset_images(n=64)
+    young = ages < 40  # labels nearer 0.7 years than 70: as years would fit "better"
+    images, ages, genders = images[young], ages[young], genders[young]
+    assert np.mean(np.abs(0.7 - ages)) < np.mean(np.abs(70 - ages))
+    for loaded in (calibrate_preprocessing(load_model(path), images, ages, genders)[0],
+                   check_age_scale(load_model(path, preprocessing="rgb_0_1"), images, ages)):
+        assert loaded.mapping.age_scale in ("x100", "x116")
+        age_pred, _ = loaded.predict_batch(images)
+        np.testing.assert_allclose(age_pred, 0.7006 * int(loaded.mapping.age_scale[1:]), rtol=1e-3)
+        assert any(n.startswith("age output 'age' ends in a sigmoid (0–1), so not years: read as a fraction of")
+                   for n in loaded.notes)
+        assert not any("labelled images decide" in n for n in loaded.notes)
 
 
 def test_look_alike_outputs_the_labels_cannot_separate_are_refused_with_what_was_tried(tmp_path):
