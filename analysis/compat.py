@@ -95,7 +95,7 @@ def load_model_file(path: Path, *, allow_unsafe: bool, notes: list[str]) -> tupl
     if kind.startswith("h5"):  # .h5 configs name no module: Keras needs these classes handed over
         custom_objects.update({entry["class_name"]: _application_layer(entry["class_name"])
                                for entry in layer_entries(patched) if entry["class_name"] in APPLICATION_LAYERS})
-        custom_objects.update(op_classes)
+    custom_objects.update(op_classes)  # op nodes stored without a module, renamed by _alias_h5_ops
     return _load_keras_model(path, kind, patched if changed else None, custom_objects, allow_unsafe), file_format
 
 
