@@ -295,6 +295,11 @@ AGE_SCALES: tuple[str, ...] = ("years", "x100", "x116", "log")
 AGE_SCALE_WORDS = {"years": "years as they are", "log": "log-years (age = exp(output))"}
 
 
+# The loader's note on a sigmoid age output before labelled images have said how it gives years
+# (models.calibrate_preprocessing and check_age_scale drop it once they have).
+SIGMOID_AGE_NOTE = "ends in a sigmoid (0–1): not years as they are"
+
+
 def age_scale_words(scale: str) -> str:
     return AGE_SCALE_WORDS.get(scale) or f"a fraction of {scale[1:]} years (age = output × {scale[1:]})"
 
@@ -363,6 +368,11 @@ def infer_mapping(
     def fail(reason: str):
         raise ModelLoadError(f"{reason} in {model_label}.\n{_outputs_listing(outputs)}\n{MAPPING_HELP}")
 
+    def labels_may_decide(pairs, reason: str):
+        """Raise AmbiguousOutputs when a few readings fit: labelled images can choose between them."""
+        if 2 <= len(pairs) <= MAX_OUTPUT_PAIRS:
+            raise AmbiguousOutputs(f"{reason}\n{_outputs_listing(outputs)}", pairs)
+
     if len(outputs) < 2:  # no setting can mend that
         raise ModelFileError(
             f"{model_label} has {len(outputs)} output; facecheck needs two, one for age and one for gender "
@@ -400,18 +410,16 @@ def infer_mapping(
             if i not in taken and (_looks_like_age(o, values) if role == "age" else _looks_like_gender(o))
         ]
         if not candidates:
-            pairs = _plausible_pairs(outputs, age, gender, values, logits=True) if role == "gender" else []
-            if 2 <= len(pairs) <= MAX_OUTPUT_PAIRS:
-                raise AmbiguousOutputs(f"No output looks like gender (1 unit or 2, ending in a sigmoid or softmax) "
-                                       f"in {model_label}: one may hold logits.\n{_outputs_listing(outputs)}", pairs)
+            if role == "gender":
+                labels_may_decide(_plausible_pairs(outputs, age, gender, values, logits=True),
+                                  "No output looks like gender (1 unit or 2, ending in a sigmoid or softmax) in "
+                                  f"{model_label}: one may hold logits.")
             fail(f"No output looks like {role} (" + ("1 unit, or a softmax over a known number of ages"
                  if role == "age" else "1 unit or 2, ending in a sigmoid or softmax")
                  + "); if none is, this model cannot be evaluated here, else say which output it is")
         if len(candidates) > 1:
-            pairs = _plausible_pairs(outputs, age, gender, values)
-            if 2 <= len(pairs) <= MAX_OUTPUT_PAIRS:
-                raise AmbiguousOutputs(f"Could not tell which output is {role} in {model_label}.\n"
-                                       f"{_outputs_listing(outputs)}", pairs)
+            labels_may_decide(_plausible_pairs(outputs, age, gender, values),
+                              f"Could not tell which output is {role} in {model_label}.")
             fail(f"Could not tell which output is {role}")
         if role == "age":
             age = candidates[0]
@@ -436,8 +444,8 @@ def infer_mapping(
             fail(f"A regression age output needs 1 unit, but '{age_info.name}' has {age_info.units}")
         values = None
         if age_info.activation == "sigmoid" and age_scale is None:
-            notes.append(f"age output '{age_info.name}' ends in a sigmoid (0–1): not years as they are; labelled "
-                         "images decide between age/100 and age/116 (or give age_scale= / --age-scale-a)")
+            notes.append(f"age output '{age_info.name}' {SIGMOID_AGE_NOTE}; labelled images decide between age/100 "
+                         "and age/116 (or give age_scale= / --age-scale-a)")
     else:
         if age_scale is not None:
             fail(f"An age scale ({age_scale}) applies to a regression age output, not to one over classes "

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from analysis.mapping import (
     GENDER_KINDS,
     KNOWN_AGE_CLASSES,
     PASS_THROUGH_LAYERS,
+    SIGMOID_AGE_NOTE,
     OutputInfo,
     OutputMapping,
     age_scale_words,
@@ -676,13 +676,14 @@ def calibrate_preprocessing(loaded: LoadedModel, images, ages, genders) -> tuple
     free_female_index = "female_index" not in loaded.user_settings
     free_scale = age_scale_is_free(loaded)
     as_read = dataclasses.replace(loaded.mapping, age_scale="years") if free_scale else loaded.mapping
+    unit_interval = _age_ends_in_sigmoid(loaded)
 
     rows, per_image, needs_flip, scales = [], {}, [], {}
     for preset in calibration_presets(loaded.channels):
         candidate = dataclasses.replace(loaded, preprocessing=preset, mapping=as_read)
         age_pred, p_female = candidate.predict_batch(images)
         if free_scale:  # each preset is judged with the age reading that suits it best
-            scales[preset] = _pick_age_scale(age_pred, ages, unit_interval=_age_ends_in_sigmoid(loaded))
+            scales[preset] = _pick_age_scale(age_pred, ages, unit_interval=unit_interval)
             age_pred = apply_age_scale(age_pred, scales[preset].scale)
         finite = bool(np.isfinite(age_pred).all() and np.isfinite(p_female).all())
         correct = gender_correct(p_female, genders)
@@ -816,11 +817,9 @@ def _pick_age_scale(age_as_read, ages, unit_interval: bool = False) -> AgeScaleC
         return AgeScaleChoice("x100" if unit_interval else "years", math.nan, math.nan)
     if unit_interval:
         errors = {scale: np.abs(apply_age_scale(raw, scale) - ages) for scale in ("years", "x100", "x116")}
-        best, other = sorted(("x100", "x116"), key=lambda scale: float(np.mean(errors[scale])))
-        edge = errors[other] - errors[best]
-        doubt = None if np.any(edge != 0) and stats.wilcoxon(edge, alternative="greater").pvalue < 0.01 else (
-            f"age/{other[1:]} fit nearly as well (paired Wilcoxon p ≥ 0.01)")
-        return AgeScaleChoice(best, float(np.mean(errors["years"])), float(np.mean(errors[best])), doubt)
+        best = min(("x100", "x116"), key=lambda scale: float(np.mean(errors[scale])))
+        return AgeScaleChoice(best, float(np.mean(errors["years"])), float(np.mean(errors[best])),
+                              _hundreds_doubt(errors, best))
     candidates = [scale for scale in AGE_SCALES if not (scale == "log" and raw.min() >= 0 and raw.max() <= 1)]
     errors = {scale: np.abs(apply_age_scale(raw, scale) - ages) for scale in candidates}
     years_mae = float(np.mean(errors["years"]))
@@ -843,25 +842,31 @@ def _pick_age_scale(age_as_read, ages, unit_interval: bool = False) -> AgeScaleC
         or best_mae <= AGE_SCALE_SURE_RATIO * years_mae
     if not clear:
         return dataclasses.replace(as_years, doubt=f"{best} fit better but not clearly (paired Wilcoxon p ≥ 0.01)")
-    doubt = None
-    if best in ("x100", "x116"):
-        other = "x116" if best == "x100" else "x100"
-        edge = errors[other] - errors[best]
-        if not (np.any(edge != 0) and stats.wilcoxon(edge, alternative="greater").pvalue < 0.01):
-            doubt = f"age/{other[1:]} fit nearly as well (paired Wilcoxon p ≥ 0.01)"
-    return AgeScaleChoice(best, years_mae, best_mae, doubt)
+    return AgeScaleChoice(best, years_mae, best_mae, _hundreds_doubt(errors, best) if best in ("x100", "x116") else None)
+
+
+def _hundreds_doubt(errors: dict, best: str) -> str | None:
+    """For `best` = age/100 or age/116 (per-image errors of each reading in `errors`): the doubt
+    to note when the other fit nearly as well, i.e. is not clearly worse (paired Wilcoxon p ≥ 0.01)."""
+    from scipy import stats
+
+    other = "x116" if best == "x100" else "x100"
+    edge = errors[other] - errors[best]
+    if np.any(edge != 0) and stats.wilcoxon(edge, alternative="greater").pvalue < 0.01:
+        return None
+    return f"age/{other[1:]} fit nearly as well (paired Wilcoxon p ≥ 0.01)"
 
 
 def _age_scale_note(loaded: LoadedModel, choice: AgeScaleChoice, n: int) -> str | None:
     """What the labelled images said about the age reading, when there is something to say."""
     name = loaded.mapping.output_names[loaded.mapping.age_output]
-    if choice.scale != "years" and _age_ends_in_sigmoid(loaded):
-        text = (f"age output '{name}' ends in a sigmoid (0–1), so not years: read as {age_scale_words(choice.scale)}, "
-                f"the closer fit on {n} labelled images (age MAE {choice.scaled_mae:.2f})")
-    elif choice.scale != "years":
-        text = (f"age output '{name}' read as {age_scale_words(choice.scale)}: on {n} labelled images that gave age "
-                f"MAE {choice.scaled_mae:.2f} against {choice.years_mae:.2f} read as years")
     if choice.scale != "years":
+        if _age_ends_in_sigmoid(loaded):
+            text = (f"age output '{name}' ends in a sigmoid (0–1), so not years: read as "
+                    f"{age_scale_words(choice.scale)}, the closer fit on {n} labelled images (age MAE {choice.scaled_mae:.2f})")
+        else:
+            text = (f"age output '{name}' read as {age_scale_words(choice.scale)}: on {n} labelled images that gave age "
+                    f"MAE {choice.scaled_mae:.2f} against {choice.years_mae:.2f} read as years")
         if choice.doubt:
             text += f"; {choice.doubt}"
         return text + "; override with age_scale= / --age-scale-a"
@@ -890,7 +895,7 @@ def check_age_scale(loaded: LoadedModel, images, ages) -> LoadedModel:
 def _without_sigmoid_age_note(notes) -> list[str]:
     """The loader's "ends in a sigmoid … labelled images decide" note, once they have decided and
     a note says how (it would repeat it)."""
-    return [n for n in notes if not re.match(r"age output '.*' ends in a sigmoid \(0–1\): not years as they are", n)]
+    return [n for n in notes if not (n.startswith("age output '") and SIGMOID_AGE_NOTE in n)]
 
 
 # The female column can only be judged on labelled images of both genders: on an all-female
