@@ -110,7 +110,9 @@ def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, samp
     clearly favour: each candidate reading is prepared as usual (preprocessing, age scale, gender
     convention) and kept only when it is clearly better than every other one on the same images
     (paired tests at p < 0.01, see models.clearly_better). Otherwise raises AmbiguousOutputs
-    saying what each reading scored. Returns (LoadedModel, scores table or None) like prepare_model."""
+    saying what each reading scored. A single reading (an unnamed output that may hold gender
+    logits) is kept when its gender accuracy is clearly above chance. Returns (LoadedModel, scores
+    table or None) like prepare_model."""
     # Failures raise a fresh exception: the given one holds every reading's Keras model, and the app
     # keeps a failure for the session.
     readings, ambiguous.candidates = ambiguous.candidates, ()
@@ -134,6 +136,8 @@ def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, samp
         correct, abs_err = result[2]
         return f"gender accuracy {np.mean(correct):.3f}, age MAE {np.mean(abs_err):.2f} years"
 
+    if len(tried) == 1:  # the only reading that fits: kept if its gender is clearly no guess
+        return _confirmed_on_labels(ambiguous, tried[0], words, numbers)
     ranked = sorted(tried, key=lambda r: (-np.mean(r[2][0]), np.mean(r[2][1])))
     best, others = ranked[0], ranked[1:]
     if not all(clearly_better(best[2], other[2]) for other in others):
@@ -146,6 +150,30 @@ def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, samp
     note = (f"outputs told apart on {len(images)} labelled images, their names and shapes did not say: {words(loaded)} "
             f"({numbers(best)}; the next best reading, {words(others[0][0])}: {numbers(others[0])}); if that is wrong, "
             "say which is which with age_output= / --age-output-a and gender_output= / --gender-output-a")
+    return dataclasses.replace(loaded, notes=(*loaded.notes, note)), scores
+
+
+# A reading no other competes with is kept when its gender accuracy on the labelled images is above
+# chance at this level (one-sided binomial test).
+CHANCE_ALPHA = 0.01
+
+
+def _confirmed_on_labels(ambiguous: AmbiguousOutputs, result, words, numbers):
+    """read_outputs_on_labels for a single reading (see it): (LoadedModel, scores) when its gender
+    accuracy on the labelled images is clearly above chance, else AmbiguousOutputs."""
+    from scipy import stats
+
+    loaded, scores, (correct, _) = result
+    n, right = len(correct), int(np.sum(correct))
+    if stats.binomtest(right, n, 0.5, alternative="greater").pvalue >= CHANCE_ALPHA:
+        raise AmbiguousOutputs(
+            ambiguous.listing, ambiguous.pairs,
+            tried=f"Read as {words(loaded)} it gave {numbers(result)} on {n} labelled images: not clearly better "
+                  f"than guessing (binomial test, p < {CHANCE_ALPHA} needed), so that output may not be gender.",
+        ) from None
+    note = (f"outputs read as {words(loaded)} after checking on {n} labelled images ({numbers(result)}), as their "
+            "names and shapes did not say; if that is wrong, say which is which with age_output= / --age-output-a "
+            "and gender_output= / --gender-output-a")
     return dataclasses.replace(loaded, notes=(*loaded.notes, note)), scores
 
 

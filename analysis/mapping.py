@@ -250,13 +250,20 @@ class AmbiguousOutputs(ModelLoadError):
     """infer_mapping could not tell which output is which, but only a few (age, gender) pairs of
     outputs fit their shapes and activations: labelled images can decide between them
     (analysis.evaluation.prepare_model). `pairs` lists them as (age index, gender index);
-    load_model adds `candidates`, the model read with each pair."""
+    load_model adds `candidates`, the model read with each pair. A single pair is a reading that
+    only its accuracy on labelled images can confirm (an unnamed output holding gender logits)."""
 
     def __init__(self, listing: str, pairs: list[tuple[int, int]], tried: str | None = None):
         """`listing`: what could not be told and the outputs; `tried`: what labelled images showed
         (None: they have not been asked yet)."""
-        labels = (f"With a labelled sample (evaluate --data, the app) the {len(pairs)} ways of reading them that fit "
-                  "are tried on labelled images and a clearly better one is kept." if tried is None else tried)
+        if tried is not None:
+            labels = tried
+        elif len(pairs) == 1:
+            labels = ("With a labelled sample (evaluate --data, the app) the one way of reading them that fits is "
+                      "checked on labelled images and kept if its gender accuracy is clearly above chance.")
+        else:
+            labels = (f"With a labelled sample (evaluate --data, the app) the {len(pairs)} ways of reading them that "
+                      "fit are tried on labelled images and a clearly better one is kept.")
         super().__init__(f"{listing}\n{labels}\n{MAPPING_HELP}")
         self.listing, self.pairs = listing, pairs
         self.candidates: tuple = ()
@@ -368,9 +375,10 @@ def infer_mapping(
     def fail(reason: str):
         raise ModelLoadError(f"{reason} in {model_label}.\n{_outputs_listing(outputs)}\n{MAPPING_HELP}")
 
-    def labels_may_decide(pairs, reason: str):
-        """Raise AmbiguousOutputs when a few readings fit: labelled images can choose between them."""
-        if 2 <= len(pairs) <= MAX_OUTPUT_PAIRS:
+    def labels_may_decide(pairs, reason: str, fewest: int = 2):
+        """Raise AmbiguousOutputs when a few readings fit: labelled images can choose between them
+        (fewest=1: or confirm the only one)."""
+        if fewest <= len(pairs) <= MAX_OUTPUT_PAIRS:
             raise AmbiguousOutputs(f"{reason}\n{_outputs_listing(outputs)}", pairs)
 
     if len(outputs) < 2:  # no setting can mend that
@@ -413,7 +421,7 @@ def infer_mapping(
             if role == "gender":
                 labels_may_decide(_plausible_pairs(outputs, age, gender, values, logits=True),
                                   "No output looks like gender (1 unit or 2, ending in a sigmoid or softmax) in "
-                                  f"{model_label}: one may hold logits.")
+                                  f"{model_label}: one may hold logits.", fewest=1)
             fail(f"No output looks like {role} (" + ("1 unit, or a softmax over a known number of ages"
                  if role == "age" else "1 unit or 2, ending in a sigmoid or softmax")
                  + "); if none is, this model cannot be evaluated here, else say which output it is")

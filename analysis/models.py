@@ -421,7 +421,7 @@ def load_model(
     if not readings:
         raise ModelLoadError(f"{ambiguous.listing}\n{MAPPING_HELP}")
     _check_runs(readings[0])  # one Keras model under every reading
-    if len(readings) == 1:
+    if len(readings) == 1 and len(ambiguous.pairs) > 1:
         m = readings[0].mapping
         return dataclasses.replace(readings[0], notes=readings[0].notes + (
             f"age output '{m.output_names[m.age_output]}' and gender output '{m.output_names[m.gender_output]}': "

@@ -1208,6 +1208,70 @@ def test_a_sigmoid_age_output_is_never_read_as_years(tmp_path):
         assert not any("labelled images decide" in n for n in loaded.notes)
 
 
+def _named_age_unnamed_logits_model(noise: bool = False):
+    """An output named age (years = 80·R + 5, as preset_images labels) and one unnamed plain
+    Dense(1), dense_7, holding a gender logit: green minus blue (P(female) as labelled), or with
+    noise=True the left half of the image minus the right half, which says nothing about the labels
+    whatever the colour order."""
+    inputs = keras.Input((12, 12, 3))
+    means = layers.GlobalAveragePooling2D()(inputs)
+    age_layer, gender_layer = layers.Dense(1, name="age"), layers.Dense(1, name="dense_7")
+    if noise:
+        halves = [layers.GlobalAveragePooling2D()(layers.Cropping2D(crop)(inputs)) for crop in (((0, 0), (0, 6)), ((0, 0), (6, 0)))]
+        gender_in, kernel = layers.Subtract()(halves), np.full((3, 1), 100.0, np.float32)
+    else:
+        gender_in, kernel = means, np.array([[0.0], [40.0], [-40.0]], np.float32)
+    model = keras.Model(inputs, [age_layer(means), gender_layer(gender_in)])
+    age_layer.set_weights([np.array([[80.0], [0.0], [0.0]], np.float32), np.array([5.0], np.float32)])
+    gender_layer.set_weights([kernel, np.zeros(1, np.float32)])
+    return model
+
+
+def test_an_unnamed_output_holding_gender_logits_is_confirmed_on_labelled_images(tmp_path):
+    """`age` named as such and the gender head a plain Dense(1) called dense_7 (logits, trained with
+    from_logits=True): nothing looked like gender, so the model was refused until
+    --gender-output-a was given. The only reading that fits is now kept when labelled images show
+    its gender is no guess, and refused with its numbers when they do not."""
+    from analysis.evaluation import ModelSpec, prepare_model
+    from analysis.mapping import AmbiguousOutputs
+
+    images, ages, genders = preset_images(n=64)
+    sample = _sample_table(tmp_path, images, ages, genders)
+    model = _named_age_unnamed_logits_model()
+    path = save(model, tmp_path)
+    with pytest.raises(AmbiguousOutputs, match="No output looks like gender") as caught:
+        load_model(path)  # no labels to check it with
+    assert "the one way of reading them that fits is checked on labelled images" in str(caught.value)
+    assert caught.value.pairs == [(0, 1)] and len(caught.value.candidates) == 1
+    raw_age, raw_logit = (np.asarray(o)[:, 0].astype(np.float64) for o in model.predict_on_batch(images.astype(np.float32) / 255.0))
+    for preprocessing in ("auto", "rgb_0_1"):
+        prepared, _ = prepare_model(ModelSpec(str(path), preprocessing=preprocessing), sample)
+        m = prepared.mapping
+        assert (m.age_output, m.gender_output, m.gender_from_logits, m.female_index) == (0, 1, True, 1)
+        assert "gender_output" not in prepared.user_settings
+        age_pred, p_female = prepared.predict_batch(images)
+        np.testing.assert_allclose(age_pred, raw_age, rtol=1e-5)
+        np.testing.assert_allclose(p_female, 1.0 / (1.0 + np.exp(-raw_logit)), rtol=1e-5, atol=1e-7)
+        assert np.mean((p_female >= 0.5) == genders) == 1.0
+        assert any(n.startswith("outputs read as age 'age', gender 'dense_7' after checking on 64 labelled images "
+                                "(gender accuracy 1.000") for n in prepared.notes)
+
+    # The same shapes with an output that does not track the gender labels: refused, with its numbers.
+    from scipy import stats
+
+    noise = _named_age_unnamed_logits_model(noise=True)
+    noise_path = save(noise, tmp_path, "noise.keras")
+    noise_logit = np.asarray(noise.predict_on_batch(images.astype(np.float32) / 255.0)[1])[:, 0]
+    right = int(np.sum((noise_logit > 0) == genders))
+    assert stats.binomtest(max(right, 64 - right), 64, 0.5, alternative="greater").pvalue > 0.01  # a guess on these labels
+    with pytest.raises(AmbiguousOutputs) as caught:
+        prepare_model(ModelSpec(str(noise_path)), sample)
+    message = str(caught.value)
+    assert "Read as age 'age', gender 'dense_7' it gave gender accuracy" in message
+    assert "not clearly better than guessing" in message and "--gender-output-a NAME_OR_INDEX" in message
+    assert caught.value.candidates == () and caught.value.__context__ is None
+
+
 def test_look_alike_outputs_the_labels_cannot_separate_are_refused_with_what_was_tried(tmp_path):
     from analysis.evaluation import ModelSpec, prepare_model
     from analysis.mapping import AmbiguousOutputs
