@@ -277,17 +277,37 @@ def intersection_heatmap(
             _heat_panel(part, x, y, colour, opacity, model_label(key, names), size, metric, axis_title, number_format)
         )
     chart_title = f"{axis_title.split(' (')[0]} by {y_title.split(' (')[0].lower()} × {x_title.split(' (')[0].lower()}"
-    notes = ["Each cell: value and number of images.", f"* faded cells: fewer than {SMALL_SLICE_N} images."]
+    notes = ["Each cell: value and number of images."]
     models_row = alt.hconcat(*panels, spacing=16)
     if comparison is None or len(keys) < 2:
-        return models_row.properties(title=_title(chart_title, *notes))
+        return models_row.properties(title=_title(chart_title, *notes, *_heat_notes(data["small"], _beyond(values, domain))))
     better = "positive = B more accurate" if higher_better else "negative = B smaller error"
-    notes.insert(1, f"Bottom panel: B − A from the paired comparison ({better}).")
-    delta = _delta_panel(comparison, slice_by, metric, x, y, size)
+    notes.append(f"Bottom panel: B − A from the paired comparison ({better}).")
+    delta, delta_rows, delta_domain = _delta_panel(comparison, slice_by, metric, x, y, size)
+    notes += _heat_notes(pd.concat([data["small"], delta_rows["small"]]),
+                         _beyond(values, domain) or _beyond(delta_rows[f"{metric}_delta"], delta_domain))
     # The two model panels share one colour scale; the difference panel has its own.
     return alt.vconcat(models_row, delta, spacing=20).resolve_scale(color="independent").properties(
         title=_title(chart_title, *notes)
     )
+
+
+def _beyond(values: pd.Series, domain: tuple[float, float]) -> bool:
+    """Does any value lie outside the colour scale's domain (and so take its end colour)?"""
+    v = values.astype(float).to_numpy()
+    v = v[np.isfinite(v)]
+    return bool(len(v)) and bool(np.any((v < domain[0] - 1e-12) | (v > domain[1] + 1e-12)))
+
+
+def _heat_notes(small: pd.Series, clamped: bool) -> list[str]:
+    """The heatmap subtitle's lines on faded cells and on the colour scale, when they apply."""
+    notes = []
+    if small.astype(bool).any():
+        notes.append(f"* faded cells: fewer than {SMALL_SLICE_N} images.")
+    if clamped:
+        notes.append(f"Colours span the cells with {SMALL_SLICE_N}+ images; a value beyond that range "
+                     "takes the end colour (the printed value is exact).")
+    return notes
 
 
 def _cell_text(value, n, small, number_format) -> str:
@@ -344,14 +364,16 @@ def _heat_panel(part, x, y, colour, opacity, title, size, value_field, value_tit
         tooltip=[alt.Tooltip("slice:N", title="Slice"), alt.Tooltip("n:Q", title="Images"),
                  alt.Tooltip(f"{value_field}:Q", title=value_title, format=value_format)],
     )
-    text = base.mark_text(fontSize=9.5, lineHeight=12, lineBreak="\n").encode(
+    # Vega places a multi-line text's first line at the anchor: half a line up centres both lines.
+    text = base.mark_text(fontSize=9.5, lineHeight=12, lineBreak="\n", dy=-6).encode(
         text="cell_text:N",
         color=alt.condition("datum.text_light", alt.value("white"), alt.value("black")),
     )
     return alt.layer(cells, text).properties(title=title, **size)
 
 
-def _delta_panel(comparison, slice_by, metric, x, y, size) -> alt.LayerChart:
+def _delta_panel(comparison, slice_by, metric, x, y, size) -> tuple[alt.LayerChart, pd.DataFrame, tuple[float, float]]:
+    """The B − A panel, its rows (delta in display units: points or years) and its colour domain."""
     delta_col = f"{metric}_delta"
     _require(comparison, ["slice_by", "slice_1", "slice_2", "n", "small", delta_col], "the comparison table")
     rows = comparison[comparison["slice_by"] == slice_by].copy()
@@ -375,7 +397,8 @@ def _delta_panel(comparison, slice_by, metric, x, y, size) -> alt.LayerChart:
     opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY + 0.15), alt.value(1.0))
     better = "B better if > 0" if higher_better else "B better if < 0"
     title = f"B − A, {axis_title.split(' (')[0]} ({better})"
-    return _heat_panel(rows, x, y, colour, opacity, title, size, delta_col, f"B − A ({unit})", delta_format)
+    panel = _heat_panel(rows, x, y, colour, opacity, title, size, delta_col, f"B − A ({unit})", delta_format)
+    return panel, rows, (-extent, extent)
 
 
 # ------------------------------------------------------------------ age: scatter and bias

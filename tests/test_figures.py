@@ -465,6 +465,32 @@ def test_heatmap_colour_range_edge_cases():
     assert figures._colour_range(pd.Series([np.nan]), pd.Series([False])) == (0.0, 1.0)
 
 
+def test_heatmap_notes_say_only_what_applies_and_two_line_cells_are_centred(slices, comparison):
+    """The subtitle said "* faded cells" when no cell was faded and did not say that the colour
+    scale is clamped; the second line of each cell ran into its lower border."""
+    cells = slices[slices["slice_by"] == "age_band×ethnicity"]
+    assert cells["small"].any()
+    words = texts(figures.intersection_heatmap(slices, "age_band×ethnicity", "gender_acc", comparison))
+    assert "* faded cells: fewer than 30 images." in words
+    large = cells[~cells["small"]]["gender_acc"]
+    beyond = ((cells["gender_acc"] < large.min()) | (cells["gender_acc"] > large.max())).any()
+    assert ("a value beyond that range takes the end colour" in words) == beyond
+    # every cell large and in range: neither note
+    big = slices.assign(small=False)
+    plain = texts(figures.intersection_heatmap(big, "age_band×ethnicity", "gender_acc"))
+    assert "faded cells" not in plain and "end colour" not in plain
+    # only the difference panel beyond its range: the note still appears
+    shifted = comparison.assign(small=False, gender_acc_delta=comparison["gender_acc_delta"])
+    rows = shifted["slice_by"] == "age_band×ethnicity"
+    shifted.loc[rows.idxmax(), "small"] = True
+    shifted.loc[rows.idxmax(), "gender_acc_delta"] = 0.9  # +90 points, far beyond the others
+    assert "end colour" in texts(figures.intersection_heatmap(big, "age_band×ethnicity", "gender_acc", shifted))
+    # two lines centred on the cell: the text is lifted by half its line height
+    spec = figures.intersection_heatmap(big, "age_band×ethnicity", "gender_acc").to_dict()
+    text_marks = [node["mark"] for node in walk(spec) if isinstance(node.get("mark"), dict) and node["mark"].get("type") == "text"]
+    assert text_marks and all(m["dy"] == -m["lineHeight"] / 2 for m in text_marks)
+
+
 def test_epoch_ticks_stay_inside_the_data():
     assert figures._epoch_ticks(pd.Series([0.2, 0.7])) == []
     assert figures._epoch_ticks(pd.Series([3.0])) == [3]
