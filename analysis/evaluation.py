@@ -244,7 +244,7 @@ def compute_tables(predictions: pd.DataFrame, model_keys, *, n_boot: int = 1000,
     tables["calibration"] = pd.concat(
         [metrics.calibration_table(predictions, key).assign(model=key) for key in keys], ignore_index=True
     )
-    tables["age_error_by_true_age"] = metrics.age_error_by_true_age(predictions, keys)
+    tables["age_error_by_true_age"] = metrics.age_error_by_true_age(predictions, keys, n_boot=n_boot, seed=seed)
     for key in keys:
         tables[f"worst_age_{key}"] = metrics.worst_errors(predictions, "age", model=key, k=50)
         tables[f"worst_gender_{key}"] = metrics.worst_errors(predictions, "gender", model=key, k=50)

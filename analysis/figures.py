@@ -457,29 +457,41 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
     """Signed age error (bias) and MAE against true age, one line per model.
 
     `age_error` is `metrics.age_error_by_true_age` output: one row per model and true-age bin,
-    columns model, age_lo, age_hi (years, bin = [age_lo, age_hi)), n, age_mae, age_bias. Points
-    sit at the bin centre; bins with n < SMALL_SLICE_N are faded.
+    columns model, age_lo, age_hi (years, bin = [age_lo, age_hi)), n, age_mae, age_bias and,
+    when present, their CIs (`*_lo`/`*_hi`, drawn as error bars). Points sit at the bin centre
+    (two models: 0.4 years either side, so the bars do not hide each other); bins with
+    n < SMALL_SLICE_N are faded and the solid line joins only the others, a faint one all bins.
     """
     _require(age_error, ["model", "age_lo", "age_hi", "n", "age_mae", "age_bias"], "age_error_chart")
     data, keys = _with_model_labels(age_error, names)
     colour, dash, shape = _model_encodings(keys, names)
     data["age_mid"] = (data["age_lo"].astype(float) + data["age_hi"].astype(float)) / 2
+    offsets = {key: 0.4 * (2 * i - (len(keys) - 1)) for i, key in enumerate(keys)} if len(keys) > 1 else {}
+    data["age_plot"] = data["age_mid"] + data["model"].map(offsets).fillna(0.0)
     data["age_range"] = [f"{lo:g}–{hi - 1:g}" for lo, hi in zip(data["age_lo"], data["age_hi"])]
     data["small"] = data["n"] < SMALL_SLICE_N
-    x = alt.X("age_mid:Q", title="True age (years)", scale=alt.Scale(domainMin=0))
+    top = float(data["age_hi"].max()) if len(data) else 100.0
+    x = alt.X("age_plot:Q", title="True age (years)", scale=alt.Scale(domain=[0, top], nice=False))
     tooltip = [
         alt.Tooltip("model_label:N", title="Model"), alt.Tooltip("age_range:N", title="True age (years)"),
         alt.Tooltip("n:Q", title="Images"), alt.Tooltip("age_bias:Q", title="Mean signed error (years)", format="+.2f"),
         alt.Tooltip("age_mae:Q", title="MAE (years)", format=".2f"),
     ]
     opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY), alt.value(1.0))
+    has_ci = {f"{m}_{end}" for m in ("age_mae", "age_bias") for end in ("lo", "hi")} <= set(data.columns)
     panels = []
     for metric, panel_title in (("age_bias", "Signed error: above 0 = predicted too old"), ("age_mae", "Mean absolute error")):
         y = alt.Y(f"{metric}:Q", title=METRICS[metric][0])
         layers = []
         if metric == "age_bias":
             layers.append(alt.Chart(data).mark_rule(color="black", strokeWidth=1).encode(y=alt.datum(0)))
-        layers.append(alt.Chart(data).mark_line(strokeWidth=2).encode(x=x, y=y, color=colour, strokeDash=dash))
+        line = alt.Chart(data).encode(x=x, y=y, color=colour, strokeDash=dash)
+        # The solid line first: the legend takes its symbols from the first layer.
+        layers.append(line.mark_line(strokeWidth=2).transform_filter("!datum.small"))
+        layers.append(line.mark_line(strokeWidth=1.5, strokeOpacity=SMALL_OPACITY))
+        if has_ci:
+            layers.append(alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
+                x=x, y=alt.Y(f"{metric}_lo:Q"), y2=f"{metric}_hi:Q", color=colour, opacity=opacity))
         layers.append(
             alt.Chart(data).mark_point(filled=True, size=36).encode(
                 x=x, y=y, color=colour, shape=shape, opacity=opacity, tooltip=tooltip
@@ -488,8 +500,10 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
         panels.append(alt.layer(*layers).properties(width=PANEL_WIDTH + 160, height=180, title=panel_title))
     width = int((data["age_hi"] - data["age_lo"]).iloc[0]) if len(data) else 0
     notes = [f"Points: mean over {width}-year bins of true age." if width else ""]
+    if has_ci:
+        notes[0] += " " + CI_NOTE
     if data["small"].any():
-        notes.append(SMALL_NOTE)
+        notes.append(f"Faded: fewer than {SMALL_SLICE_N} images; the solid line joins only the bins with more.")
     return alt.vconcat(*panels, spacing=14).properties(title=_title("Age error by true age", *notes))
 
 
@@ -514,7 +528,7 @@ def reliability_chart(
     labels = {k: model_label(k, names) + (f" (ECE {ece[k]:.3f})" if ece.get(k) is not None else "") for k in keys}
     data["model_label"] = data["model"].map(labels)
     colour, dash, shape = _model_encodings(keys, names, labels)
-    axis = alt.Scale(domain=[0, 1])
+    axis = alt.Scale(domain=[0, 1], padding=10)  # room for the large points at 0% and 100%
     x = alt.X("mean_p_female:Q", title="Predicted probability of female (%)", scale=axis, axis=alt.Axis(format=".0%"))
     y = alt.Y("frac_female:Q", title="Observed share of women (%)", scale=axis, axis=alt.Axis(format=".0%"))
     tooltip = [
@@ -526,17 +540,21 @@ def reliability_chart(
         x=alt.datum(0), y=alt.datum(0), x2=alt.datum(1), y2=alt.datum(1)
     )
     line = alt.Chart(data).mark_line(strokeWidth=2).encode(x=x, y=y, color=colour, strokeDash=dash)
-    points = alt.Chart(data).mark_point(filled=True, opacity=0.9).encode(
-        x=x, y=y, color=colour, shape=shape, size=size, tooltip=tooltip
-    )
-    return alt.layer(diagonal, line, points).properties(
-        width=300,
-        height=300,
-        title=_title(
-            "Gender calibration (reliability diagram)",
-            "Dotted line: perfect calibration. ECE: expected calibration error (lower is better).",
-        ),
-    )
+    small = data["n"] < SMALL_SLICE_N
+    data["small"] = small
+    opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY), alt.value(0.9))
+    chart_layers = [diagonal, line]
+    notes = ["Dotted line: perfect calibration. ECE: expected calibration error (lower is better)."]
+    if {"frac_female_lo", "frac_female_hi"} <= set(data.columns):
+        chart_layers.append(alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
+            x=x, y=alt.Y("frac_female_lo:Q"), y2="frac_female_hi:Q", color=colour, opacity=opacity))
+        notes.append("Error bars: 95% confidence intervals of the observed share (Wilson).")
+    chart_layers.append(alt.Chart(data).mark_point(filled=True).encode(
+        x=x, y=y, color=colour, shape=shape, size=size, opacity=opacity, tooltip=tooltip))
+    if small.any():
+        notes.append(f"Faded: bins with fewer than {SMALL_SLICE_N} images.")
+    return alt.layer(*chart_layers).properties(
+        width=300, height=300, title=_title("Gender calibration (reliability diagram)", *notes))
 
 
 # ------------------------------------------------------------------ learning curves

@@ -62,8 +62,9 @@ GAPS_TABLE_COLUMNS = [
     "model", "slice_by", "metric", "gap", "best_slice", "best_value", "worst_slice", "worst_value",
     "n_groups", "n_excluded", "min_n",
 ]  # fmt: skip
-CALIBRATION_COLUMNS = ["bin", "lo", "hi", "n", "mean_p_female", "frac_female"]
-AGE_ERROR_COLUMNS = ["model", "age_lo", "age_hi", "n", "age_mae", "age_bias"]
+CALIBRATION_COLUMNS = ["bin", "lo", "hi", "n", "mean_p_female", "frac_female", "frac_female_lo", "frac_female_hi", "small"]
+AGE_ERROR_COLUMNS = ["model", "age_lo", "age_hi", "n", "age_mae", "age_mae_lo", "age_mae_hi",
+                     "age_bias", "age_bias_lo", "age_bias_hi", "small"]
 
 # A gender label that every model contradicts at least this confidently is a candidate for a
 # wrong label. On UTKFace's test/ sample all 10 labels that both of our trained models contradicted
@@ -603,15 +604,20 @@ def _reliability_bins(y_true: np.ndarray, p: np.ndarray, n_bins: int):
     return edges, n, mean_p, frac
 
 
-def calibration_table(preds: pd.DataFrame, model: str = "A", n_bins: int = 10) -> pd.DataFrame:
-    """Reliability bins for P(female) of one model: bin, lo, hi, n, mean_p_female, frac_female.
+def calibration_table(preds: pd.DataFrame, model: str = "A", n_bins: int = 10, confidence: float = 0.95) -> pd.DataFrame:
+    """Reliability bins for P(female) of one model: bin, lo, hi, n, mean_p_female, frac_female,
+    its Wilson interval frac_female_lo/hi at `confidence`, and small (n < SMALL_SLICE_N).
 
     One row per bin (lo, hi], empty bins included with n = 0 and NaN means so the layout is fixed.
     A calibrated model has frac_female ≈ mean_p_female in every bin.
     """
     n_bins = _check_positive_int("n_bins", n_bins)
+    _check_bootstrap_args(0, 0, confidence)
     check_predictions(preds, model, needs=["gender"])
-    edges, n, mean_p, frac = _reliability_bins(_numeric(preds, "gender"), _numeric(preds, f"p_female_{model}"), n_bins)
+    genders = _numeric(preds, "gender")
+    edges, n, mean_p, frac = _reliability_bins(genders, _numeric(preds, f"p_female_{model}"), n_bins)
+    women = np.rint(np.nan_to_num(frac) * n).astype(int)
+    intervals = [accuracy_interval(w, k, confidence) for w, k in zip(women, n)]
     return pd.DataFrame(
         {
             "bin": np.arange(n_bins),
@@ -620,6 +626,9 @@ def calibration_table(preds: pd.DataFrame, model: str = "A", n_bins: int = 10) -
             "n": n,
             "mean_p_female": mean_p,
             "frac_female": frac,
+            "frac_female_lo": [lo for lo, _ in intervals],
+            "frac_female_hi": [hi for _, hi in intervals],
+            "small": n < SMALL_SLICE_N,
         },
         columns=CALIBRATION_COLUMNS,
     )
@@ -650,29 +659,48 @@ def expected_calibration_error(y_true, p, n_bins: int = 10) -> float:
 # ---------------------------------------------------------------- age error by true age
 
 
-def age_error_by_true_age(preds: pd.DataFrame, models=None, bin_width: int = 5) -> pd.DataFrame:
-    """Age MAE and bias (years) per bin of true age, long by model.
+def age_error_by_true_age(
+    preds: pd.DataFrame,
+    models=None,
+    bin_width: int = 5,
+    *,
+    n_boot: int = 1000,
+    seed: int = DEFAULT_SEED,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Age MAE and bias (years) per bin of true age, long by model, with CIs.
 
     Bins are age_lo <= age < age_hi = age_lo + bin_width, starting at a multiple of bin_width;
-    empty bins are left out. Columns: model, age_lo, age_hi, n, age_mae, age_bias.
+    empty bins are left out. Columns: model, age_lo, age_hi, n, age_mae (+ _lo/_hi), age_bias
+    (+ _lo/_hi), small (n < SMALL_SLICE_N). The CIs are percentile bootstraps of the bin's
+    images as in slice_table (NaN with n_boot=0 or fewer than MIN_BOOTSTRAP_IMAGES images).
     """
     if isinstance(bin_width, bool) or not isinstance(bin_width, (int, float, np.number)) or not bin_width > 0:
         raise ValueError(f"bin_width must be a positive number of years, got {bin_width!r}")
+    _check_bootstrap_args(n_boot, seed, confidence)
     models = check_predictions(preds, models)
     age = _numeric(preds, "age")
     bins = np.floor(age / bin_width).astype(int)
-    present, bin_index = np.unique(bins, return_inverse=True)
-    counts = np.bincount(bin_index, minlength=len(present))
+    present = np.unique(bins)
+    # values: (n, 2 * n_models), per model the columns (abs_age_err, age_err).
+    values = np.column_stack([col for m in models for col in _per_image(preds, m)[1:]])
     rows = []
-    for m in models:
-        _, abs_err, err = _per_image(preds, m)
-        mae = np.bincount(bin_index, weights=abs_err) / counts
-        bias = np.bincount(bin_index, weights=err) / counts
-        for i, b in enumerate(present):
-            lo = b * bin_width
-            row = {"model": m, "age_lo": lo, "age_hi": lo + bin_width, "n": int(counts[i])}
-            rows.append({**row, "age_mae": mae[i], "age_bias": bias[i]})
-    return pd.DataFrame(rows, columns=AGE_ERROR_COLUMNS)
+    for b in present:
+        lo_age = b * bin_width
+        group = values[bins == b]
+        estimate = group.mean(axis=0)
+        ids = {"slice_by": f"true_age/{bin_width:g}", "slice": f"{lo_age:g}"}
+        lo, hi = _mean_interval(group, n_boot, _group_rng(seed, ids), confidence)
+        for i, m in enumerate(models):
+            rows.append({
+                "model": m, "age_lo": lo_age, "age_hi": lo_age + bin_width, "n": len(group),
+                "age_mae": estimate[2 * i], "age_mae_lo": lo[2 * i], "age_mae_hi": hi[2 * i],
+                "age_bias": estimate[2 * i + 1], "age_bias_lo": lo[2 * i + 1], "age_bias_hi": hi[2 * i + 1],
+                "small": len(group) < SMALL_SLICE_N,
+            })
+    table = pd.DataFrame(rows, columns=AGE_ERROR_COLUMNS)
+    return table.sort_values(["model", "age_lo"], key=lambda c: c.map(list(models).index) if c.name == "model" else c,
+                             kind="stable").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- worst errors

@@ -201,7 +201,7 @@ _HEADERS = {  # column -> (header, format kind)
     "n_excluded": ("Groups left out", "int"),
     "min_n": ("Minimum n", "int"),
     "bin": ("Bin", "int"),
-    "mean_p_female": ("Mean P(female)", "prob"),
+    "mean_p_female": ("Mean P(female) (%)", "pct"),
     "frac_female": ("Observed share female (%)", "pct"),
     "file_name": ("File", "text"),
     "age": ("True age (years)", "int"),

@@ -318,8 +318,27 @@ def test_age_error_chart(age_error):
     assert data["age_mae"].tolist() == age_error["age_mae"].tolist()
     assert data["age_mid"].tolist() == ((age_error["age_lo"] + age_error["age_hi"]) / 2).tolist()
     assert data["small"].tolist() == (age_error["n"] < SMALL_SLICE_N).tolist()
-    assert {"age_mid", "age_bias", "age_mae"} <= encoded_fields(chart)
+    assert {"age_plot", "age_bias", "age_mae"} <= encoded_fields(chart)
     assert "predicted − true (years)" in texts(chart)
+    # two models sit 0.4 years either side of the bin centre; the axis ends at the last bin's end
+    offset = data["age_plot"] - data["age_mid"]
+    assert offset[data["model"] == "A"].tolist() == pytest.approx([-0.4] * 3)
+    assert offset[data["model"] == "B"].tolist() == pytest.approx([0.4] * 3)
+    x_scales = scales_of(chart, "x")
+    assert x_scales and all(s["domain"] == [0, age_error["age_hi"].max()] for s in x_scales)
+    spec = chart.to_dict()
+    # the solid line joins only the bins with enough images
+    lines = [n for n in walk(spec) if isinstance(n.get("mark"), dict) and n["mark"].get("type") == "line"]
+    assert sum(n.get("transform") == [{"filter": "!datum.small"}] for n in lines) == 2  # one per panel
+    # no CI columns: no error bars, and the subtitle promises none
+    assert not any("y2" in n.get("encoding", {}) for n in walk(spec) if isinstance(n.get("encoding"), dict))
+    assert "confidence intervals" not in texts(chart)
+    with_ci = age_error.assign(**{f"{m}_{end}": age_error[m] + (1 if end == "hi" else -1)
+                                  for m in ("age_mae", "age_bias") for end in ("lo", "hi")})
+    chart = figures.age_error_chart(with_ci, NAMES)
+    bars = [n["encoding"] for n in walk(chart.to_dict()) if isinstance(n.get("encoding"), dict) and "y2" in n["encoding"]]
+    assert sorted(b["y"]["field"] + ".." + b["y2"]["field"] for b in bars) == ["age_bias_lo..age_bias_hi", "age_mae_lo..age_mae_hi"]
+    assert "Error bars: 95% confidence intervals." in texts(chart)
 
 
 # ---------------------------------------------------------------- calibration
@@ -333,6 +352,14 @@ def test_reliability_chart_with_ece_in_legend(calibration):
     assert set(data["model_label"]) == {"A: small_cnn.keras (ECE 0.051)", "B: effnet.keras (ECE 0.031)"}
     assert scales_of(chart, "color")[0]["domain"] == ["A: small_cnn.keras (ECE 0.051)", "B: effnet.keras (ECE 0.031)"]
     assert {"mean_p_female", "frac_female", "n"} <= encoded_fields(chart)
+    assert "Faded: bins with fewer than 30 images." in texts(chart)  # every bin here has 20–24
+    assert "Error bars" not in texts(chart)
+    with_ci = calibration.assign(frac_female_lo=calibration["frac_female"] - 0.1, frac_female_hi=calibration["frac_female"] + 0.1)
+    chart = figures.reliability_chart(with_ci, {"A": 0.0512, "B": 0.031}, NAMES)
+    bars = [n["encoding"] for n in walk(chart.to_dict())
+            if isinstance(n.get("encoding"), dict) and "field" in n["encoding"].get("y2", {})]  # not the diagonal
+    assert [(b["y"]["field"], b["y2"]["field"]) for b in bars] == [("frac_female_lo", "frac_female_hi")]
+    assert "95% confidence intervals of the observed share (Wilson)" in texts(chart)
 
 
 # ---------------------------------------------------------------- learning curves

@@ -440,6 +440,12 @@ def test_calibration_table_agrees_with_sklearn(preds):
     np.testing.assert_allclose(filled["mean_p_female"], mean_p)
     one_bin = metrics.calibration_table(preds.assign(p_female_A=0.97), "A", n_bins=4)
     assert one_bin["n"].tolist() == [0, 0, 0, len(preds)] and one_bin["mean_p_female"].isna().sum() == 3
+    # each bin's observed share has its Wilson interval (textbook formula), and small bins are flagged
+    for row in filled.itertuples():
+        women = round(row.frac_female * row.n)
+        assert (row.frac_female_lo, row.frac_female_hi) == pytest.approx(_wilson(women, row.n), abs=1e-9)
+        assert row.small == (row.n < SMALL_SLICE_N)
+    assert one_bin["frac_female_lo"].isna().sum() == 3
 
 
 def test_calibration_rejects_bad_inputs():
@@ -469,6 +475,32 @@ def test_age_error_by_true_age_equals_masks(preds):
     assert table.groupby("model")["n"].sum().tolist() == [len(preds)] * 2
     with pytest.raises(ValueError, match="bin_width"):
         metrics.age_error_by_true_age(preds, bin_width=0)
+
+
+def test_age_error_by_true_age_intervals_match_scipy_bootstrap(preds):
+    """The curve's tail was drawn from bins of 1 and 7 images with no interval: each bin now has
+    percentile-bootstrap CIs, checked against scipy.stats.bootstrap (other resamples: close, not equal)."""
+    table = metrics.age_error_by_true_age(preds, ("A", "B"), bin_width=10, n_boot=2000, seed=3)
+    assert table.equals(metrics.age_error_by_true_age(preds, ("A", "B"), bin_width=10, n_boot=2000, seed=3))
+    checked = 0
+    for row in table.itertuples():
+        mask = ((preds["age"] >= row.age_lo) & (preds["age"] < row.age_hi)).to_numpy()
+        err = (preds[f"age_pred_{row.model}"] - preds["age"]).to_numpy()[mask]
+        assert row.small == (row.n < SMALL_SLICE_N)
+        if row.n < metrics.MIN_BOOTSTRAP_IMAGES:
+            assert np.isnan(row.age_mae_lo) and np.isnan(row.age_bias_hi)
+            continue
+        for values, lo, hi, estimate in ((np.abs(err), row.age_mae_lo, row.age_mae_hi, row.age_mae),
+                                         (err, row.age_bias_lo, row.age_bias_hi, row.age_bias)):
+            ref = stats.bootstrap((values,), np.mean, n_resamples=4000, method="percentile",
+                                  random_state=np.random.default_rng(0)).confidence_interval
+            spread = ref.high - ref.low
+            assert lo <= estimate <= hi
+            assert lo == pytest.approx(ref.low, abs=0.1 * spread) and hi == pytest.approx(ref.high, abs=0.1 * spread)
+        checked += 1
+    assert checked >= 6
+    without = metrics.age_error_by_true_age(preds, ("A", "B"), bin_width=10, n_boot=0)
+    assert without["age_mae_lo"].isna().all() and without["age_mae"].equals(table["age_mae"])
 
 
 # ---------------------------------------------------------------- worst errors
