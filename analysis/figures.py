@@ -723,6 +723,7 @@ def gradcam_grid(
     overlay: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     colour_bar: np.ndarray | None = None,
     cell: int = 160,
+    scale: int = 1,
 ) -> Image.Image:
     """A grid image: one row per face, columns = the face then one Grad-CAM overlay per model.
 
@@ -732,6 +733,7 @@ def gradcam_grid(
     column_titles: model key -> column heading (default "Grad-CAM <key>").
     overlay(image, heatmap) -> uint8 RGB; defaults to `analysis.gradcam.overlay`.
     colour_bar: optional uint8 RGB strip (h, w, 3), low evidence on the left, drawn as a key.
+    scale: every size (cells, text, margins) times this, for print (cell × scale pixels per face).
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -748,21 +750,23 @@ def gradcam_grid(
         overlay = default_overlay
     keys = list(heatmaps)
     titles = ["Face"] + [(column_titles or {}).get(k, f"Grad-CAM {k}") for k in keys]
-    font = _font(13)
-    small_font = _font(12)
-    pad, header_h = 8, 26
-    line_h = 16
-    caption_h = 4 + line_h * max((str(label).count("\n") + 1 for label in row_labels), default=1)
-    title_h = 30 if title else 0
-    key_h = 34 if colour_bar is not None else 0
+    scale = int(scale)
+    if scale < 1:
+        raise ValueError(f"scale must be a positive whole number, got {scale}")
+    font = _font(13 * scale)
+    small_font = _font(12 * scale)
+    cell, pad, header_h, line_h = cell * scale, 8 * scale, 26 * scale, 16 * scale
+    caption_h = 4 * scale + line_h * max((str(label).count("\n") + 1 for label in row_labels), default=1)
+    title_h = 30 * scale if title else 0
+    key_h = 34 * scale if colour_bar is not None else 0
     width = pad + len(titles) * (cell + pad)
     height = title_h + header_h + n * (cell + caption_h + pad) + key_h + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((pad, 6), title, fill="black", font=_font(16))
+        draw.text((pad, 6 * scale), title, fill="black", font=_font(16 * scale))
     for j, text in enumerate(titles):
-        draw.text((pad + j * (cell + pad), title_h + 4), _fit(draw, text, font, cell), fill="black", font=font)
+        draw.text((pad + j * (cell + pad), title_h + 4 * scale), _fit(draw, text, font, cell), fill="black", font=font)
     for i in range(n):
         top = title_h + header_h + i * (cell + caption_h + pad)
         face = np.asarray(Image.fromarray(images[i].astype(np.uint8)).resize((cell, cell), Image.BILINEAR))
@@ -775,16 +779,16 @@ def gradcam_grid(
         for j, tile in enumerate(tiles):
             canvas.paste(Image.fromarray(tile), (pad + j * (cell + pad), top))
         for j, line in enumerate(str(row_labels[i]).split("\n")):
-            position = (pad, top + cell + 3 + j * line_h)
+            position = (pad, top + cell + 3 * scale + j * line_h)
             draw.text(position, _fit(draw, line, small_font, width - 2 * pad), fill="black", font=small_font)
     if colour_bar is not None:
-        top = height - key_h - pad + 4
+        top = height - key_h - pad + 4 * scale
         low, high = "Grad-CAM: weak ", " strong evidence"
         left = pad + int(draw.textlength(low, font=small_font))
         bar_w = max(20, min(cell * 2, width - left - pad - int(draw.textlength(high, font=small_font))))
-        bar = Image.fromarray(np.asarray(colour_bar, dtype=np.uint8)).resize((bar_w, 12))
+        bar = Image.fromarray(np.asarray(colour_bar, dtype=np.uint8)).resize((bar_w, 12 * scale))
         draw.text((pad, top), low, fill="black", font=small_font)
-        canvas.paste(bar, (left, top + 2))
+        canvas.paste(bar, (left, top + 2 * scale))
         draw.text((left + bar_w, top), high, fill="black", font=small_font)
     return canvas
 

@@ -721,6 +721,8 @@ def worst_errors(
       "disagreement"         gender disagreements first (by |Δp_female|), then the other images by
                              |Δage|; column `disagreement` says which ("gender" or "age").
     `other` defaults to the other model of a two-model table. Ties keep the table order. k=None: all.
+    Column `label_contradicted` marks the images whose gender label every model present contradicts
+    with P >= LABEL_CHECK_CONFIDENCE (likely wrong labels, as in contradicted_labels).
     An empty table (e.g. an empty slice) gives an empty result.
     """
     if kind not in WORST_ERROR_KINDS:
@@ -765,6 +767,8 @@ def worst_errors(
         rows = np.flatnonzero(keep)
         order = rows[np.argsort(-score[rows], kind="stable")]
     table["score"] = score
+    # A worst "error" is often a wrong label: say so beside it (see contradicted_labels).
+    table["label_contradicted"] = _p_other_gender(table, present) >= LABEL_CHECK_CONFIDENCE
     return table.iloc[order[:k]].reset_index(drop=True)
 
 

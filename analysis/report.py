@@ -52,6 +52,9 @@ ZIP_NAME = "report.zip"
 ZIP_ROOT = "facecheck_report"  # folder the zip unpacks into
 GRADCAM_N = 8  # worst faces per Grad-CAM grid
 GRADCAM_CELL = 200  # pixels per face in a grid (UTKFace crops are 200 x 200)
+# Grids are drawn at twice that size (text too): at the PNGs' 216 dpi a grid then prints ~5.9 inches
+# wide with ~8-point captions, instead of 2.9 inches with 4-point ones.
+GRADCAM_SCALE = 2
 GRADCAM_COLORMAP = "magma"  # monotone lightness: still readable in greyscale print
 _PACKAGES = (
     "tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "scipy", "scikit-learn", "pillow",
@@ -209,6 +212,7 @@ _HEADERS = {  # column -> (header, format kind)
     "ethnicity": ("Ethnicity", "ethnicity"),
     "age_band": ("Age band", "text"),
     "disagreement": ("Disagreement", "text"),
+    "label_contradicted": ("Label likely wrong", "flag"),
 }
 _METRIC_NAMES = {"gender_acc": "Gender accuracy (%)", "age_mae": "Age MAE (years)", "age_bias": "Age bias (years)"}
 # Per-image helper columns of the worst-error tables that the readable versions leave out.
@@ -469,7 +473,8 @@ def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> li
             labels = [_grid_label(row, keys) for _, row in rows.iterrows()]
             what = "age errors" if kind == "age" else "gender errors"
             title = f"Worst {what} of model {owner}: where each model looked"
-            image = figures.gradcam_grid(faces, heatmaps, labels, titles, title, overlay=overlay, colour_bar=colour_bar, cell=GRADCAM_CELL)
+            image = figures.gradcam_grid(faces, heatmaps, labels, titles, title, overlay=overlay, colour_bar=colour_bar,
+                                         cell=GRADCAM_CELL, scale=GRADCAM_SCALE)
             caption = f"Model {owner}'s {len(rows)} worst {what}: face, then each model's Grad-CAM for its own prediction"
             grids.append(GradcamGrid(f"worst_{kind}_{owner}", image, caption))
     return grids
@@ -488,7 +493,9 @@ def _grid_label(row: pd.Series, keys) -> str:
         f"{k}: {row[f'age_pred_{k}']:.0f} y, P(female) {row[f'p_female_{k}']:.2f}"
         for k in keys if f"age_pred_{k}" in row
     ]  # fmt: skip
-    return f"{row.get('file_name', '')}  true {int(row['age'])} y, {gender}\n" + " · ".join(parts)
+    doubt = ("\nlabel likely wrong: every model gives the other gender "
+             f"P ≥ {metrics.LABEL_CHECK_CONFIDENCE:g}" if bool(row.get("label_contradicted", False)) else "")
+    return f"{row.get('file_name', '')}  true {int(row['age'])} y, {gender}\n" + " · ".join(parts) + doubt
 
 
 # ---------------------------------------------------------------- the bundle
@@ -512,7 +519,8 @@ def _table_note(name: str) -> str:
         return _TABLE_NOTES[name]
     for kind, what in (("worst_age_", "largest age errors"), ("worst_gender_", "most confident gender mistakes")):
         if name.startswith(kind):
-            return f"images with model {name[len(kind):]}'s {what}, worst first"
+            return (f"images with model {name[len(kind):]}'s {what}, worst first; `label_contradicted` marks gender "
+                    f"labels every model contradicts with P ≥ {metrics.LABEL_CHECK_CONFIDENCE:g} (likely wrong)")
     return "metric table"
 
 

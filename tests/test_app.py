@@ -491,6 +491,13 @@ def test_gender_labels_both_models_contradict_are_pointed_out_and_shown(tmp_path
     at.selectbox(key="error_slice").set_value(f"age_band={clean_band}").run()
     assert_clean(at)
     assert gallery.NO_CASES["contradicted"] in texts(at.info)
+    # Among model A's wrong gender answers, the cards of those labels say the label is likely wrong.
+    at.selectbox(key="error_slice").set_value(gallery.ALL_IMAGES).run()
+    at.segmented_control(key="error_kind").set_value("gender").run()
+    assert_clean(at)
+    cards = [m.value for m in at.markdown if "**True:**" in m.value]
+    assert len(cards) > expected
+    assert sum("Label likely wrong: every model gives the other gender P ≥ 0.95." in c for c in cards) == expected
 
 
 def test_an_upload_error_names_the_uploaded_file_not_the_cache(tmp_path):

@@ -469,6 +469,18 @@ def test_gradcam_grid_layout():
     top = 30 + 26
     assert (pixels[top + 10, 8 + 10] == 120).all()
     assert (pixels[top + 10, 8 + 72 + 10] == 0).all()
+    # scale=2 (the report's, for print): every size doubles, the same tiles twice as large
+    calls.clear()
+    big = figures.gradcam_grid(
+        images, heat, ["true 30 y\nA 40 y", "b", "c"], {"A": "A: Grad-CAM"}, "Worst", overlay=overlay,
+        colour_bar=np.zeros((1, 256, 3), np.uint8), cell=64, scale=2,
+    )  # fmt: skip
+    assert big.size == (2 * grid.width, 2 * grid.height)
+    assert calls == [((128, 128, 3), (128, 128))] * 6
+    pixels = np.asarray(big)
+    assert (pixels[2 * top + 20, 16 + 20] == 120).all() and (pixels[2 * top + 20, 16 + 144 + 20] == 0).all()
+    with pytest.raises(ValueError, match="scale"):
+        figures.gradcam_grid(images, heat, ["a", "b", "c"], overlay=overlay, scale=0)
 
 
 def test_gradcam_grid_rejects_mismatched_inputs():

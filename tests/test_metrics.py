@@ -524,6 +524,17 @@ def test_worst_gender_errors_are_confidently_wrong(preds):
     assert worst["image_id"].tolist() == preds["image_id"].iloc[expected].tolist()
     assert not worst["gender_correct_A"].any()
     np.testing.assert_allclose(worst["score"], 0.5 + confidence[expected])
+    # a confident "error" both models make is likely the label's: marked, by a hand-made mask
+    doubtful = preds.copy()
+    for row in wrong[:3]:  # both models sure of the other gender: 0.99 and 0.97 against the label
+        other_female = 1 - doubtful.loc[row, "gender"]
+        doubtful.loc[row, ["p_female_A", "p_female_B"]] = [0.99, 0.97] if other_female else [0.01, 0.03]
+    worst = metrics.worst_errors(doubtful, "gender", model="A", k=None)
+    p_other = {m: np.where(doubtful["gender"] == 1, 1 - doubtful[f"p_female_{m}"], doubtful[f"p_female_{m}"]) for m in "AB"}
+    doubted = pd.Series((p_other["A"] >= 0.95) & (p_other["B"] >= 0.95), index=doubtful["image_id"])
+    assert 3 <= doubted[worst["image_id"]].sum() < len(worst)  # the premise: some, not all
+    assert worst["label_contradicted"].tolist() == doubted[worst["image_id"]].tolist()
+    assert set(worst.loc[worst["label_contradicted"], "image_id"]) == set(metrics.contradicted_labels(doubtful)["image_id"])
 
 
 def test_worst_disagreements(preds):

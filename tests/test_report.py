@@ -202,9 +202,24 @@ def test_figures_are_valid_images_at_print_resolution(bundle):
         assert svg.tag.endswith("svg")
         # printed at the SVG's nominal size (72 points per inch) the PNG has PNG_PPI >= 200 dpi
         assert image.width / (float(svg.attrib["width"]) / 72) >= 200
-    for png in (out / "gradcam").glob("*.png"):
+    grids = sorted((out / "gradcam").glob("*.png"))
+    assert grids
+    for png in grids:
         image = Image.open(png)
         assert image.mode == "RGB" and image.height > 3 * report.GRADCAM_CELL
+        # face + 2 overlays drawn at twice the cell size: at its dpi a grid prints over 5.5 inches wide
+        assert image.width >= 3 * report.GRADCAM_SCALE * report.GRADCAM_CELL
+        assert image.width / image.info["dpi"][0] > 5.5
+
+
+def test_grid_captions_say_when_a_label_is_likely_wrong():
+    row = pd.Series({"file_name": "30_1_0_x.jpg", "age": 30, "gender": 1, "age_pred_A": 31.2, "p_female_A": 0.01,
+                     "age_pred_B": 29.0, "p_female_B": 0.02, "label_contradicted": True})
+    lines = report._grid_label(row, ["A", "B"]).split("\n")
+    assert lines == ["30_1_0_x.jpg  true 30 y, female", "A: 31 y, P(female) 0.01 · B: 29 y, P(female) 0.02",
+                     "label likely wrong: every model gives the other gender P ≥ 0.95"]
+    row["label_contradicted"] = False
+    assert len(report._grid_label(row, ["A", "B"]).split("\n")) == 2
 
 
 def test_readme_says_what_the_contradicted_labels_would_change(tmp_path, evaluation):

@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from analysis import gradcam
+from analysis.metrics import LABEL_CHECK_CONFIDENCE
 
 from app import gallery, layout, state
 
@@ -146,6 +147,8 @@ def render_card(row, slots: list[str], overlays: dict) -> None:
                 f"**{slot}:** {row[f'age_pred_{slot}']:.1f} y ({error:+.1f}) · {predicted_gender} {right} "
                 f"(P(female) {p_female:.2f})"
             )
+        if bool(row.get("label_contradicted", False)):
+            answers.append(f":orange[Label likely wrong: every model gives the other gender P ≥ {LABEL_CHECK_CONFIDENCE:g}.]")
         st.markdown("  \n".join(answers))
         st.caption(row["file_name"])
 
