@@ -435,6 +435,41 @@ def test_failed_save_leaves_no_model_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("failing", ["model", "metrics"])
+def test_a_run_whose_files_cannot_be_written_leaves_none_and_says_which(tmp_path, monkeypatch, failing):
+    """A full disk while saving the model left metrics, history, curves and split behind, describing
+    a model that was never written (and a rerun was then refused without --overwrite); the
+    message did not name the file."""
+    import errno
+
+    import keras
+
+    from training import artifacts
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "model":
+        monkeypatch.setattr(keras.Model, "save", full)
+    else:
+        real = artifacts.write_text
+        monkeypatch.setattr(artifacts, "write_text", lambda path, text: full() if path.name == "metrics_A.json" else real(path, text))
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    history = pd.DataFrame({"epoch": [1, 2], "loss": [1.0, 0.5], "val_loss": [1.1, 0.7]})
+    split = pd.DataFrame({"image_id": ["a" * 40], "subset": ["train"]})
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")  # the user's own file stays
+    with pytest.raises(OSError) as caught:
+        artifacts.write_artifacts(out, "A", model, history, {"gender_acc": 0.9}, split)
+    message = str(caught.value)
+    failed = "age_gender_A.keras" if failing == "model" else "metrics_A.json"
+    assert f"could not write {out / failed}: No space left on device" in message
+    assert "none of its files is left there" in message and "--out" in message
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_fine_tuning_unfreezes_the_top_of_nested_backbones_but_not_batchnorm():
     import keras
 

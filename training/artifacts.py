@@ -83,19 +83,36 @@ def write_artifacts(out_dir, key: str, model, history: pd.DataFrame, metrics: di
     paths = artifact_paths(out_dir, key)
     for path in paths.values():
         path.unlink(missing_ok=True)
-    write_text(paths["history"], history.to_csv(index=False))
-    chart = learning_curves_chart({key: history}, title=f"Model {key}: learning curves")
-    write_bytes(paths["curves_png"], chart_png(chart))
-    write_text(paths["curves_svg"], chart_svg(chart))
-    write_text(paths["metrics"], json.dumps(metrics, indent=2, default=_json_default) + "\n")
-    write_text(paths["summary"], model_summary_text(model))
-    if split_table is not None:
-        write_text(paths["split"], split_table.to_csv(index=False))
-    else:
+    if split_table is None:
         paths.pop("split")
-    with atomic_path(paths["model"]) as partial:
-        inference_copy(model).save(partial)
+    chart = learning_curves_chart({key: history}, title=f"Model {key}: learning curves")
+    writers = {
+        "history": lambda path: write_text(path, history.to_csv(index=False)),
+        "curves_png": lambda path: write_bytes(path, chart_png(chart)),
+        "curves_svg": lambda path: write_text(path, chart_svg(chart)),
+        "metrics": lambda path: write_text(path, json.dumps(metrics, indent=2, default=_json_default) + "\n"),
+        "summary": lambda path: write_text(path, model_summary_text(model)),
+        "split": lambda path: write_text(path, split_table.to_csv(index=False)),
+        "model": lambda path: _save_model(path, model),
+    }
+    for name, path in paths.items():  # the model last (dict order)
+        try:
+            writers[name](path)
+        except OSError as exc:
+            # Records without their model would read as a finished run: none is kept.
+            for written in paths.values():
+                written.unlink(missing_ok=True)
+            raise OSError(
+                f"could not write {path}: {exc.strerror or exc}. The trained model {key} and its records were not "
+                f"kept in {Path(out_dir)} (none of its files is left there); free some space or choose another "
+                "--out, then train again"
+            ) from exc
     return paths
+
+
+def _save_model(path: Path, model) -> None:
+    with atomic_path(path) as partial:
+        inference_copy(model).save(partial)
 
 
 def inference_copy(model):
