@@ -414,6 +414,32 @@ def slice_table(
     return pd.DataFrame(rows, columns=SLICE_TABLE_COLUMNS)
 
 
+def paired_accuracy_difference_interval(both: int, only_a: int, only_b: int, neither: int,
+                                        confidence: float = 0.95) -> tuple[float, float]:
+    """CI of accuracy(b) − accuracy(a) on the same images: Newcombe's hybrid score interval for
+    paired proportions (Newcombe 1998, method 10), from the 2×2 counts of images both models get
+    right, only a, only b, neither. (NaN, NaN) without images.
+
+    By hand because neither scipy nor scikit-learn has a paired-difference interval. Chosen over
+    the bootstrap because it stays honest where the bootstrap collapses: with no image that only
+    one model gets right a percentile bootstrap gives [0, 0] whatever n, this interval does not;
+    it is built from the two Wilson intervals (accuracy_interval) and the correlation of the pairs.
+    """
+    n = both + only_a + only_b + neither
+    if n == 0:
+        return math.nan, math.nan
+    p_a, p_b = (both + only_a) / n, (both + only_b) / n
+    lo_a, hi_a = accuracy_interval(both + only_a, n, confidence)
+    lo_b, hi_b = accuracy_interval(both + only_b, n, confidence)
+    # phi: correlation of the two models' right/wrong flags over the images (0 when undefined)
+    denominator = math.sqrt(float(both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither))
+    phi = (both * neither - only_a * only_b) / denominator if denominator > 0 else 0.0
+    delta = p_b - p_a
+    below = (p_b - lo_b) ** 2 - 2 * phi * (p_b - lo_b) * (hi_a - p_a) + (hi_a - p_a) ** 2
+    above = (hi_b - p_b) ** 2 - 2 * phi * (hi_b - p_b) * (p_a - lo_a) + (p_a - lo_a) ** 2
+    return max(-1.0, delta - math.sqrt(max(below, 0.0))), min(1.0, delta + math.sqrt(max(above, 0.0)))
+
+
 def mcnemar_exact_p(only_a_correct: int, only_b_correct: int) -> float:
     """Two-sided exact McNemar p-value: binomial test of the discordant pairs against 1/2.
 
@@ -460,11 +486,16 @@ def compare_table(
     """Paired comparison of models `a` and `b` on the same images, one row per slice.
 
     Deltas are b - a (age_mae_delta < 0: b is better). Gender correctness: counts of images only one
-    model gets right and the exact McNemar p. Absolute age error: paired bootstrap CI of the MAE
-    delta (the same resampled images for both models) and the Wilcoxon signed-rank p.
+    model gets right, the CI of the accuracy difference (paired_accuracy_difference_interval) and
+    the exact McNemar p. Absolute age error: paired bootstrap CI of the MAE delta (the same
+    resampled images for both models) and the Wilcoxon signed-rank p. Scanning many groups turns
+    up small p-values by chance: `mcnemar_q` / `wilcoxon_q` are the p-values adjusted over the
+    table's groups (Benjamini–Hochberg, scipy.stats.false_discovery_control), to read instead;
+    the overall row, the one planned test, keeps its p.
     Columns: slice_by, slice, slice_1, slice_2, n, gender_acc_<a>, gender_acc_<b>, gender_acc_delta,
-    only_<a>_correct, only_<b>_correct, mcnemar_p, age_mae_<a>, age_mae_<b>, age_mae_delta,
-    age_mae_delta_lo, age_mae_delta_hi, wilcoxon_p, small.
+    gender_acc_delta_lo, gender_acc_delta_hi, only_<a>_correct, only_<b>_correct, mcnemar_p,
+    mcnemar_q, age_mae_<a>, age_mae_<b>, age_mae_delta, age_mae_delta_lo, age_mae_delta_hi,
+    wilcoxon_p, wilcoxon_q, small.
     """
     _check_bootstrap_args(n_boot, seed, confidence)
     if a == b:
@@ -478,6 +509,8 @@ def compare_table(
     for ids, group in _slice_groups(preds, slices):
         ca, cb, d = correct_a[group] == 1, correct_b[group] == 1, abs_diff[group]
         only_a, only_b = int(np.sum(ca & ~cb)), int(np.sum(cb & ~ca))
+        both, neither = int(np.sum(ca & cb)), int(np.sum(~ca & ~cb))
+        acc_lo, acc_hi = paired_accuracy_difference_interval(both, only_a, only_b, neither, confidence)
         lo, hi = _mean_interval(d[:, None], n_boot, _group_rng(seed, ids), confidence)
         rows.append(
             {
@@ -486,6 +519,8 @@ def compare_table(
                 f"gender_acc_{a}": ca.mean(),
                 f"gender_acc_{b}": cb.mean(),
                 "gender_acc_delta": cb.mean() - ca.mean(),
+                "gender_acc_delta_lo": acc_lo,
+                "gender_acc_delta_hi": acc_hi,
                 f"only_{a}_correct": only_a,
                 f"only_{b}_correct": only_b,
                 "mcnemar_p": mcnemar_exact_p(only_a, only_b),
@@ -498,7 +533,16 @@ def compare_table(
                 "small": len(group) < SMALL_SLICE_N,
             }
         )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    groups = (table["slice_by"] != "overall").to_numpy() if len(table) else np.zeros(0, bool)
+    for test in ("mcnemar", "wilcoxon"):
+        p_values = table[f"{test}_p"].to_numpy(dtype=float) if len(table) else np.zeros(0)
+        q = p_values.copy()  # the overall row is the one planned test: its q is its p
+        family = groups & np.isfinite(p_values)
+        if family.any():
+            q[family] = stats.false_discovery_control(p_values[family], method="bh")
+        table.insert(table.columns.get_loc(f"{test}_p") + 1, f"{test}_q", q)
+    return table
 
 
 # ---------------------------------------------------------------- gaps and worst slices (from slice_table)

@@ -193,6 +193,8 @@ _HEADERS = {  # column -> (header, format kind)
     "age_mae_delta": ("Age MAE B − A (years)", "signed_years"),
     "mcnemar_p": ("McNemar p", "p"),
     "wilcoxon_p": ("Wilcoxon p", "p"),
+    "mcnemar_q": ("McNemar q (BH)", "p"),
+    "wilcoxon_q": ("Wilcoxon q (BH)", "p"),
     "small": (f"n < {SMALL_SLICE_N}", "flag"),
     "metric": ("Metric", "metric"),
     "gap": ("Gap", "gap"),
@@ -503,7 +505,9 @@ def _grid_label(row: pd.Series, keys) -> str:
 _TABLE_NOTES = {
     "predictions": "one row per image: labels, each model's predicted age (years) and P(female)",
     "slices": "per model and group (overall, single attributes, intersections): n, gender accuracy (95% Wilson CI), age MAE and bias (95% bootstrap CIs); `small` marks n < 30",
-    "comparison": "paired A vs B per group: differences B − A, exact McNemar p (gender), paired bootstrap CI and Wilcoxon p (age MAE)",
+    "comparison": "paired A vs B per group: differences B − A; gender: Newcombe's paired 95% CI and exact McNemar p; "
+                  "age MAE: paired bootstrap 95% CI and Wilcoxon p. Scanning many groups finds small p-values by "
+                  "chance: read the q columns (p adjusted over the groups, Benjamini–Hochberg; the overall row keeps its p)",
     "gaps": "how much worse the worst group of each grouping is than the best (accuracy and MAE: largest minus "
             "smallest value; bias: the distance from zero, worst minus best; groups with n < 30 left out)",
     "calibration": "reliability bins of P(female) per model: mean predicted probability vs observed share of women",
@@ -837,8 +841,10 @@ def comparison_sentence(evaluation) -> str | None:
     c = comparison[comparison["slice_by"] == "overall"].iloc[0]
     interval = (f"95% CI {c.age_mae_delta_lo:+.2f} to {c.age_mae_delta_hi:+.2f}; "
                 if all(math.isfinite(v) for v in (c.age_mae_delta_lo, c.age_mae_delta_hi)) else "no CI; ")
-    return (f"B − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({p_text(c.mcnemar_p)}, exact McNemar); "
-            f"age MAE {c.age_mae_delta:+.2f} years ({interval}{p_text(c.wilcoxon_p)}, Wilcoxon)")
+    lo, hi = c.get("gender_acc_delta_lo", math.nan), c.get("gender_acc_delta_hi", math.nan)
+    points = f"95% CI {lo * 100:+.1f} to {hi * 100:+.1f}; " if math.isfinite(lo) and math.isfinite(hi) else ""
+    return (f"B − A: gender accuracy {c.gender_acc_delta * 100:+.1f} points ({points}{p_text(c.mcnemar_p)}, exact "
+            f"McNemar); age MAE {c.age_mae_delta:+.2f} years ({interval}{p_text(c.wilcoxon_p)}, Wilcoxon)")
 
 
 def p_text(p: float | None) -> str:

@@ -62,6 +62,15 @@ def test_evaluate_two_models_writes_tables_that_match_sklearn(model_files, synth
     right = {key: (preds[f"p_female_{key}"] >= 0.5).astype(int) == preds["gender"] for key in ("A", "B")}
     delta = f"B − A: gender accuracy {(right['B'].mean() - right['A'].mean()) * 100:+.1f} points"
     assert delta in printed and delta in (out / "README.md").read_text()
+    # with the paired interval of that difference, also in summary.json
+    comparison = summary["comparison"]
+    both = int((right["A"] & right["B"]).sum())
+    only_a, only_b = int((right["A"] & ~right["B"]).sum()), int((~right["A"] & right["B"]).sum())
+    from analysis.metrics import paired_accuracy_difference_interval
+
+    lo, hi = paired_accuracy_difference_interval(both, only_a, only_b, len(preds) - both - only_a - only_b)
+    assert [comparison["gender_acc_delta_lo"], comparison["gender_acc_delta_hi"]] == pytest.approx([lo, hi])
+    assert f"{delta} (95% CI {lo * 100:+.1f} to {hi * 100:+.1f}; p" in printed
     by_gender = right["A"].groupby(preds["gender"]).mean()
     assert f"A gender accuracy by gender: {abs(by_gender[1] - by_gender[0]) * 100:.1f} points" in printed
 

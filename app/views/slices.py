@@ -107,23 +107,27 @@ def render_comparison_table(current, slice_by: str, hide_small: bool) -> None:
     st.markdown("##### B − A on the same images")
     st.caption(
         "Negative age MAE difference: B is closer. p-values: exact McNemar (gender), Wilcoxon signed-rank (age). "
-        "The age difference's 95% CI is a paired bootstrap of the mean difference, while Wilcoxon tests whether "
-        "one model's errors are typically smaller: two different questions, so near the edge one can exclude 0 "
-        "while the other's p is above 0.05."
+        "95% CIs: Newcombe's paired interval for the accuracy difference, a paired bootstrap for the age one. "
+        "Wilcoxon tests whether one model's errors are typically smaller, the bootstrap CI the mean difference: "
+        "near the edge one can exclude 0 while the other's p is above 0.05. Among many groups some p-values are "
+        "small by chance: q is p adjusted over all groups of the table (Benjamini–Hochberg)."
     )
-    columns = ["slice", "n", "gender_acc_delta", "mcnemar_p", "age_mae_delta", "age_mae_delta_lo", "age_mae_delta_hi", "wilcoxon_p", "small"]
-    shown = as_percent(rows[columns], ["gender_acc_delta"])  # percentage points
-    for p in ("mcnemar_p", "wilcoxon_p"):  # "< 0.001" rather than "0.000"
+    columns = ["slice", "n", "gender_acc_delta", "gender_acc_delta_lo", "gender_acc_delta_hi", "mcnemar_p", "mcnemar_q",
+               "age_mae_delta", "age_mae_delta_lo", "age_mae_delta_hi", "wilcoxon_p", "wilcoxon_q", "small"]
+    shown = as_percent(rows[columns], ["gender_acc_delta", "gender_acc_delta_lo", "gender_acc_delta_hi"])  # points
+    for p in ("mcnemar_p", "mcnemar_q", "wilcoxon_p", "wilcoxon_q"):  # "< 0.001" rather than "0.000"
         shown[p] = ["–" if pd.isna(v) else wording.p_text(v).removeprefix("p ").removeprefix("= ") for v in shown[p]]
     st.dataframe(
         shown,
         hide_index=True,
         column_config={
             "slice": SLICE_COLUMN,
-            "gender_acc_delta": st.column_config.NumberColumn("gender acc B − A (points)", format="%+.1f"),
+            **ci_columns("gender_acc_delta", "gender acc B − A (points)", "%+.1f"),
             "mcnemar_p": st.column_config.TextColumn("p (McNemar)"),
+            "mcnemar_q": st.column_config.TextColumn("q (McNemar)"),
             **ci_columns("age_mae_delta", "age MAE B − A", "%+.2f"),
             "wilcoxon_p": st.column_config.TextColumn("p (Wilcoxon)"),
+            "wilcoxon_q": st.column_config.TextColumn("q (Wilcoxon)"),
             "small": st.column_config.CheckboxColumn(f"n < {SMALL_SLICE_N}"),
         },
     )
