@@ -775,15 +775,25 @@ def test_short_model_b_runs_still_fine_tune_and_say_so_when_they_cannot(syntheti
     assert "the backbone is not fine-tuned" in capsys.readouterr().out
 
 
-def test_a_test_folder_among_the_training_images_is_pointed_out(synthetic_dir, tmp_path, capsys):
+def test_a_test_folder_among_the_training_images_is_refused_unless_allowed(synthetic_dir, tmp_path, capsys):
+    """--data utkface/ (the parent of train_val/ and test/) only warned, then trained on the test images."""
     from analysis.synthetic import make_synthetic_sample
 
     make_synthetic_sample(tmp_path / "utk" / "train_val", n=40, seed=0, size=32)
     make_synthetic_sample(tmp_path / "utk" / "test", n=12, seed=1, size=32)
+    found = f"12 of the 52 images are in a folder named like a test set ({tmp_path / 'utk' / 'test'})"
+    for data in (tmp_path / "utk", tmp_path / "utk" / "test"):
+        with pytest.raises(SystemExit) as caught:
+            run_cli("--data", data, "--out", tmp_path / "out", "--model", "B", "--backbone", "tiny",
+                    "--epochs", 1, "--image-size", 32, "--no-cache")
+        message = str(caught.value)
+        assert (found if data.name == "utk" else f"--data {data} looks like a test set") in message
+        assert "--allow-test-images" in message and "Nothing was written" in message
+        assert not (tmp_path / "out").exists()
     run_cli("--data", tmp_path / "utk", "--out", tmp_path / "out", "--model", "B", "--backbone", "tiny",
-            "--epochs", 1, "--image-size", 32, "--no-cache")
-    out = capsys.readouterr().out
-    assert f"12 of the 52 images are in a folder named like a test set ({tmp_path / 'utk' / 'test'})" in out
+            "--epochs", 1, "--image-size", 32, "--no-cache", "--allow-test-images")
+    assert f"warning: {found}" in capsys.readouterr().out
+    assert (tmp_path / "out" / "age_gender_B.keras").exists()
     run_cli("--data", tmp_path / "utk" / "train_val", "--out", tmp_path / "out2", "--model", "B", "--backbone", "tiny",
             "--epochs", 1, "--image-size", 32, "--no-cache")
     assert "test set" not in capsys.readouterr().out

@@ -126,6 +126,9 @@ def train_parser():
     parser.add_argument("--patience", type=int, help=f"early stopping: epochs without validation improvement (default A {a.patience}, B {b.patience})")
     parser.add_argument("--no-cache", action="store_true", help="write nothing to the cache folder (~/.cache/facecheck or $FACECHECK_CACHE_DIR): no decoded images kept for the next run, a --data zip extracted into a temporary folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a model already in --out (refused otherwise)")
+    parser.add_argument("--allow-test-images", action="store_true",
+                        help="train even though --data is, or holds, a folder named like a test set (test/, holdout/, ...): "
+                             "refused otherwise, as images trained on cannot test the model")
     return parser
 
 
@@ -195,6 +198,10 @@ def _run_training(args, extract_to) -> int:
             _check_config(config)
         _check_out(args.out, keys, args.overwrite)
         split = read_split(args.data, args.val_split, args.seed, extract_to=extract_to)
+        problem = _test_images(split, args.data)
+        if problem and not args.allow_test_images:
+            raise ValueError(f"{problem}. Give --data the training folder only (e.g. utkface/train_val), or add "
+                             "--allow-test-images if these images are meant for training. Nothing was written")
         _quiet_tensorflow()
         for config in configs:
             _check_backbone(config)  # B's weights before A trains for minutes
@@ -260,20 +267,28 @@ def _test_folder(folder: Path, root: Path) -> Path | None:
     return None
 
 
-def _data_warnings(split, data=None) -> list[str]:
-    """What makes a head unable to learn anything (one gender only, one age only), and a test
-    folder among the training images (--data pointing at its parent, e.g. utkface/ instead of
-    utkface/train_val/: the recursive search takes test/ in)."""
+def _test_images(split, data=None) -> str | None:
+    """Why the training images look like they include a test set, or None: a folder named like
+    one among them (--data pointing at its parent, e.g. utkface/ instead of utkface/train_val/:
+    the recursive search takes test/ in), or --data named like one."""
     table = pd.concat([split.train, split.val])
-    warnings = []
     folders = [str(Path(path).parent) for path in table["path"]]
     root = Path(os.path.commonpath(folders)) if folders else Path()
     in_test = [found for found in (_test_folder(Path(f), root) for f in folders) if found is not None]
     if in_test:
-        warnings.append(f"{len(in_test)} of the {len(folders)} images are in a folder named like a test set "
-                        f"({in_test[0]}): images trained on cannot test the model — give --data the training folder only")
-    elif data is not None and Path(data).name.lower() in TEST_FOLDER_NAMES:
-        warnings.append(f"--data {data} looks like a test set: images trained on cannot test the model")
+        return (f"{len(in_test)} of the {len(folders)} images are in a folder named like a test set ({in_test[0]}): "
+                "images trained on cannot test the model")
+    if data is not None and Path(data).name.lower() in TEST_FOLDER_NAMES:
+        return f"--data {data} looks like a test set: images trained on cannot test the model"
+    return None
+
+
+def _data_warnings(split, data=None) -> list[str]:
+    """What makes a head unable to learn anything (one gender only, one age only), and a test set
+    among the training images when --allow-test-images let it through (see _test_images)."""
+    table = pd.concat([split.train, split.val])
+    problem = _test_images(split, data)
+    warnings = [f"{problem} (--allow-test-images)"] if problem else []
     if table["gender"].nunique() < 2:
         warnings.append(f"every image is {'female' if table['gender'].iloc[0] == 1 else 'male'}: the gender head "
                         "cannot learn gender, and its validation accuracy says nothing")
