@@ -481,9 +481,10 @@ def _nothing_usable(source_path: Path, skipped: list[tuple[str, str]]) -> str:
     categories = _reason_categories(reasons)
     counts = categories.value_counts()
     common, count = counts.index[0], int(counts.iloc[0])
-    example = reasons[categories == common].iloc[0]
+    first = int(np.flatnonzero((categories == common).to_numpy())[0])
+    name, example = Path(skipped[first][0]).name, reasons.iloc[first]
     text = (f"no usable labelled images in {source_path}: {len(skipped)} file{'s' if len(skipped) != 1 else ''} "
-            f"skipped, {count} of them as {common} (e.g. \"{example}\")")
+            f"skipped, {count} of them as {common} (e.g. {name}: \"{example}\")")
     if common in _NAMING_REASONS:
         text += f". {naming}"
     return text

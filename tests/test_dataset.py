@@ -544,7 +544,7 @@ def test_unsupported_compression_and_encrypted_entries_say_what_to_do(tmp_path):
         _mark_encrypted(locked, f"2{i}_0_0_2017010100000000{i}.jpg")
     with pytest.raises(SampleError) as error:
         load_sample(locked, extract_to=tmp_path / "out2")
-    assert ("3 files skipped, 3 of them as not decodable (e.g. \"not decodable: encrypted zip entry (password-protected); "
+    assert ("3 files skipped, 3 of them as not decodable (e.g. 20_0_0_20170101000000000.jpg: \"not decodable: encrypted zip entry (password-protected); "
             "zip it again without a password\")") in str(error.value)
     assert "AGE_GENDER_RACE" not in str(error.value)
 
@@ -673,7 +673,8 @@ def test_nothing_usable_names_the_commonest_kind_of_reason(tmp_path):
     with pytest.raises(SampleError) as error:
         load_sample(folder)
     text = str(error.value)
-    assert "7 files skipped, 5 of them as label out of range (e.g. \"label out of range: age 121 not in 0..120\")" in text
+    assert ("7 files skipped, 5 of them as label out of range (e.g. 121_0_0_20170101000000001.jpg: "
+            "\"label out of range: age 121 not in 0..120\")") in text
     assert "AGE_GENDER_RACE_DATETIME" in text
 
 

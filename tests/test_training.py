@@ -251,6 +251,26 @@ def test_a_validation_loss_that_is_never_finite_is_an_error_not_a_model(syntheti
     assert finished_files(tmp_path / "out") == []
 
 
+def test_options_of_the_other_model_few_validation_images_and_dropped_clean_epochs_are_said(synthetic_dir, tmp_path, capsys):
+    """--model A with B's options trained silently; 24 validation images gave accuracies to three
+    decimals without a word; --epochs 2 dropped the 3 default clean epochs without a word."""
+    from training.cli import FEW_VALIDATION_IMAGES
+
+    run_cli("--data", synthetic_dir, "--out", tmp_path / "out", "--model", "A", "--epochs", 2, "--image-size", 32,
+            "--no-cache", "--backbone", "resnet50_v2", "--weights", "/nope.h5", "--head-epochs", 3)
+    out = capsys.readouterr().out
+    assert "note: --head-epochs, --backbone, --weights apply to Model B only: ignored with --model A" in out
+    assert "note: Model A: 0 clean epoch(s) instead of the default 3: by default at most a quarter of --epochs (2)" in out
+    assert 24 < FEW_VALIDATION_IMAGES
+    assert "warning: only 24 validation image(s): the validation accuracy and MAE" in out
+    assert (tmp_path / "out" / "age_gender_A.keras").exists()
+    run_cli("--data", synthetic_dir, "--out", tmp_path / "out2", "--model", "B", "--backbone", "tiny", "--weights", "none",
+            "--epochs", 1, "--image-size", 32, "--no-cache", "--precision", "float32", "--clean-epochs", 0)
+    out = capsys.readouterr().out
+    assert "note: --precision applies to Model A only: ignored with --model B" in out
+    assert "clean epoch(s) instead of" not in out  # chosen, not dropped
+
+
 @pytest.mark.parametrize("factor, says", [(1e7, "the clean epochs ended worse"), (1e30, "the loss became NaN in phase 'clean'")])
 def test_a_clean_phase_that_diverges_keeps_the_epoch_before_it(synthetic_dir, tmp_path, factor, says):
     """A clean phase that blows up (here: its rate made huge) once became the saved model, with an
