@@ -359,13 +359,93 @@ def markdown_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -
 _LATEX_SYMBOLS = {"−": "$-$", "×": "$\\times$", "–": "--", "<": "\\textless{}", ">": "\\textgreater{}", "≥": "$\\geq$", "Δ": "$\\Delta$"}
 
 
-def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -> str:
-    """A booktabs `tabular` (pdflatex-safe: special characters escaped, no Unicode maths)."""
+# Rows per LaTeX float: more do not fit one page (a longer table is split into several floats).
+LATEX_FLOAT_ROWS = 40
+
+
+def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, caption: str | None = None,
+                label: str | None = None) -> str:
+    """A booktabs table ready to \\input (pdflatex-safe: special characters escaped, no Unicode
+    maths, minus signs as $-$): a `table` float with the caption, shrunk to the line width when
+    wider (graphicx). A table of more than LATEX_FLOAT_ROWS rows is split into several floats,
+    at changes of grouping or model where it can (see _latex_parts). Without a caption: the bare
+    `tabular`."""
     numeric = numeric or [False] * formatted.shape[1]
-    body = formatted.to_latex(index=False, escape=True, column_format="".join("r" if r else "l" for r in numeric))
+    columns = "".join("r" if r else "l" for r in numeric)
+
+    def tabular(part: pd.DataFrame) -> str:
+        body = part.to_latex(index=False, escape=True, column_format=columns)
+        lines = body.splitlines()
+        header = lines.index("\\toprule") + 1  # long headers on several lines: narrower columns
+        cells = lines[header].removesuffix(" \\\\").split(" & ")
+        lines[header] = " & ".join(_stacked(cell, "r" if right else "l") for cell, right in zip(cells, numeric)) + " \\\\"
+        body = "\n".join(lines) + "\n"
+        for symbol, command in _LATEX_SYMBOLS.items():
+            body = body.replace(symbol, command)
+        return re.sub(r"(?<![\w$-])-(?=\d)", "$-$", body)  # an ASCII hyphen before a number is a minus sign
+
+    if caption is None:
+        return "% Needs \\usepackage{booktabs}.\n" + tabular(formatted)
+    parts = _latex_parts(formatted, LATEX_FLOAT_ROWS)
+    floats = []
+    for i, part in enumerate(parts):
+        if i == 0:
+            title = _latex_text(caption) + (f" (part 1 of {len(parts)})" if len(parts) > 1 else "")
+            title += f"\\label{{{label}}}" if label else ""
+        else:
+            title = f"Continued{' from Table~' + chr(92) + 'ref{' + label + '}' if label else ''} (part {i + 1} of {len(parts)})."
+        floats.append("\\begin{table}[htbp]\n\\centering\n" f"\\caption{{{title}}}\n"
+                      "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%\n"
+                      + tabular(part) + "}\n\\end{table}\n")
+    return "% Needs \\usepackage{booktabs,graphicx}.\n" + "\n".join(floats)
+
+
+# A LaTeX header cell longer than this many characters is stacked on several lines.
+LATEX_HEADER_WIDTH = 14
+
+
+def _stacked(cell: str, align: str) -> str:
+    """A header cell (already escaped) on lines of about LATEX_HEADER_WIDTH characters (\\shortstack)."""
+    lines: list[str] = []
+    for word in cell.strip().split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= LATEX_HEADER_WIDTH:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return cell.strip() if len(lines) <= 1 else f"\\shortstack[{align}]{{" + "\\\\".join(lines) + "}"
+
+
+def _latex_parts(formatted: pd.DataFrame, limit: int) -> list[pd.DataFrame]:
+    """The table cut into parts of at most `limit` rows, each a run of whole groups (consecutive
+    rows with the same Grouping and Model) where a group fits, so no part starts mid-group
+    needlessly."""
+    keys = [c for c in ("Grouping", "Model") if c in formatted.columns]
+    if not keys or len(formatted) <= limit:
+        return [formatted.iloc[i:i + limit] for i in range(0, max(len(formatted), 1), limit)]
+    run = (formatted[keys] != formatted[keys].shift()).any(axis=1).cumsum()
+    parts, current = [], []
+    for _, group in formatted.groupby(run, sort=False):
+        for start in range(0, len(group), limit):
+            piece = group.iloc[start:start + limit]
+            if current and sum(map(len, current)) + len(piece) > limit:
+                parts.append(pd.concat(current))
+                current = []
+            current.append(piece)
+    parts.append(pd.concat(current))
+    return parts
+
+
+_LATEX_ESCAPES = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
+                  "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "`": ""}
+
+
+def _latex_text(text: str) -> str:
+    """Plain text (a caption) for LaTeX: special characters escaped, Unicode symbols as commands,
+    Markdown's code backticks dropped."""
+    escaped = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
     for symbol, command in _LATEX_SYMBOLS.items():
-        body = body.replace(symbol, command)
-    return "% Needs \\usepackage{booktabs}.\n" + body
+        escaped = escaped.replace(symbol, command)
+    return escaped
 
 
 # ---------------------------------------------------------------- figures
@@ -699,13 +779,36 @@ def _write_tables(evaluation, folder: Path) -> list[tuple[str, str]]:
         table.to_csv(tables_dir / f"{name}.csv", index=False)
         formatted, numeric = format_table(table, keys, name)
         (tables_dir / f"{name}.md").write_text(markdown_table(formatted, numeric))
-        (tables_dir / f"{name}.tex").write_text(latex_table(formatted, numeric))
+        (tables_dir / f"{name}.tex").write_text(_latex_file(name, formatted, numeric))
         index += [
             (f"tables/{name}.csv", _table_note(name) + " (full precision)"),
             (f"tables/{name}.md", "the same, rounded, as a Markdown table"),
-            (f"tables/{name}.tex", "the same, rounded, as a LaTeX booktabs tabular"),
+            (f"tables/{name}.tex", "the same, rounded, as captioned LaTeX tables to \\input (booktabs, graphicx; "
+                                   "split over several floats when long)"),
         ]
     return index
+
+
+# Column headers of the comparison table's gender half in LaTeX (the rest but the group columns: age).
+_GENDER_HEADERS = ("Gender", "Only", "McNemar")
+_GROUP_HEADERS = ("Grouping", "Group", "n", f"n < {SMALL_SLICE_N}")
+
+
+def _latex_file(name: str, formatted: pd.DataFrame, numeric: list[bool]) -> str:
+    """A table's .tex file: its floats captioned with its README note. The paired comparison (15+
+    columns, too wide for a page) becomes two tables, gender and age, each with the group columns."""
+    note = _table_note(name)
+    caption, label = note[0].upper() + note[1:] + ".", f"tab:{name.replace('_', '-')}"
+    if name != "comparison":
+        return latex_table(formatted, numeric, caption, label)
+    out = []
+    for head, keep in (("Gender", lambda h: h.startswith(_GENDER_HEADERS)),
+                       ("Age", lambda h: not h.startswith(_GENDER_HEADERS))):
+        chosen = [i for i, h in enumerate(formatted.columns) if h in _GROUP_HEADERS or keep(h)]
+        part = formatted.iloc[:, chosen]
+        out.append(latex_table(part, [numeric[i] for i in chosen], f"{head} half. {caption}",
+                               f"{label}-{head.lower()}"))
+    return "\n".join(out)
 
 
 def model_reading(loaded, calibrated: bool, quote: str = "'") -> str:

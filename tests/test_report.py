@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_ranking_scores_read_in_the_units_of_each_table():
     assert size.tolist() == ["0.700", "12.35 years", "1.00 years"]
     assert readable["contradicted_labels"]["Smallest P(other gender)"].tolist() == ["0.960"]
     formatted, numeric = report.format_table(tables["worst_disagreement"], ["A", "B"], "worst_disagreement")
-    assert "Disagreement size ($\\Delta$P(female) or years)" in report.latex_table(formatted, numeric)
+    assert "\\shortstack[r]{Disagreement\\\\size\\\\($\\Delta$P(female) or\\\\years)}" in report.latex_table(formatted, numeric)
     assert report.format_table(tables["worst_age_A"])[0]["Ranking score"].iloc[0] == "12.3"  # no name: generic
 
 
@@ -92,6 +93,43 @@ def test_markdown_and_latex_tables():
     assert "a|b \\& c\\_d" in latex and "Acc (\\%)" in latex
     assert "20--29 $\\times$ female" in latex and "\\textless{}0.001" in latex and "$-$1.0" in latex
     assert all(ord(ch) < 128 for ch in latex.replace("Needs", ""))  # pdflatex-safe
+
+
+def test_latex_tables_are_captioned_floats_that_fit_a_page():
+    """The .tex files were bare tabulars (comparison: 15 columns, slices: ~180 rows) with hyphens for
+    minus signs: no caption, wider and longer than a page."""
+    rows = 95
+    formatted = pd.DataFrame({
+        "Model": ["A"] * 50 + ["B"] * 45, "Grouping": ["Age band"] * 30 + ["Gender"] * 20 + ["Age band"] * 45,
+        "Gender accuracy B − A (points)": [f"{v:+.1f}" for v in np.linspace(-3, 3, rows)],
+        "Age bias (years)": ["-0.30"] * rows, "Group": ["20–29"] * rows})
+    numeric = [False, False, True, True, False]
+    latex = report.latex_table(formatted, numeric, "Per model & group: 95% CIs, `small` flagged.", "tab:slices")
+    floats = latex.split("\\begin{table}")[1:]
+    assert latex.startswith("% Needs \\usepackage{booktabs,graphicx}.")
+    # cut at changes of model or grouping: 30+20 rows (A), then 45 rows of one group are split at 40
+    assert [len(re.findall(r"^[AB] &", f, re.M)) for f in floats] == [30, 20, 40, 5]
+    assert all(f.count("\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}") == 1 for f in floats)
+    assert "\\caption{Per model \\& group: 95\\% CIs, small flagged. (part 1 of 4)\\label{tab:slices}}" in floats[0]
+    assert "\\caption{Continued from Table~\\ref{tab:slices} (part 4 of 4).}" in floats[3]
+    assert "& $-$0.30 &" in latex and "-0.30" not in latex.replace("$-$0.30", "")  # minus signs, not hyphens
+    assert "20--29" in latex and "$-$29" not in latex  # an en dash stays a dash
+    # a long header is stacked on lines, aligned as its column
+    assert "\\shortstack[r]{Gender\\\\accuracy B $-$ A\\\\(points)}" in floats[0]
+    assert all(ord(ch) < 128 for ch in latex)
+
+
+def test_the_comparison_prints_as_a_gender_table_and_an_age_table(evaluation):
+    formatted, numeric = report.format_table(evaluation.tables["comparison"], ["A", "B"], "comparison")
+    assert formatted.shape[1] >= 15
+    latex = report._latex_file("comparison", formatted, numeric)
+    gender, age = latex.split("\\label{tab:comparison-age}")
+    assert "\\caption{Gender half. Paired A vs B per group" in gender and "\\label{tab:comparison-gender}" in gender
+    headers = {half: re.findall(r"\\toprule\n(.*)\n", text)[0] for half, text in (("gender", gender), ("age", age))}
+    assert "McNemar" in headers["gender"] and "Wilcoxon" not in headers["gender"] and "MAE" not in headers["gender"]
+    assert "Wilcoxon" in headers["age"] and "McNemar" not in headers["age"] and "Only" not in headers["age"]
+    for header in headers.values():
+        assert header.startswith("Grouping & Group & n &")
 
 
 # ---------------------------------------------------------------- the real pipeline
