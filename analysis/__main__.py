@@ -61,8 +61,9 @@ def _add_model_options(parser: argparse.ArgumentParser, key: str, required: bool
     group.add_argument(
         f"--age-scale-{k}",
         metavar="SCALE",
-        help="how a 1-unit age output gives years: years, 100 or 116 (it predicts age/100 or age/116), "
-             "log (log-years); default: chosen on labelled images of the sample",
+        help="how a 1-unit age output gives years: years, log (log-years), or a multiplier N / xN, e.g. 100 or "
+             "116 when it predicts age/100 or age/116 (any N > 0: 80, x90); default: chosen on labelled images of "
+             "the sample",
     )
     group.add_argument(f"--input-size-{k}", metavar="HxW", help="input size when the model does not fix it, e.g. 128 or 128x96")
 

@@ -653,13 +653,16 @@ def learning_curves_chart(
     data, keys = _with_model_labels(table, names)
     colour, dash, _ = _model_encodings(keys, names)
     starts = _phase_starts(histories, names)
+    if not starts.empty:  # the last fifth of the epochs: too little room right of the line for a label
+        low, high = float(data["epoch"].min()), float(data["epoch"].max())
+        starts["near_end"] = starts["boundary"] > high - 0.2 * (high - low)
     # Ticks at whole epochs, given explicitly on every layer: Vega ignores tickMinStep on a
     # short run (a 2-epoch run got ticks at 1.0, 1.5, 2.0) and the phase rules sit at half epochs.
     epoch_axis = alt.Axis(values=_epoch_ticks(data["epoch"]), format="d")
     panels = []
     for panel in _ordered(data["panel"]):
         part = data[data["panel"] == panel]
-        fmt = ".0%" if "%" in panel else ".2f"
+        fmt = ".0%" if "%" in panel else ".3~r"  # 16 and 3.77, not 16.00
         base = alt.Chart(part).encode(
             x=alt.X("epoch:Q", title="Epoch", axis=epoch_axis),
             y=alt.Y("value:Q", title=panel, scale=alt.Scale(zero=False), axis=alt.Axis(format=fmt)),
@@ -678,7 +681,10 @@ def learning_curves_chart(
             boundaries = alt.Chart(starts).encode(x=alt.X("boundary:Q", title="Epoch", axis=epoch_axis))
             layer.append(boundaries.mark_rule(strokeDash=[2, 3], color="grey").encode(
                 tooltip=["model_label:N", alt.Tooltip("phase:N", title="Phase starts")]))
-            layer.append(boundaries.mark_text(align="left", baseline="top", dx=3, y=2, color="grey", fontSize=10).encode(text="phase:N"))
+            # a label right of its line, or left of it near the panel's right edge (it ran over the frame)
+            for near_end, align, dx in ((False, "left", 3), (True, "right", -3)):
+                layer.append(boundaries.transform_filter(f"{'' if near_end else '!'}datum.near_end").mark_text(
+                    align=align, baseline="top", dx=dx, y=2, color="grey", fontSize=10).encode(text="phase:N"))
         panels.append(alt.layer(*layer).properties(width=230, height=190, title=panel))
     notes = ["Thick lines: validation; thin faded lines: training."]
     if not starts.empty:

@@ -380,6 +380,19 @@ def test_learning_curves_tolerate_column_names_and_phases():
     chart = figures.learning_curves_chart({"A": a, "B": b}, NAMES)
     rules = [d for d in spec_datasets(chart) if "phase" in d and len(d) == 1]
     assert rules and rules[0]["epoch"].iloc[0] == 2 and rules[0]["phase"].iloc[0] == "fine-tune"
+    # boundary 1.5 of epochs 0–3: in the last fifth? no (> 2.4 is); a phase label near the right edge
+    # is drawn left of its line, where it does not run over the frame
+    assert not rules[0]["near_end"].iloc[0]
+    c = b.assign(phase=["head", "head", "head", "clean"])
+    spec = figures.learning_curves_chart({"B": c}).to_dict()
+    labels = [n for n in walk(spec) if isinstance(n.get("mark"), dict) and n["mark"].get("type") == "text"]
+    by_align = {n["mark"]["align"]: n["transform"][0]["filter"] for n in labels}
+    assert by_align == {"left": "!datum.near_end", "right": "datum.near_end"}
+    clean = next(pd.DataFrame(v) for v in spec["datasets"].values() if "near_end" in pd.DataFrame(v))
+    assert clean["phase"].tolist() == ["clean"] and clean["near_end"].tolist() == [True]
+    axes = [n["encoding"]["y"]["axis"]["format"] for n in walk(spec) if isinstance(n.get("encoding"), dict)
+            and isinstance(n["encoding"].get("y"), dict) and "axis" in n["encoding"]["y"]]
+    assert set(axes) == {".3~r"}  # loss and MAE: 16, not 16.00
     with pytest.raises(ValueError, match="no learning-curve columns"):
         figures.learning_curves_chart({"A": pd.DataFrame({"epoch": [0], "lr": [0.1]})})
 
@@ -411,7 +424,7 @@ def test_learning_curves_tick_whole_epochs_on_every_layer(n_epochs, expected):
     history = pd.DataFrame({"epoch": epochs, "loss": 1.0 / epochs, "val_loss": 1.1 / epochs,
                             "phase": ["heads"] + ["fine-tune"] * (n_epochs - 1)})
     ticks = _x_tick_values(figures.learning_curves_chart({"B": history}))
-    assert len(ticks) == 3  # the curves, the phase rule and its label
+    assert len(ticks) == 4  # the curves, the phase rule and its label (left or right of the rule)
     assert all(values == expected for values in ticks)
 
 
