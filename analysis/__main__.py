@@ -275,6 +275,7 @@ def run(argv=None) -> int:
                           "part of the sample next time; choose a report folder outside the data")
     if len(specs) == 2 and _same_file(specs["A"].path, specs["B"].path):
         _say(args, "warning: --model-a and --model-b are the same file: every difference will be zero")
+    specs = _told_apart(specs)
     for key, spec in specs.items():  # before a long scan of the sample
         if not Path(spec.path).expanduser().exists():  # a folder (e.g. a SavedModel): the loader says what to do
             raise SampleError(f"--model-{key.lower()} {spec.path}: model file not found")
@@ -299,6 +300,19 @@ def run(argv=None) -> int:
         print(format_summary(evaluation))
         print(f"\nWrote {len(written)} files to {Path(args.out).resolve()}")
     return 0
+
+
+def _told_apart(specs: dict) -> dict:
+    """Two unnamed models whose files have the same name (runs/1/age_gender_B.keras against
+    runs/2/age_gender_B.keras) are named with their folders, or the report calls both "age_gender_B"."""
+    import dataclasses
+
+    if len(specs) != 2 or any(spec.name for spec in specs.values()):
+        return specs
+    paths = {key: Path(spec.path).expanduser().absolute() for key, spec in specs.items()}
+    if len({p.stem for p in paths.values()}) != 1 or len({p.parent for p in paths.values()}) != 2:
+        return specs
+    return {key: dataclasses.replace(spec, name=f"{paths[key].parent.name}/{paths[key].stem}") for key, spec in specs.items()}
 
 
 def _same_file(a, b) -> bool:
@@ -372,7 +386,8 @@ def format_summary(evaluation) -> str:
              + (f" ({n_undecodable} more could not be decoded and were left out; see skipped.csv)" if n_undecodable else "") + ":",
              f"{'model':<28} {'gender accuracy (95% CI)':<28} {'age MAE, years (95% CI)':<26} age bias"]
     for row in overall.itertuples():
-        name = f"{row.model}: {evaluation.models[row.model].name}"[:27]
+        name = f"{row.model}: {evaluation.models[row.model].name}"
+        name = name if len(name) <= 27 else name[:26] + "…"
         acc = f"{row.gender_acc:.1%} {_interval(row.gender_acc_lo, row.gender_acc_hi, '.1%')}"
         mae = f"{row.age_mae:.2f} {_interval(row.age_mae_lo, row.age_mae_hi, '.2f')}"
         lines.append(f"{name:<28} {acc:<28} {mae:<26} {row.age_bias:+.2f}")

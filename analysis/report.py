@@ -540,6 +540,7 @@ def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> li
     from analysis import gradcam as gc  # imports TensorFlow: only when grids are wanted
 
     keys = list(evaluation.models)
+    names = {k: loaded.name for k, loaded in evaluation.models.items()}
     overlay = functools.partial(gc.overlay, colormap=GRADCAM_COLORMAP)
     colour_bar = gc.colorbar(12, 256, GRADCAM_COLORMAP, vertical=False)
     titles = {k: f"{k}: Grad-CAM, own prediction" for k in keys}
@@ -554,7 +555,7 @@ def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> li
             heatmaps = {k: _heatmaps(gc, evaluation.models[k], rows, k, kind) for k in keys}
             labels = [_grid_label(row, keys) for _, row in rows.iterrows()]
             what = "age errors" if kind == "age" else "gender errors"
-            title = f"Worst {what} of model {owner}: where each model looked"
+            title = f"Worst {what} of model {figures.model_label(owner, names)}: where each model looked"
             image = figures.gradcam_grid(faces, heatmaps, labels, titles, title, overlay=overlay, colour_bar=colour_bar,
                                          cell=GRADCAM_CELL, scale=GRADCAM_SCALE)
             caption = f"Model {owner}'s {len(rows)} worst {what}: face, then each model's Grad-CAM for its own prediction"

@@ -224,6 +224,23 @@ def test_a_report_inside_the_data_is_refused_and_the_same_model_twice_is_pointed
     assert f"Sample: {len(list(data.iterdir()))} labelled images found in" in err
 
 
+def test_two_unnamed_models_with_the_same_file_name_are_named_by_their_folders(tmp_path):
+    """Two runs of B (runs/1/age_gender_B.keras, runs/2/age_gender_B.keras) were both called
+    "age_gender_B" in every table and figure."""
+    from analysis.__main__ import _told_apart
+    from analysis.evaluation import ModelSpec
+
+    specs = {"A": ModelSpec(str(tmp_path / "base" / "age_gender_B.keras")), "B": ModelSpec(str(tmp_path / "today" / "age_gender_B.keras"))}
+    told = _told_apart(specs)
+    assert (told["A"].name, told["B"].name) == ("base/age_gender_B", "today/age_gender_B")
+    assert told["A"].path == specs["A"].path
+    named = {**specs, "A": ModelSpec(specs["A"].path, name="mine")}
+    assert _told_apart(named) == named  # a name given is kept, and then the other is not renamed
+    other = {**specs, "B": ModelSpec(str(tmp_path / "today" / "age_gender_A.keras"))}
+    assert _told_apart(other) == other  # different file names say it already
+    assert _told_apart({"A": specs["A"]}) == {"A": specs["A"]}
+
+
 def test_help_explains_the_options():
     result = subprocess.run([sys.executable, "-m", "analysis", "evaluate", "--help"], cwd=REPO,
                             capture_output=True, text=True, check=True)
