@@ -514,18 +514,27 @@ def reliability_chart(
     calibration: pd.DataFrame,
     ece: Mapping[str, float] | None = None,
     names: Mapping[str, str] | None = None,
+    ece_ci: Mapping[str, Sequence[float]] | None = None,
 ) -> alt.LayerChart:
     """Reliability diagram of P(female): mean predicted probability vs observed share of women.
 
     `calibration` is `metrics.calibration_table` output with a `model` column: one row per
     probability bin (bin, lo, hi, n, mean_p_female, frac_female); empty bins are not drawn.
     `ece` maps model key to its expected calibration error (summary["models"][key]["gender_ece"]),
-    printed in the legend.
+    printed in the legend, with its 95% CI from `ece_ci` (key -> [lo, hi], summary's "gender_ece_ci") when given.
     """
     _require(calibration, ["model", "n", "mean_p_female", "frac_female"], "reliability_chart")
     data, keys = _with_model_labels(calibration[calibration["n"] > 0], names)
-    ece = dict(ece or {})
-    labels = {k: model_label(k, names) + (f" (ECE {ece[k]:.3f})" if ece.get(k) is not None else "") for k in keys}
+    ece, ece_ci = dict(ece or {}), dict(ece_ci or {})
+
+    def ece_words(k) -> str:
+        if ece.get(k) is None:
+            return ""
+        lo, hi = (list(ece_ci.get(k) or []) + [None, None])[:2]
+        known = all(v is not None and math.isfinite(v) for v in (lo, hi))
+        return f" (ECE {ece[k]:.3f}" + (f", 95% CI {lo:.3f}–{hi:.3f})" if known else ")")
+
+    labels = {k: model_label(k, names) + ece_words(k) for k in keys}
     data["model_label"] = data["model"].map(labels)
     colour, dash, shape = _model_encodings(keys, names, labels)
     axis = alt.Scale(domain=[0, 1], padding=10)  # room for the large points at 0% and 100%

@@ -495,6 +495,22 @@ def test_calibration_table_agrees_with_sklearn(preds):
     assert one_bin["frac_female_lo"].isna().sum() == 3
 
 
+def test_ece_interval_is_the_percentile_bootstrap_of_ece():
+    """Checked against expected_calibration_error on each resample drawn from the same generator."""
+    rng = np.random.default_rng(4)
+    n = 300
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.5 + (y - 0.5) * rng.uniform(0, 1.2, n), 0, 1)
+    rows = np.random.default_rng(7).integers(0, n, size=(500, n))
+    eces = [metrics.expected_calibration_error(y[r], p[r]) for r in rows]
+    expected = np.quantile(eces, [0.025, 0.975])
+    got = metrics.ece_interval(y, p, n_boot=500, rng=np.random.default_rng(7))
+    assert got == pytest.approx(tuple(expected), abs=1e-12)
+    assert got[0] <= metrics.expected_calibration_error(y, p) <= got[1] + 0.02  # ECE's upward bias: near the top
+    assert all(np.isnan(metrics.ece_interval(y[:4], p[:4])))
+    assert all(np.isnan(metrics.ece_interval(y, p, n_boot=0)))
+
+
 def test_calibration_rejects_bad_inputs():
     with pytest.raises(ValueError, match="same length"):
         metrics.expected_calibration_error([0, 1], [0.5])
@@ -643,6 +659,8 @@ def test_summary_is_json_and_matches_the_tables(preds):
         assert result["models"][m]["gender_ece"] == pytest.approx(
             metrics.expected_calibration_error(preds["gender"], preds[f"p_female_{m}"])
         )
+        lo, hi = result["models"][m]["gender_ece_ci"]
+        assert 0 <= lo < hi and hi - lo < 0.2
     comparison = metrics.compare_table(preds, n_boot=200, seed=1, slices=("overall",)).iloc[0]
     assert result["comparison"]["mcnemar_p"] == pytest.approx(comparison["mcnemar_p"])
     assert result["comparison"]["age_mae_delta_lo"] == pytest.approx(comparison["age_mae_delta_lo"])
