@@ -218,8 +218,8 @@ def test_an_interrupted_overwrite_leaves_no_old_model_beside_new_records(synthet
         main(["--data", str(synthetic_dir), "--out", str(out), "--model", "A", "--epochs", "1", "--image-size", "32",
               "--no-cache", "--overwrite"])
     assert not (out / "age_gender_A.keras").exists()
-    # nor the old run's metrics, curves, summary and split beside the new history
-    assert finished_files(out) == ["history_A.csv"]
+    # nor the old run's metrics, curves, summary and split, nor the new history written before the interrupt
+    assert finished_files(out) == []
     assert not [p for p in out.iterdir() if ".partial" in p.name]
 
 
@@ -466,7 +466,10 @@ def test_a_run_whose_files_cannot_be_written_leaves_none_and_says_which(tmp_path
 
     from training import artifacts
 
+    seen_when_saving = []
+
     def full(*args, **kwargs):
+        seen_when_saving.append(sorted(p.name for p in out.iterdir()))
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if failing == "model":
@@ -488,6 +491,9 @@ def test_a_run_whose_files_cannot_be_written_leaves_none_and_says_which(tmp_path
     assert f"could not write {out / failed}: No space left on device" in message
     assert "none of its files is left there" in message and "--out" in message
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    if failing == "model":  # the model is written last: its file appearing means the records are complete
+        assert seen_when_saving == [["curves_A.png", "curves_A.svg", "history_A.csv", "metrics_A.json", "notes.txt",
+                                     "split_A.csv", "summary_A.txt"]]
 
 
 def test_fine_tuning_unfreezes_the_top_of_nested_backbones_but_not_batchnorm():

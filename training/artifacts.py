@@ -79,7 +79,8 @@ def write_artifacts(out_dir, key: str, model, history: pd.DataFrame, metrics: di
 
     The earlier files of the same key are all removed first: the model appearing is the sign that
     its records are complete, so an interrupted overwrite must leave neither the old model nor old
-    records (metrics, curves) beside new ones."""
+    records (metrics, curves) beside new ones. A write that fails or is interrupted removes every
+    file of the key written so far: records without their model would read as a finished run."""
     paths = artifact_paths(out_dir, key)
     for path in paths.values():
         path.unlink(missing_ok=True)
@@ -95,13 +96,17 @@ def write_artifacts(out_dir, key: str, model, history: pd.DataFrame, metrics: di
         "split": lambda path: write_text(path, split_table.to_csv(index=False)),
         "model": lambda path: _save_model(path, model),
     }
-    for name, path in paths.items():  # the model last (dict order)
+    order = [name for name in paths if name != "model"] + ["model"]  # the model last: its file means "complete"
+    for name in order:
+        path = paths[name]
         try:
             writers[name](path)
-        except OSError as exc:
-            # Records without their model would read as a finished run: none is kept.
+        except BaseException as exc:
+            # Records without their model would read as a finished run (and block a rerun): none is kept.
             for written in paths.values():
                 written.unlink(missing_ok=True)
+            if not isinstance(exc, OSError):
+                raise  # an interrupt, or a bug: as it is
             raise OSError(
                 f"could not write {path}: {exc.strerror or exc}. The trained model {key} and its records were not "
                 f"kept in {Path(out_dir)} (none of its files is left there); free some space or choose another "
