@@ -67,6 +67,9 @@ def gender_comparison(comparison_row, a: str = "A", b: str = "B") -> str:
     numbers = f"accuracy {a} {percent(acc_a)}, {b} {percent(acc_b)}"
     if only_a is not None and only_b is not None:
         numbers += f"; only {a} right on {int(only_a)} image{'' if int(only_a) == 1 else 's'}, only {b} on {int(only_b)}"
+    lo, hi = comparison_row.get("gender_acc_delta_lo"), comparison_row.get("gender_acc_delta_hi")
+    if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):
+        numbers += f"; 95% CI of {b} − {a}: {lo * 100:+.1f} to {hi * 100:+.1f} points"
     if points == 0:
         return f"{a} and {b} are equally accurate on gender ({numbers}), {p_text(p)}."
     if p < ALPHA:
