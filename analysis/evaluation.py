@@ -111,7 +111,7 @@ def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, samp
     convention) and kept only when it is clearly better than every other one on the same images
     (paired tests at p < 0.01, see models.clearly_better). Otherwise raises AmbiguousOutputs
     saying what each reading scored. A single reading (an unnamed output that may hold gender
-    logits) is kept when its gender accuracy is clearly above chance. Returns (LoadedModel, scores
+    logits) is kept when its gender answers clearly go with the labels (_confirmed_on_labels). Returns (LoadedModel, scores
     table or None) like prepare_model."""
     # Failures raise a fresh exception: the given one holds every reading's Keras model, and the app
     # keeps a failure for the session.
@@ -137,7 +137,7 @@ def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, samp
         return f"gender accuracy {np.mean(correct):.3f}, age MAE {np.mean(abs_err):.2f} years"
 
     if len(tried) == 1:  # the only reading that fits: kept if its gender is clearly no guess
-        return _confirmed_on_labels(ambiguous, tried[0], words, numbers)
+        return _confirmed_on_labels(ambiguous, tried[0], genders, words, numbers)
     ranked = sorted(tried, key=lambda r: (-np.mean(r[2][0]), np.mean(r[2][1])))
     best, others = ranked[0], ranked[1:]
     if not all(clearly_better(best[2], other[2]) for other in others):
@@ -153,28 +153,47 @@ def read_outputs_on_labels(ambiguous: AmbiguousOutputs, preprocessing: str, samp
     return dataclasses.replace(loaded, notes=(*loaded.notes, note)), scores
 
 
-# A reading no other competes with is kept when its gender accuracy on the labelled images is above
-# chance at this level (one-sided binomial test).
-CHANCE_ALPHA = 0.01
+# A reading no other competes with is kept when its gender predictions go with the labels at
+# this level (one-sided Fisher exact test). Strict, because the same 64 images also chose the
+# female column (either direction) and, under "auto", the preprocessing: at 0.01 a simulated
+# output that knows nothing about gender was kept 2–3 times in 100.
+CHANCE_ALPHA = 0.001
 
 
-def _confirmed_on_labels(ambiguous: AmbiguousOutputs, result, words, numbers):
+def _confirmed_on_labels(ambiguous: AmbiguousOutputs, result, genders, words, numbers):
     """read_outputs_on_labels for a single reading (see it): (LoadedModel, scores) when its gender
-    accuracy on the labelled images is clearly above chance, else AmbiguousOutputs."""
+    predictions are clearly associated with the labels, else AmbiguousOutputs saying why.
+
+    Fisher's exact test on predicted against true gender, not accuracy against 50%: on a sample
+    of 44 women and 20 men an output calling everyone female is 69% "right" and knows nothing."""
     from scipy import stats
 
     loaded, scores, (correct, _) = result
-    n, right = len(correct), int(np.sum(correct))
-    if stats.binomtest(right, n, 0.5, alternative="greater").pvalue >= CHANCE_ALPHA:
-        raise AmbiguousOutputs(
-            ambiguous.listing, ambiguous.pairs,
-            tried=f"Read as {words(loaded)} it gave {numbers(result)} on {n} labelled images: not clearly better "
-                  f"than guessing (binomial test, p < {CHANCE_ALPHA} needed), so that output may not be gender.",
-        ) from None
-    note = (f"outputs read as {words(loaded)} after checking on {n} labelled images ({numbers(result)}), as their "
-            "names and shapes did not say; if that is wrong, say which is which with age_output= / --age-output-a "
-            "and gender_output= / --gender-output-a")
-    return dataclasses.replace(loaded, notes=(*loaded.notes, note)), scores
+    genders = np.asarray(genders, dtype=int)
+    predicted = np.where(correct, genders, 1 - genders)
+    table = [[int(np.sum((predicted == 1) & (genders == 1))), int(np.sum((predicted == 0) & (genders == 1)))],
+             [int(np.sum((predicted == 1) & (genders == 0))), int(np.sum((predicted == 0) & (genders == 0)))]]
+    n = len(genders)
+    women = int(genders.sum())
+    best_possible = stats.fisher_exact([[women, 0], [0, n - women]], alternative="greater").pvalue
+    if stats.fisher_exact(table, alternative="greater").pvalue < CHANCE_ALPHA:
+        note = (f"outputs read as {words(loaded)} after checking on {n} labelled images ({numbers(result)}), as "
+                "their names and shapes did not say; if that is wrong, say which is which with age_output= / "
+                "--age-output-a and gender_output= / --gender-output-a")
+        return dataclasses.replace(loaded, notes=(*loaded.notes, note)), scores
+    said = f"Read as {words(loaded)} it gave {numbers(result)} on {n} labelled images ({women} women, {n - women} men)"
+    if best_possible >= CHANCE_ALPHA:
+        why = "too few of each gender to tell whether that output is gender, even if every answer were right"
+    elif "female_index" in loaded.user_settings and stats.fisher_exact(table, alternative="less").pvalue < CHANCE_ALPHA:
+        why = (f"its answers go clearly against the labels with the female_index you gave ({loaded.mapping.female_index}): "
+               "if that output is gender, the female column is the other one")
+    else:
+        why = (f"its answers do not clearly go with the labels (Fisher's exact test, p < {CHANCE_ALPHA} needed), so "
+               "that output may not be gender")
+        if "female_index" in loaded.user_settings:
+            why += (f" — or the female_index you gave ({loaded.mapping.female_index}) is wrong, which also misleads the "
+                    "choice of preprocessing")
+    raise AmbiguousOutputs(ambiguous.listing, ambiguous.pairs, tried=f"{said}: {why}.") from None
 
 
 def training_overlap(predictions: pd.DataFrame, models) -> dict[str, dict]:

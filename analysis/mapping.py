@@ -260,7 +260,7 @@ class AmbiguousOutputs(ModelLoadError):
             labels = tried
         elif len(pairs) == 1:
             labels = ("With a labelled sample (evaluate --data, the app) the one way of reading them that fits is "
-                      "checked on labelled images and kept if its gender accuracy is clearly above chance.")
+                      "checked on labelled images and kept if its gender answers clearly go with the labels.")
         else:
             labels = (f"With a labelled sample (evaluate --data, the app) the {len(pairs)} ways of reading them that "
                       "fit are tried on labelled images and a clearly better one is kept.")

@@ -1208,11 +1208,11 @@ def test_a_sigmoid_age_output_is_never_read_as_years(tmp_path):
         assert not any("labelled images decide" in n for n in loaded.notes)
 
 
-def _named_age_unnamed_logits_model(noise: bool = False):
+def _named_age_unnamed_logits_model(noise: bool = False, constant: bool = False):
     """An output named age (years = 80·R + 5, as preset_images labels) and one unnamed plain
     Dense(1), dense_7, holding a gender logit: green minus blue (P(female) as labelled), or with
     noise=True the left half of the image minus the right half, which says nothing about the labels
-    whatever the colour order."""
+    whatever the colour order; constant=True: always +5 ("female")."""
     inputs = keras.Input((12, 12, 3))
     means = layers.GlobalAveragePooling2D()(inputs)
     age_layer, gender_layer = layers.Dense(1, name="age"), layers.Dense(1, name="dense_7")
@@ -1223,7 +1223,7 @@ def _named_age_unnamed_logits_model(noise: bool = False):
         gender_in, kernel = means, np.array([[0.0], [40.0], [-40.0]], np.float32)
     model = keras.Model(inputs, [age_layer(means), gender_layer(gender_in)])
     age_layer.set_weights([np.array([[80.0], [0.0], [0.0]], np.float32), np.array([5.0], np.float32)])
-    gender_layer.set_weights([kernel, np.zeros(1, np.float32)])
+    gender_layer.set_weights([kernel * (not constant), np.full(1, 5.0 if constant else 0.0, np.float32)])
     return model
 
 
@@ -1268,8 +1268,29 @@ def test_an_unnamed_output_holding_gender_logits_is_confirmed_on_labelled_images
         prepare_model(ModelSpec(str(noise_path)), sample)
     message = str(caught.value)
     assert "Read as age 'age', gender 'dense_7' it gave gender accuracy" in message
-    assert "not clearly better than guessing" in message and "--gender-output-a NAME_OR_INDEX" in message
+    assert "do not clearly go with the labels (Fisher's exact test, p < 0.001 needed)" in message
+    assert "--gender-output-a NAME_OR_INDEX" in message
     assert caught.value.candidates == () and caught.value.__context__ is None
+
+    # An output calling everyone female is "right" on 44 of 64 when 44 are women: it knows nothing.
+    more = preset_images(n=300, seed=3)
+    women, men = np.flatnonzero(more[2] == 1)[:44], np.flatnonzero(more[2] == 0)[:20]
+    chosen = np.concatenate([women, men])
+    (tmp_path / "lopsided").mkdir()
+    lopsided = _sample_table(tmp_path / "lopsided", *(part[chosen] for part in more))
+    assert stats.binomtest(44, 64, 0.5, alternative="greater").pvalue < 0.01  # what the accuracy test accepted
+    with pytest.raises(AmbiguousOutputs, match="44 women, 20 men.*do not clearly go with the labels"):
+        prepare_model(ModelSpec(str(save(_named_age_unnamed_logits_model(constant=True), tmp_path, "constant.keras"))), lopsided)
+    # The right output with a female column the user gave wrongly: said so, not "may not be gender".
+    with pytest.raises(AmbiguousOutputs, match=r"go clearly against the labels with the female_index you gave \(0\)"):
+        prepare_model(ModelSpec(str(path), female_index=0, preprocessing="rgb_0_1"), sample)
+    with pytest.raises(AmbiguousOutputs, match=r"or the female_index you gave \(0\) is wrong"):
+        prepare_model(ModelSpec(str(path), female_index=0), sample)  # it misled the preprocessing too
+    # Six images cannot confirm anything, even all right.
+    (tmp_path / "few").mkdir()
+    few = _sample_table(tmp_path / "few", *(part[:6] for part in (images, ages, genders)))
+    with pytest.raises(AmbiguousOutputs, match="too few of each gender to tell whether that output is gender"):
+        prepare_model(ModelSpec(str(path)), few)
 
 
 def test_look_alike_outputs_the_labels_cannot_separate_are_refused_with_what_was_tried(tmp_path):
