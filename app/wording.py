@@ -68,15 +68,18 @@ def gender_comparison(comparison_row, a: str = "A", b: str = "B") -> str:
     if only_a is not None and only_b is not None:
         numbers += f"; only {a} right on {int(only_a)} image{'' if int(only_a) == 1 else 's'}, only {b} on {int(only_b)}"
     lo, hi = comparison_row.get("gender_acc_delta_lo"), comparison_row.get("gender_acc_delta_hi")
-    if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):
+    has_ci = lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi))
+    if has_ci:
         numbers += f"; 95% CI of {b} − {a}: {lo * 100:+.1f} to {hi * 100:+.1f} points"
     if points == 0:
         return f"{a} and {b} are equally accurate on gender ({numbers}), {p_text(p)}."
     if p < ALPHA:
         return f"**{better} is {points:.1f} points more accurate on gender** than {worse} ({numbers}), {p_text(p)} (exact McNemar)."
+    edge = (" The interval just excludes 0 while the exact test, which is conservative, does not reach p < 0.05: "
+            "a borderline difference." if has_ci and (lo > 0 or hi < 0) else "")
     return (
         f"No clear difference on gender: {better} is {points:.1f} points more accurate than {worse} ({numbers}), "
-        f"{p_text(p)} (exact McNemar) — could be chance."
+        f"{p_text(p)} (exact McNemar) — could be chance.{edge}"
     )
 
 

@@ -988,7 +988,10 @@ def test_comparisons_read_as_plain_sentences():
     assert "p = 0.830" in gender and "only A right on 10 images, only B on 11" in gender
     assert "95% CI" not in gender  # none given
     with_ci = wording.gender_comparison({**row, "gender_acc_delta_lo": -0.0153, "gender_acc_delta_hi": 0.0194})
-    assert "only B on 11; 95% CI of B − A: -1.5 to +1.9 points)" in with_ci
+    assert "only B on 11; 95% CI of B − A: -1.5 to +1.9 points)" in with_ci and "borderline" not in with_ci
+    edge = wording.gender_comparison({**row, "gender_acc_delta": 0.055, "mcnemar_p": 0.065,
+                                      "gender_acc_delta_lo": 0.004, "gender_acc_delta_hi": 0.109})
+    assert edge.startswith("No clear difference") and edge.endswith("a borderline difference.")
     assert wording.ci_text(0.9, 0.95, "percent") == "95% CI 90.0%–95.0%"
     assert wording.slice_name("age_band×gender", "20–29 × female") == "age 20–29 × female"
     assert wording.slice_name("ethnicity", "Asian") == "Asian"

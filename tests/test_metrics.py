@@ -364,9 +364,16 @@ def test_paired_accuracy_difference_interval_covers_and_agrees_with_wald_at_larg
     z = stats.norm.ppf(0.975)
     lo, hi = metrics.paired_accuracy_difference_interval(both, only_a, only_b, neither)
     assert (lo, hi) == pytest.approx((delta - z * se, delta + z * se), abs=2e-4)
-    # where a bootstrap collapses to [0, 0] (no image only one model gets right) it stays open
-    lo, hi = metrics.paired_accuracy_difference_interval(18, 0, 0, 2)
-    assert lo < -0.05 and hi > 0.05 and lo == pytest.approx(-hi)
+    # where a bootstrap collapses to [0, 0] (no image only one model gets right) it stays open:
+    # phi is continuity-corrected (AD − BC − N/2), else it is 1 and the interval [0, 0]
+    for table in ((18, 0, 0, 2), (50, 0, 0, 50), (5, 0, 0, 5), (45, 0, 0, 55)):
+        lo, hi = metrics.paired_accuracy_difference_interval(*table)
+        assert lo < -0.003 and hi > 0.003 and lo == pytest.approx(-hi), table
+    # the correction by hand on (50, 0, 0, 50): phi = (2500 − 50) / 2500, Wilson of 50/100 either side
+    w_lo, w_hi = metrics.accuracy_interval(50, 100, 0.95)
+    phi = (2500 - 50) / 2500
+    half = math.sqrt((0.5 - w_lo) ** 2 - 2 * phi * (0.5 - w_lo) * (w_hi - 0.5) + (w_hi - 0.5) ** 2)
+    assert metrics.paired_accuracy_difference_interval(50, 0, 0, 50) == pytest.approx((-half, half))
     assert np.isnan(metrics.paired_accuracy_difference_interval(0, 0, 0, 0)).all()
     lo, hi = metrics.paired_accuracy_difference_interval(0, 0, 10, 0)  # B right on all, A on none
     assert hi == 1.0 and 0 < lo < 1

@@ -108,9 +108,10 @@ def render_comparison_table(current, slice_by: str, hide_small: bool) -> None:
     st.caption(
         "Negative age MAE difference: B is closer. p-values: exact McNemar (gender), Wilcoxon signed-rank (age). "
         "95% CIs: Newcombe's paired interval for the accuracy difference, a paired bootstrap for the age one. "
-        "Wilcoxon tests whether one model's errors are typically smaller, the bootstrap CI the mean difference: "
-        "near the edge one can exclude 0 while the other's p is above 0.05. Among many groups some p-values are "
-        "small by chance: q is p adjusted over all groups of the table (Benjamini–Hochberg)."
+        "Near the edge a CI can exclude 0 while its test's p is above 0.05: Wilcoxon asks whether one model's "
+        "errors are typically smaller, the bootstrap CI about the mean difference, and the exact McNemar test is "
+        "conservative. Among many groups some p-values are small by chance: q is p adjusted over all groups of "
+        "the table (Benjamini–Hochberg)."
     )
     columns = ["slice", "n", "gender_acc_delta", "gender_acc_delta_lo", "gender_acc_delta_hi", "mcnemar_p", "mcnemar_q",
                "age_mae_delta", "age_mae_delta_lo", "age_mae_delta_hi", "wilcoxon_p", "wilcoxon_q", "small"]
