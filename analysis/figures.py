@@ -514,27 +514,20 @@ def reliability_chart(
     calibration: pd.DataFrame,
     ece: Mapping[str, float] | None = None,
     names: Mapping[str, str] | None = None,
-    ece_ci: Mapping[str, Sequence[float]] | None = None,
+    ece_delta: Sequence[float] | None = None,
 ) -> alt.LayerChart:
     """Reliability diagram of P(female): mean predicted probability vs observed share of women.
 
     `calibration` is `metrics.calibration_table` output with a `model` column: one row per
     probability bin (bin, lo, hi, n, mean_p_female, frac_female); empty bins are not drawn.
     `ece` maps model key to its expected calibration error (summary["models"][key]["gender_ece"]),
-    printed in the legend, with its 95% CI from `ece_ci` (key -> [lo, hi], summary's "gender_ece_ci") when given.
+    printed in the legend. `ece_delta` = (B − A, lo, hi), the paired difference and its 95% CI
+    (summary["comparison"]), goes in the subtitle when given.
     """
     _require(calibration, ["model", "n", "mean_p_female", "frac_female"], "reliability_chart")
     data, keys = _with_model_labels(calibration[calibration["n"] > 0], names)
-    ece, ece_ci = dict(ece or {}), dict(ece_ci or {})
-
-    def ece_words(k) -> str:
-        if ece.get(k) is None:
-            return ""
-        lo, hi = (list(ece_ci.get(k) or []) + [None, None])[:2]
-        known = all(v is not None and math.isfinite(v) for v in (lo, hi))
-        return f" (ECE {ece[k]:.3f}" + (f", 95% CI {lo:.3f}–{hi:.3f})" if known else ")")
-
-    labels = {k: model_label(k, names) + ece_words(k) for k in keys}
+    ece = dict(ece or {})
+    labels = {k: model_label(k, names) + (f" (ECE {ece[k]:.3f})" if ece.get(k) is not None else "") for k in keys}
     data["model_label"] = data["model"].map(labels)
     colour, dash, shape = _model_encodings(keys, names, labels)
     axis = alt.Scale(domain=[0, 1], padding=10)  # room for the large points at 0% and 100%
@@ -554,6 +547,9 @@ def reliability_chart(
     opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY), alt.value(0.9))
     chart_layers = [diagonal, line]
     notes = ["Dotted line: perfect calibration. ECE: expected calibration error (lower is better)."]
+    if ece_delta is not None and all(v is not None and math.isfinite(v) for v in ece_delta):
+        delta, lo, hi = ece_delta
+        notes.append(f"ECE B − A: {delta:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}, paired bootstrap).")
     if {"frac_female_lo", "frac_female_hi"} <= set(data.columns):
         chart_layers.append(alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
             x=x, y=alt.Y("frac_female_lo:Q"), y2="frac_female_hi:Q", color=colour, opacity=opacity))

@@ -353,9 +353,9 @@ def test_reliability_chart_with_ece_in_legend(calibration):
     assert scales_of(chart, "color")[0]["domain"] == ["A: small_cnn.keras (ECE 0.051)", "B: effnet.keras (ECE 0.031)"]
     assert {"mean_p_female", "frac_female", "n"} <= encoded_fields(chart)
     assert "Faded: bins with fewer than 30 images." in texts(chart)  # every bin here has 20–24
-    with_ci = figures.reliability_chart(calibration, {"A": 0.0512, "B": 0.031}, NAMES, {"A": [0.03, 0.08], "B": [None, None]})
-    assert set(dataset_with(with_ci, "mean_p_female")["model_label"]) == {
-        "A: small_cnn.keras (ECE 0.051, 95% CI 0.030–0.080)", "B: effnet.keras (ECE 0.031)"}
+    assert "ECE B − A" not in texts(chart)
+    compared = figures.reliability_chart(calibration, {"A": 0.0512, "B": 0.031}, NAMES, (-0.0202, -0.041, 0.0006))
+    assert "ECE B − A: -0.020 (95% CI -0.041 to +0.001, paired bootstrap)." in texts(compared)
     assert "Error bars" not in texts(chart)
     with_ci = calibration.assign(frac_female_lo=calibration["frac_female"] - 0.1, frac_female_hi=calibration["frac_female"] + 0.1)
     chart = figures.reliability_chart(with_ci, {"A": 0.0512, "B": 0.031}, NAMES)
