@@ -356,7 +356,7 @@ def markdown_table(formatted: pd.DataFrame, numeric: list[bool] | None = None) -
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SYMBOLS = {"−": "$-$", "×": "$\\times$", "–": "--", "<": "\\textless{}", ">": "\\textgreater{}", "≥": "$\\geq$", "Δ": "$\\Delta$"}
+_LATEX_SYMBOLS = {"−": "$-$", "×": "$\\times$", "–": "--", "<": "\\textless{}", ">": "\\textgreater{}", "≥": "$\\geq$", "≤": "$\\leq$", "Δ": "$\\Delta$"}
 
 
 # Rows per LaTeX float: more do not fit one page (a longer table is split into several floats).
@@ -374,6 +374,12 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
     columns = "".join("r" if r else "l" for r in numeric)
 
     def tabular(part: pd.DataFrame) -> str:
+        part = part.copy()
+        for column, right in zip(part.columns, numeric):
+            if right:  # an ASCII hyphen before a digit in a number is a minus sign ($-$ below)
+                part[column] = part[column].astype(str).str.replace(r"(?<![\w.])-(?=\d)", "−", regex=True)
+            else:  # in text (file names) a hyphen stays one: "--" would print as a dash
+                part[column] = part[column].astype(str).str.replace("-", _HYPHEN)
         body = part.to_latex(index=False, escape=True, column_format=columns)
         lines = body.splitlines()
         header = lines.index("\\toprule") + 1  # long headers on several lines: narrower columns
@@ -382,7 +388,8 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
         body = "\n".join(lines) + "\n"
         for symbol, command in _LATEX_SYMBOLS.items():
             body = body.replace(symbol, command)
-        return re.sub(r"(?<![\w$-])-(?=\d)", "$-$", body)  # an ASCII hyphen before a number is a minus sign
+        body = body.replace(_HYPHEN, "-{}")
+        return "".join(ch if ord(ch) < 256 else "?" for ch in body)  # what pdflatex's fonts lack (≤, 中)
 
     if caption is None:
         return "% Needs \\usepackage{booktabs}.\n" + tabular(formatted)
@@ -399,6 +406,8 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
                       + tabular(part) + "}\n\\end{table}\n")
     return "% Needs \\usepackage{booktabs,graphicx}.\n" + "\n".join(floats)
 
+
+_HYPHEN = "\ue000"  # a text cell's hyphen while pandas escapes the table (a private-use character)
 
 # A LaTeX header cell longer than this many characters is stacked on several lines.
 LATEX_HEADER_WIDTH = 14
@@ -445,7 +454,7 @@ def _latex_text(text: str) -> str:
     escaped = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
     for symbol, command in _LATEX_SYMBOLS.items():
         escaped = escaped.replace(symbol, command)
-    return escaped
+    return "".join(ch if ord(ch) < 256 else "?" for ch in escaped)
 
 
 # ---------------------------------------------------------------- figures

@@ -119,6 +119,19 @@ def test_latex_tables_are_captioned_floats_that_fit_a_page():
     assert all(ord(ch) < 128 for ch in latex)
 
 
+def test_latex_cells_keep_hyphens_in_names_and_never_stop_pdflatex():
+    """'photo -1.jpg' became 'photo $-$1.jpg', '--7.jpg' printed an en dash, and a file name with
+    ≤ or Chinese characters stopped pdflatex ("Unicode character not set up")."""
+    cells = pd.DataFrame({"File": ["photo -1.jpg", "--7.jpg", "≤10.jpg", "中文.jpg", "é_x&%.jpg"],
+                          "Bias": ["-0.30", "[-1.0, +2.0]", "1e-05", "+1.2", "-3"]})
+    latex = report.latex_table(cells, [False, True], "Worst ≤ 5 中", "tab:x")
+    rows = latex.split("\\midrule\n")[1].split("\\bottomrule")[0].splitlines()
+    assert rows == ["photo -{}1.jpg & $-$0.30 \\\\", "-{}-{}7.jpg & [$-$1.0, +2.0] \\\\", "$\\leq$10.jpg & 1e-05 \\\\",
+                    "??.jpg & +1.2 \\\\", "é\\_x\\&\\%.jpg & $-$3 \\\\"]
+    assert "\\caption{Worst $\\leq$ 5 ?\\label{tab:x}}" in latex
+    assert all(ord(ch) < 256 for ch in latex)
+
+
 def test_the_comparison_prints_as_a_gender_table_and_an_age_table(evaluation):
     formatted, numeric = report.format_table(evaluation.tables["comparison"], ["A", "B"], "comparison")
     assert formatted.shape[1] >= 15
