@@ -801,7 +801,7 @@ def test_short_model_b_runs_still_fine_tune_and_say_so_when_they_cannot(syntheti
     assert "the backbone is not fine-tuned" in capsys.readouterr().out
 
 
-def test_a_test_folder_among_the_training_images_is_refused_unless_allowed(synthetic_dir, tmp_path, capsys):
+def test_a_test_folder_among_the_training_images_is_refused_unless_allowed(synthetic_dir, tmp_path, capsys, monkeypatch):
     """--data utkface/ (the parent of train_val/ and test/) only warned, then trained on the test images."""
     from analysis.synthetic import make_synthetic_sample
 
@@ -820,6 +820,22 @@ def test_a_test_folder_among_the_training_images_is_refused_unless_allowed(synth
             "--epochs", 1, "--image-size", 32, "--no-cache", "--allow-test-images")
     assert f"warning: {found}" in capsys.readouterr().out
     assert (tmp_path / "out" / "age_gender_B.keras").exists()
+    # a test set named otherwise: inside test/ beside train_val/, given as ".", or with "test" in its name
+    from training.cli import _test_images
+    from training.data import read_split
+
+    inner = tmp_path / "utk" / "test" / "UTKFace"
+    inner.mkdir()
+    for image in list((tmp_path / "utk" / "test").glob("*.jpg")):
+        image.rename(inner / image.name)
+    split = read_split(inner, 0.2, 0)
+    assert "lies in" in _test_images(split, inner)
+    monkeypatch.chdir(tmp_path / "utk" / "test")
+    assert "looks like a test set" in _test_images(read_split(Path("."), 0.2, 0), ".")
+    renamed = tmp_path / "utk_test"
+    inner.rename(renamed)
+    assert "looks like a test set" in _test_images(read_split(renamed, 0.2, 0), renamed)
+    assert _test_images(read_split(tmp_path / "utk" / "train_val", 0.2, 0), tmp_path / "utk" / "train_val") is None
     run_cli("--data", tmp_path / "utk" / "train_val", "--out", tmp_path / "out2", "--model", "B", "--backbone", "tiny",
             "--epochs", 1, "--image-size", 32, "--no-cache")
     assert "test set" not in capsys.readouterr().out

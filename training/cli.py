@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import textwrap
@@ -262,6 +263,8 @@ def _check_backbone(config) -> None:
 
 
 TEST_FOLDER_NAMES = {"test", "tests", "testing", "test_set", "testset", "holdout", "held_out", "heldout"}
+# Words of a --data name (or a zip's stem) that say test set: utkface_test, test.zip, faces-holdout.
+TEST_NAME_WORDS = {"test", "testing", "testset", "holdout", "heldout"}
 
 
 def _test_folder(folder: Path, root: Path) -> Path | None:
@@ -284,8 +287,15 @@ def _test_images(split, data=None) -> str | None:
     if in_test:
         return (f"{len(in_test)} of the {len(folders)} images are in a folder named like a test set ({in_test[0]}): "
                 "images trained on cannot test the model")
-    if data is not None and Path(data).name.lower() in TEST_FOLDER_NAMES:
-        return f"--data {data} looks like a test set: images trained on cannot test the model"
+    if data is not None:
+        data = Path(data).expanduser().resolve()
+        name = data.stem if data.suffix.lower() == ".zip" else data.name
+        if data.name.lower() in TEST_FOLDER_NAMES or TEST_NAME_WORDS & set(re.split(r"[^a-z]+", name.lower())):
+            return f"--data {data} looks like a test set: images trained on cannot test the model"
+        for ancestor in list(data.parents)[:4]:  # utkface/test/UTKFace: a test folder with a training sibling
+            if ancestor.name.lower() in TEST_FOLDER_NAMES and _has_training_folder(ancestor.parent):
+                return (f"--data {data} lies in {ancestor}, a test set beside a training folder: images trained on "
+                        "cannot test the model")
     return None
 
 
@@ -306,6 +316,13 @@ def _ignored_options(args) -> list[str]:
 # Fewer validation images than this make its accuracy, MAE and early stopping rest on too few faces
 # to mean much (a 95% interval on an accuracy near 90% spans about ±6 points at 100 images).
 FEW_VALIDATION_IMAGES = 100
+
+
+def _has_training_folder(folder: Path) -> bool:
+    try:
+        return any(child.is_dir() and child.name.lower().startswith("train") for child in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _data_warnings(split, data=None) -> list[str]:
