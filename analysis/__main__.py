@@ -304,15 +304,22 @@ def run(argv=None) -> int:
 
 def _told_apart(specs: dict) -> dict:
     """Two unnamed models whose files have the same name (runs/1/age_gender_B.keras against
-    runs/2/age_gender_B.keras) are named with their folders, or the report calls both "age_gender_B"."""
+    runs/2/age_gender_B.keras) are named with the fewest folders that tell them apart ("1/age_gender_B"),
+    or by their file names when only the extension differs; else the report calls both "age_gender_B"."""
     import dataclasses
 
     if len(specs) != 2 or any(spec.name for spec in specs.values()):
         return specs
     paths = {key: Path(spec.path).expanduser().absolute() for key, spec in specs.items()}
-    if len({p.stem for p in paths.values()}) != 1 or len({p.parent for p in paths.values()}) != 2:
+    if len({p.stem for p in paths.values()}) != 1 or len(set(paths.values())) != 2:
         return specs
-    return {key: dataclasses.replace(spec, name=f"{paths[key].parent.name}/{paths[key].stem}") for key, spec in specs.items()}
+    if len({p.name for p in paths.values()}) == 2:  # runs/age_gender_B.keras against runs/age_gender_B.h5
+        return {key: dataclasses.replace(spec, name=paths[key].name) for key, spec in specs.items()}
+    for depth in range(1, max(len(p.parts) for p in paths.values())):  # the fewest folders that tell them apart
+        names = {key: "/".join([*p.parent.parts[-depth:], p.stem]) for key, p in paths.items()}
+        if len(set(names.values())) == 2:
+            return {key: dataclasses.replace(spec, name=names[key]) for key, spec in specs.items()}
+    return specs
 
 
 def _same_file(a, b) -> bool:

@@ -239,6 +239,11 @@ def test_two_unnamed_models_with_the_same_file_name_are_named_by_their_folders(t
     other = {**specs, "B": ModelSpec(str(tmp_path / "today" / "age_gender_A.keras"))}
     assert _told_apart(other) == other  # different file names say it already
     assert _told_apart({"A": specs["A"]}) == {"A": specs["A"]}
+    deep = {"A": ModelSpec(str(tmp_path / "exp1" / "models" / "age_gender_B.keras")),
+            "B": ModelSpec(str(tmp_path / "exp2" / "models" / "age_gender_B.keras"))}
+    assert [s.name for s in _told_apart(deep).values()] == ["exp1/models/age_gender_B", "exp2/models/age_gender_B"]
+    formats = {"A": ModelSpec(str(tmp_path / "age_gender_B.keras")), "B": ModelSpec(str(tmp_path / "age_gender_B.h5"))}
+    assert [s.name for s in _told_apart(formats).values()] == ["age_gender_B.keras", "age_gender_B.h5"]
 
 
 def test_help_explains_the_options():

@@ -257,9 +257,10 @@ def test_options_of_the_other_model_few_validation_images_and_dropped_clean_epoc
     from training.cli import FEW_VALIDATION_IMAGES
 
     run_cli("--data", synthetic_dir, "--out", tmp_path / "out", "--model", "A", "--epochs", 2, "--image-size", 32,
-            "--no-cache", "--backbone", "resnet50_v2", "--weights", "/nope.h5", "--head-epochs", 3)
+            "--no-cache", "--backbone", "resnet50_v2", "--weights", "/nope.h5", "--head-epochs", 3,
+            "--drop-connect", 2)  # out of range, but ignored: not refused
     out = capsys.readouterr().out
-    assert "note: --head-epochs, --backbone, --weights apply to Model B only: ignored with --model A" in out
+    assert "note: --head-epochs, --drop-connect, --backbone, --weights apply to Model B only: ignored with --model A" in out
     assert "note: Model A: 0 clean epoch(s) instead of the default 3: by default at most a quarter of --epochs (2)" in out
     assert 24 < FEW_VALIDATION_IMAGES
     assert "warning: only 24 validation image(s): the validation accuracy and MAE" in out

@@ -195,6 +195,8 @@ def _run_training(args, extract_to) -> int:
     )
     for note in _ignored_options(args):
         print(f"note: {note}")
+    for name in {"A": _B_ONLY, "B": _A_ONLY}.get(args.model, ()):  # ignored: neither used nor checked
+        overrides[name] = None
     try:
         configs = [default_config(key, **overrides) for key in keys]
         for config in configs:
