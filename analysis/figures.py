@@ -460,7 +460,7 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
     columns model, age_lo, age_hi (years, bin = [age_lo, age_hi)), n, age_mae, age_bias and,
     when present, their CIs (`*_lo`/`*_hi`, drawn as error bars). Points sit at the bin centre
     (two models: 0.4 years either side, so the bars do not hide each other); bins with
-    n < SMALL_SLICE_N are faded and the solid line joins only the others, a faint one all bins.
+    n < SMALL_SLICE_N are faded; the solid line joins neighbouring bins with more, a faint one all bins.
     """
     _require(age_error, ["model", "age_lo", "age_hi", "n", "age_mae", "age_bias"], "age_error_chart")
     data, keys = _with_model_labels(age_error, names)
@@ -470,6 +470,10 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
     data["age_plot"] = data["age_mid"] + data["model"].map(offsets).fillna(0.0)
     data["age_range"] = [f"{lo:g}–{hi - 1:g}" for lo, hi in zip(data["age_lo"], data["age_hi"])]
     data["small"] = data["n"] < SMALL_SLICE_N
+    # runs of neighbouring bins with enough images: the solid line breaks at a small bin instead of
+    # joining the bins either side of it in a straight line
+    data = data.sort_values(["model", "age_lo"], kind="stable")
+    data["run"] = data.groupby("model")["small"].cumsum()
     top = float(data["age_hi"].max()) if len(data) else 100.0
     x = alt.X("age_plot:Q", title="True age (years)", scale=alt.Scale(domain=[0, top], nice=False))
     tooltip = [
@@ -487,7 +491,7 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
             layers.append(alt.Chart(data).mark_rule(color="black", strokeWidth=1).encode(y=alt.datum(0)))
         line = alt.Chart(data).encode(x=x, y=y, color=colour, strokeDash=dash)
         # The solid line first: the legend takes its symbols from the first layer.
-        layers.append(line.mark_line(strokeWidth=2).transform_filter("!datum.small"))
+        layers.append(line.mark_line(strokeWidth=2).encode(detail="run:N").transform_filter("!datum.small"))
         layers.append(line.mark_line(strokeWidth=1.5, strokeOpacity=SMALL_OPACITY))
         if has_ci:
             layers.append(alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
@@ -503,7 +507,7 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
     if has_ci:
         notes[0] += " " + CI_NOTE
     if data["small"].any():
-        notes.append(f"Faded: fewer than {SMALL_SLICE_N} images; the solid line joins only the bins with more.")
+        notes.append(f"Faded: fewer than {SMALL_SLICE_N} images; the solid line joins only neighbouring bins with more.")
     return alt.vconcat(*panels, spacing=14).properties(title=_title("Age error by true age", *notes))
 
 

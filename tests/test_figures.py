@@ -330,6 +330,16 @@ def test_age_error_chart(age_error):
     # the solid line joins only the bins with enough images
     lines = [n for n in walk(spec) if isinstance(n.get("mark"), dict) and n["mark"].get("type") == "line"]
     assert sum(n.get("transform") == [{"filter": "!datum.small"}] for n in lines) == 2  # one per panel
+    # ...and breaks at a small bin instead of bridging it: a run per stretch of neighbouring large bins
+    solid = [n for n in lines if n.get("transform") == [{"filter": "!datum.small"}]]
+    assert all(n["encoding"]["detail"]["field"] == "run" for n in solid)
+    gap = pd.DataFrame([{"model": m, "age_lo": lo, "age_hi": lo + 5, "n": n, "age_mae": 3.0, "age_bias": 0.0}
+                        for m in "AB" for lo, n in ((0, 40), (5, 50), (10, 3), (15, 60))])  # 10–14 small between large
+    runs = dataset_with(figures.age_error_chart(gap, NAMES), "run")
+    large = runs[~runs["small"]]
+    for m in "AB":
+        run_of = dict(zip(large[large["model"] == m]["age_lo"], large[large["model"] == m]["run"]))
+        assert run_of[0] == run_of[5] != run_of[15]  # 0–4 and 5–9 joined, 15–19 not joined to them
     # no CI columns: no error bars, and the subtitle promises none
     assert not any("y2" in n.get("encoding", {}) for n in walk(spec) if isinstance(n.get("encoding"), dict))
     assert "confidence intervals" not in texts(chart)
