@@ -665,6 +665,8 @@ def learning_curves_chart(
     if not starts.empty:  # the last fifth of the epochs: too little room right of the line for a label
         low, high = float(data["epoch"].min()), float(data["epoch"].max())
         starts["near_end"] = starts["boundary"] > high - 0.2 * (high - low)
+        # with two models' phases in one panel, the label says whose phase it is
+        starts["label"] = (starts["model"] + ": " + starts["phase"]) if len(keys) > 1 else starts["phase"]
     # Ticks at whole epochs, given explicitly on every layer: Vega ignores tickMinStep on a
     # short run (a 2-epoch run got ticks at 1.0, 1.5, 2.0) and the phase rules sit at half epochs.
     epoch_axis = alt.Axis(values=_epoch_ticks(data["epoch"]), format="d")
@@ -693,7 +695,7 @@ def learning_curves_chart(
             # a label right of its line, or left of it near the panel's right edge (it ran over the frame)
             for near_end, align, dx in ((False, "left", 3), (True, "right", -3)):
                 layer.append(boundaries.transform_filter(f"{'' if near_end else '!'}datum.near_end").mark_text(
-                    align=align, baseline="top", dx=dx, y=2, color="grey", fontSize=10).encode(text="phase:N"))
+                    align=align, baseline="top", dx=dx, y=2, color="grey", fontSize=10).encode(text="label:N"))
         panels.append(alt.layer(*layer).properties(width=230, height=190, title=panel))
     notes = ["Thick lines: validation; thin faded lines: training."]
     if not starts.empty:

@@ -396,6 +396,7 @@ def test_learning_curves_tolerate_column_names_and_phases():
     # boundary 1.5 of epochs 0–3: in the last fifth? no (> 2.4 is); a phase label near the right edge
     # is drawn left of its line, where it does not run over the frame
     assert not rules[0]["near_end"].iloc[0]
+    assert rules[0]["label"].iloc[0] == "B: fine-tune"  # two models: whose phase it is
     c = b.assign(phase=["head", "head", "head", "clean"])
     spec = figures.learning_curves_chart({"B": c}).to_dict()
     labels = [n for n in walk(spec) if isinstance(n.get("mark"), dict) and n["mark"].get("type") == "text"]
@@ -403,6 +404,7 @@ def test_learning_curves_tolerate_column_names_and_phases():
     assert by_align == {"left": "!datum.near_end", "right": "datum.near_end"}
     clean = next(pd.DataFrame(v) for v in spec["datasets"].values() if "near_end" in pd.DataFrame(v))
     assert clean["phase"].tolist() == ["clean"] and clean["near_end"].tolist() == [True]
+    assert clean["label"].tolist() == ["clean"]  # one model: the phase alone
     axes = [n["encoding"]["y"]["axis"]["format"] for n in walk(spec) if isinstance(n.get("encoding"), dict)
             and isinstance(n["encoding"].get("y"), dict) and "axis" in n["encoding"]["y"]]
     assert set(axes) == {".3~r"}  # loss and MAE: 16, not 16.00
