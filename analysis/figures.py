@@ -518,15 +518,13 @@ def reliability_chart(
     calibration: pd.DataFrame,
     ece: Mapping[str, float] | None = None,
     names: Mapping[str, str] | None = None,
-    ece_delta: Sequence[float] | None = None,
 ) -> alt.LayerChart:
     """Reliability diagram of P(female): mean predicted probability vs observed share of women.
 
     `calibration` is `metrics.calibration_table` output with a `model` column: one row per
     probability bin (bin, lo, hi, n, mean_p_female, frac_female); empty bins are not drawn.
     `ece` maps model key to its expected calibration error (summary["models"][key]["gender_ece"]),
-    printed in the legend. `ece_delta` = (B − A, lo, hi), the paired difference and its 95% CI
-    (summary["comparison"]), goes in the subtitle when given.
+    printed in the legend.
     """
     _require(calibration, ["model", "n", "mean_p_female", "frac_female"], "reliability_chart")
     data, keys = _with_model_labels(calibration[calibration["n"] > 0], names)
@@ -551,9 +549,6 @@ def reliability_chart(
     opacity = alt.condition("datum.small", alt.value(SMALL_OPACITY), alt.value(0.9))
     chart_layers = [diagonal, line]
     notes = ["Dotted line: perfect calibration. ECE: expected calibration error (lower is better)."]
-    if ece_delta is not None and all(v is not None and math.isfinite(v) for v in ece_delta):
-        delta, lo, hi = ece_delta
-        notes.append(f"ECE B − A: {delta:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}, paired bootstrap).")
     if {"frac_female_lo", "frac_female_hi"} <= set(data.columns):
         chart_layers.append(alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
             x=x, y=alt.Y("frac_female_lo:Q"), y2="frac_female_hi:Q", color=colour, opacity=opacity))
@@ -665,8 +660,6 @@ def learning_curves_chart(
     if not starts.empty:  # the last fifth of the epochs: too little room right of the line for a label
         low, high = float(data["epoch"].min()), float(data["epoch"].max())
         starts["near_end"] = starts["boundary"] > high - 0.2 * (high - low)
-        # with two models' phases in one panel, the label says whose phase it is
-        starts["label"] = (starts["model"] + ": " + starts["phase"]) if len(keys) > 1 else starts["phase"]
     # Ticks at whole epochs, given explicitly on every layer: Vega ignores tickMinStep on a
     # short run (a 2-epoch run got ticks at 1.0, 1.5, 2.0) and the phase rules sit at half epochs.
     epoch_axis = alt.Axis(values=_epoch_ticks(data["epoch"]), format="d")
@@ -695,7 +688,7 @@ def learning_curves_chart(
             # a label right of its line, or left of it near the panel's right edge (it ran over the frame)
             for near_end, align, dx in ((False, "left", 3), (True, "right", -3)):
                 layer.append(boundaries.transform_filter(f"{'' if near_end else '!'}datum.near_end").mark_text(
-                    align=align, baseline="top", dx=dx, y=2, color="grey", fontSize=10).encode(text="label:N"))
+                    align=align, baseline="top", dx=dx, y=2, color="grey", fontSize=10).encode(text="phase:N"))
         panels.append(alt.layer(*layer).properties(width=230, height=190, title=panel))
     notes = ["Thick lines: validation; thin faded lines: training."]
     if not starts.empty:

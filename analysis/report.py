@@ -520,8 +520,7 @@ def report_figures(evaluation, histories: dict[str, pd.DataFrame] | None = None)
         out.append(ReportFigure("age_error_by_true_age", build, "Signed age error (bias) and MAE by true age"))
     if "calibration" in tables:
         ece = {k: v.get("gender_ece") for k, v in evaluation.summary.get("models", {}).items()}
-        build = functools.partial(figures.reliability_chart, tables["calibration"], ece, names,
-                                  ece_delta_of(evaluation.summary))
+        build = functools.partial(figures.reliability_chart, tables["calibration"], ece, names)
         out.append(ReportFigure("gender_calibration", build, "Reliability diagram of P(female), ECE in the legend"))
     histories = model_histories(evaluation) if histories is None else histories
     if histories:
@@ -740,7 +739,7 @@ def _write_records(evaluation, folder: Path) -> list[tuple[str, str]]:
     (folder / "models.json").write_text(json.dumps(to_jsonable(models_info), indent=2))
     evaluation.skipped.to_csv(folder / "skipped.csv", index=False)
     return [
-        ("summary.json", "headline numbers per model with 95% CIs and the gender ECE (B − A with a paired CI), the contradicted gender labels "
+        ("summary.json", "headline numbers per model with 95% CIs and the gender ECE (and B − A), the contradicted gender labels "
          "(label_check), the overall A vs B comparison and how many images each model was trained or "
          "validated on (training_overlap)"),
         ("models.json", "what the loader inferred about each model (input size, preprocessing, output mapping) and the preprocessing calibration scores"),
@@ -945,14 +944,6 @@ def label_check_text(check: dict, listed: str | None = None) -> str | None:
         text += (" That is more than wrong labels usually explain (about 1% in UTKFace): many are likely the "
                  f"{owner} own confident mistakes.")
     return text + (f" {'It is' if one else 'They are'} listed {listed}." if listed else "")
-
-
-def ece_delta_of(summary: dict) -> tuple[float, float, float] | None:
-    """(ECE B − A, lo, hi) from summary.json's comparison, or None (one model, or no interval)."""
-    comparison = summary.get("comparison") or {}
-    delta, ci = comparison.get("gender_ece_delta"), comparison.get("gender_ece_delta_ci") or [None, None]
-    values = (delta, *ci)
-    return values if all(v is not None and math.isfinite(v) for v in values) else None
 
 
 def comparison_sentence(evaluation) -> str | None:

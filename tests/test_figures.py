@@ -363,9 +363,7 @@ def test_reliability_chart_with_ece_in_legend(calibration):
     assert scales_of(chart, "color")[0]["domain"] == ["A: small_cnn.keras (ECE 0.051)", "B: effnet.keras (ECE 0.031)"]
     assert {"mean_p_female", "frac_female", "n"} <= encoded_fields(chart)
     assert "Faded: bins with fewer than 30 images." in texts(chart)  # every bin here has 20–24
-    assert "ECE B − A" not in texts(chart)
-    compared = figures.reliability_chart(calibration, {"A": 0.0512, "B": 0.031}, NAMES, (-0.0202, -0.041, 0.0006))
-    assert "ECE B − A: -0.020 (95% CI -0.041 to +0.001, paired bootstrap)." in texts(compared)
+
     assert "Error bars" not in texts(chart)
     with_ci = calibration.assign(frac_female_lo=calibration["frac_female"] - 0.1, frac_female_hi=calibration["frac_female"] + 0.1)
     chart = figures.reliability_chart(with_ci, {"A": 0.0512, "B": 0.031}, NAMES)
@@ -396,7 +394,6 @@ def test_learning_curves_tolerate_column_names_and_phases():
     # boundary 1.5 of epochs 0–3: in the last fifth? no (> 2.4 is); a phase label near the right edge
     # is drawn left of its line, where it does not run over the frame
     assert not rules[0]["near_end"].iloc[0]
-    assert rules[0]["label"].iloc[0] == "B: fine-tune"  # two models: whose phase it is
     c = b.assign(phase=["head", "head", "head", "clean"])
     spec = figures.learning_curves_chart({"B": c}).to_dict()
     labels = [n for n in walk(spec) if isinstance(n.get("mark"), dict) and n["mark"].get("type") == "text"]
@@ -404,7 +401,6 @@ def test_learning_curves_tolerate_column_names_and_phases():
     assert by_align == {"left": "!datum.near_end", "right": "datum.near_end"}
     clean = next(pd.DataFrame(v) for v in spec["datasets"].values() if "near_end" in pd.DataFrame(v))
     assert clean["phase"].tolist() == ["clean"] and clean["near_end"].tolist() == [True]
-    assert clean["label"].tolist() == ["clean"]  # one model: the phase alone
     axes = [n["encoding"]["y"]["axis"]["format"] for n in walk(spec) if isinstance(n.get("encoding"), dict)
             and isinstance(n["encoding"].get("y"), dict) and "axis" in n["encoding"]["y"]]
     assert set(axes) == {".3~r"}  # loss and MAE: 16, not 16.00

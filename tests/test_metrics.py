@@ -502,36 +502,6 @@ def test_calibration_table_agrees_with_sklearn(preds):
     assert one_bin["frac_female_lo"].isna().sum() == 3
 
 
-def test_ece_difference_interval_is_a_basic_paired_bootstrap_that_covers_a_true_zero():
-    """Checked against expected_calibration_error on each resample drawn from the same generator,
-    and by simulation: for two calibrated models (true difference 0) of different sharpness the
-    interval holds 0 about 95% of the time (a percentile interval: about 65%)."""
-    rng = np.random.default_rng(4)
-    n = 300
-    y = rng.integers(0, 2, n)
-    p_a = np.clip(0.5 + (y - 0.5) * rng.uniform(0, 1.2, n), 0, 1)
-    p_b = np.clip(p_a + rng.normal(0, 0.1, n), 0, 1)
-    rows = np.random.default_rng(7).integers(0, n, size=(500, n))
-    d = np.array([metrics.expected_calibration_error(y[r], p_b[r]) - metrics.expected_calibration_error(y[r], p_a[r])
-                  for r in rows])
-    delta = metrics.expected_calibration_error(y, p_b) - metrics.expected_calibration_error(y, p_a)
-    q_lo, q_hi = np.quantile(d, [0.025, 0.975])
-    got = metrics.ece_difference_interval(y, p_a, p_b, n_boot=500, rng=np.random.default_rng(7))
-    assert got == pytest.approx((2 * delta - q_hi, 2 * delta - q_lo), abs=1e-12)
-    covered = 0
-    for seed in range(40):
-        draw = np.random.default_rng(1000 + seed)
-        truth = draw.uniform(0, 1, 1000)
-        outcome = (draw.uniform(0, 1, 1000) < truth).astype(int)
-        coarse = np.digitize(truth, np.linspace(0, 1, 6)[1:-1])
-        coarse_p = np.array([truth[coarse == k].mean() for k in range(5)])[coarse]  # calibrated, less sharp
-        lo, hi = metrics.ece_difference_interval(outcome, truth, coarse_p, n_boot=300, rng=draw)
-        covered += lo <= 0 <= hi
-    assert covered >= 35
-    assert all(np.isnan(metrics.ece_difference_interval(y[:4], p_a[:4], p_b[:4])))
-    assert all(np.isnan(metrics.ece_difference_interval(y, p_a, p_b, n_boot=0)))
-
-
 def test_calibration_rejects_bad_inputs():
     with pytest.raises(ValueError, match="same length"):
         metrics.expected_calibration_error([0, 1], [0.5])
@@ -682,8 +652,7 @@ def test_summary_is_json_and_matches_the_tables(preds):
         )
     delta = result["comparison"]["gender_ece_delta"]
     assert delta == pytest.approx(result["models"]["B"]["gender_ece"] - result["models"]["A"]["gender_ece"])
-    lo, hi = result["comparison"]["gender_ece_delta_ci"]
-    assert lo <= delta <= hi
+    assert "gender_ece_delta_ci" not in result["comparison"]  # no reliable interval for ECE (see metrics.summary)
     comparison = metrics.compare_table(preds, n_boot=200, seed=1, slices=("overall",)).iloc[0]
     assert result["comparison"]["mcnemar_p"] == pytest.approx(comparison["mcnemar_p"])
     assert result["comparison"]["age_mae_delta_lo"] == pytest.approx(comparison["age_mae_delta_lo"])

@@ -88,11 +88,10 @@ def render_comparison(current) -> None:
 def render_calibration(current) -> None:
     evaluation = current.evaluation
     ece = {slot: entry["gender_ece"] for slot, entry in evaluation.summary["models"].items()}
-    ece_delta = report.ece_delta_of(evaluation.summary)
     st.markdown("#### Calibration")
     names = layout.model_names(current)
     layout.show_chart(
-        current, "reliability_chart", lambda: figures.reliability_chart(evaluation.tables["calibration"], ece=ece, names=names, ece_delta=ece_delta)
+        current, "reliability_chart", lambda: figures.reliability_chart(evaluation.tables["calibration"], ece=ece, names=names)
     )
     st.caption(
         " · ".join(f"ECE {slot}: {value:.3f}" for slot, value in ece.items())
