@@ -388,8 +388,7 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
         body = "\n".join(lines) + "\n"
         for symbol, command in _LATEX_SYMBOLS.items():
             body = body.replace(symbol, command)
-        body = body.replace(_HYPHEN, "-{}")
-        return "".join(ch if ord(ch) < 256 else "?" for ch in body)  # what pdflatex's fonts lack (≤, 中)
+        return _latex_safe(body.replace(_HYPHEN, "-{}"))
 
     if caption is None:
         return "% Needs \\usepackage{booktabs}.\n" + tabular(formatted)
@@ -408,6 +407,17 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
 
 
 _HYPHEN = "\ue000"  # a text cell's hyphen while pandas escapes the table (a private-use character)
+_LATEX_PUNCTUATION = {"’": "'", "‘": "`", "“": "``", "”": "''", "—": "---", "…": "\\ldots{}"}
+# Latin-1 letters pdflatex sets in its default (OT1) encoding; Ð Þ ð þ need T1, the rest are signs.
+_LATEX_LETTERS = {chr(c) for c in range(0xC0, 0x100)} - set("ÐÞðþ×÷")
+
+
+def _latex_safe(text: str) -> str:
+    """Escaped LaTeX with only what pdflatex sets without extra packages: printable ASCII, line
+    breaks, accented Latin letters and typographic quotes/dashes; anything else (control
+    characters, CJK, symbols) becomes "?" rather than stopping the compile."""
+    return "".join(ch if " " <= ch <= "~" or ch == "\n" or ch in _LATEX_LETTERS else _LATEX_PUNCTUATION.get(ch, "?")
+                   for ch in text)
 
 # A LaTeX header cell longer than this many characters is stacked on several lines.
 LATEX_HEADER_WIDTH = 14
@@ -454,7 +464,7 @@ def _latex_text(text: str) -> str:
     escaped = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
     for symbol, command in _LATEX_SYMBOLS.items():
         escaped = escaped.replace(symbol, command)
-    return "".join(ch if ord(ch) < 256 else "?" for ch in escaped)
+    return _latex_safe(escaped)
 
 
 # ---------------------------------------------------------------- figures
