@@ -804,6 +804,8 @@ def test_short_model_b_runs_still_fine_tune_and_say_so_when_they_cannot(syntheti
 
 def test_a_test_folder_among_the_training_images_is_refused_unless_allowed(synthetic_dir, tmp_path, capsys, monkeypatch):
     """--data utkface/ (the parent of train_val/ and test/) only warned, then trained on the test images."""
+    import shutil
+
     from analysis.synthetic import make_synthetic_sample
 
     make_synthetic_sample(tmp_path / "utk" / "train_val", n=40, seed=0, size=32)
@@ -837,6 +839,14 @@ def test_a_test_folder_among_the_training_images_is_refused_unless_allowed(synth
     inner.rename(renamed)
     assert "looks like a test set" in _test_images(read_split(renamed, 0.2, 0), renamed)
     assert _test_images(read_split(tmp_path / "utk" / "train_val", 0.2, 0), tmp_path / "utk" / "train_val") is None
+    # not refused: a test/ or tests/ folder above --data beside code named training/, not a training split
+    project = tmp_path / "home" / "test" / "proj"
+    (tmp_path / "home" / "training").mkdir(parents=True)
+    (project / "tests").mkdir(parents=True)
+    (project / "training").mkdir()
+    faces = project / "tests" / "fixtures" / "faces"
+    shutil.copytree(tmp_path / "utk" / "train_val", faces)
+    assert _test_images(read_split(faces, 0.2, 0), faces) is None
     run_cli("--data", tmp_path / "utk" / "train_val", "--out", tmp_path / "out2", "--model", "B", "--backbone", "tiny",
             "--epochs", 1, "--image-size", 32, "--no-cache")
     assert "test set" not in capsys.readouterr().out

@@ -294,8 +294,8 @@ def _test_images(split, data=None) -> str | None:
         name = data.stem if data.suffix.lower() == ".zip" else data.name
         if data.name.lower() in TEST_FOLDER_NAMES or TEST_NAME_WORDS & set(re.split(r"[^a-z]+", name.lower())):
             return f"--data {data} looks like a test set: images trained on cannot test the model"
-        for ancestor in list(data.parents)[:4]:  # utkface/test/UTKFace: a test folder with a training sibling
-            if ancestor.name.lower() in TEST_FOLDER_NAMES and _has_training_folder(ancestor.parent):
+        for ancestor in list(data.parents)[:4]:  # utkface/test/UTKFace: a test folder beside a training split
+            if ancestor.name.lower() in TEST_FOLDER_NAMES - {"tests"} and _has_training_folder(ancestor.parent):
                 return (f"--data {data} lies in {ancestor}, a test set beside a training folder: images trained on "
                         "cannot test the model")
     return None
@@ -319,9 +319,14 @@ def _ignored_options(args) -> list[str]:
 FEW_VALIDATION_IMAGES = 100
 
 
+# Names of a dataset's training split beside its test split ("training" is left out: it is as often
+# code, as this project's own training/ beside tests/).
+TRAIN_SPLIT_NAMES = {"train", "train_val", "trainval", "train_set", "training_set", "train_images"}
+
+
 def _has_training_folder(folder: Path) -> bool:
     try:
-        return any(child.is_dir() and child.name.lower().startswith("train") for child in folder.iterdir())
+        return any(child.is_dir() and child.name.lower() in TRAIN_SPLIT_NAMES for child in folder.iterdir())
     except OSError:
         return False
 
