@@ -310,13 +310,13 @@ def _told_apart(specs: dict) -> dict:
 
     if len(specs) != 2 or any(spec.name for spec in specs.values()):
         return specs
-    paths = {key: Path(spec.path).expanduser().absolute() for key, spec in specs.items()}
+    paths = {key: Path(spec.path).expanduser().resolve() for key, spec in specs.items()}
     if len({p.stem for p in paths.values()}) != 1 or len(set(paths.values())) != 2:
         return specs
     if len({p.name for p in paths.values()}) == 2:  # runs/age_gender_B.keras against runs/age_gender_B.h5
         return {key: dataclasses.replace(spec, name=paths[key].name) for key, spec in specs.items()}
     for depth in range(1, max(len(p.parts) for p in paths.values())):  # the fewest folders that tell them apart
-        names = {key: "/".join([*p.parent.parts[-depth:], p.stem]) for key, p in paths.items()}
+        names = {key: "/".join([*p.parent.parts[1:][-depth:], p.stem]) for key, p in paths.items()}  # not the root "/"
         if len(set(names.values())) == 2:
             return {key: dataclasses.replace(spec, name=names[key]) for key, spec in specs.items()}
     return specs

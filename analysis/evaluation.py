@@ -181,6 +181,7 @@ def _confirmed_on_labels(ambiguous: AmbiguousOutputs, result, genders, words, nu
                 "their names and shapes did not say; if that is wrong, say which is which with age_output= / "
                 "--age-output-a and gender_output= / --gender-output-a")
         return dataclasses.replace(loaded, notes=(*loaded.notes, note)), scores
+    p_value = stats.fisher_exact(table, alternative="greater").pvalue
     said = f"Read as {words(loaded)} it gave {numbers(result)} on {n} labelled images ({women} women, {n - women} men)"
     if best_possible >= CHANCE_ALPHA:
         why = "too few of each gender to tell whether that output is gender, even if every answer were right"
@@ -188,8 +189,8 @@ def _confirmed_on_labels(ambiguous: AmbiguousOutputs, result, genders, words, nu
         why = (f"its answers go clearly against the labels with the female_index you gave ({loaded.mapping.female_index}): "
                "if that output is gender, the female column is the other one")
     else:
-        why = (f"its answers do not clearly go with the labels (Fisher's exact test, p < {CHANCE_ALPHA} needed), so "
-               "that output may not be gender")
+        why = (f"its answers do not clearly go with the labels (Fisher's exact test p = {p_value:.2g}, below {CHANCE_ALPHA} "
+               f"needed on these {n} images), so that output may not be gender; if it is gender but weak, name it")
         if "female_index" in loaded.user_settings:
             why += (f" — or the female_index you gave ({loaded.mapping.female_index}) is wrong, which also misleads the "
                     "choice of preprocessing")

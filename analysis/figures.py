@@ -473,7 +473,8 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
     # runs of neighbouring bins with enough images: the solid line breaks at a small bin instead of
     # joining the bins either side of it in a straight line
     data = data.sort_values(["model", "age_lo"], kind="stable")
-    data["run"] = data.groupby("model")["small"].cumsum()
+    after_gap = data["age_lo"].astype(float) != data.groupby("model")["age_hi"].shift().astype(float)  # no images between
+    data["run"] = (data["small"] | after_gap).groupby(data["model"]).cumsum()
     top = float(data["age_hi"].max()) if len(data) else 100.0
     x = alt.X("age_plot:Q", title="True age (years)", scale=alt.Scale(domain=[0, top], nice=False))
     tooltip = [

@@ -242,6 +242,10 @@ def test_two_unnamed_models_with_the_same_file_name_are_named_by_their_folders(t
     deep = {"A": ModelSpec(str(tmp_path / "exp1" / "models" / "age_gender_B.keras")),
             "B": ModelSpec(str(tmp_path / "exp2" / "models" / "age_gender_B.keras"))}
     assert [s.name for s in _told_apart(deep).values()] == ["exp1/models/age_gender_B", "exp2/models/age_gender_B"]
+    rooted = {"A": ModelSpec("/models/m.keras"), "B": ModelSpec(str(tmp_path / "models" / "m.keras"))}
+    assert [s.name for s in _told_apart(rooted).values()] == ["models/m", f"{tmp_path.name}/models/m"]
+    dotted = {"A": ModelSpec(str(tmp_path / "runs" / "1" / ".." / "1" / "m.keras")), "B": ModelSpec(str(tmp_path / "runs" / "2" / "m.keras"))}
+    assert [s.name for s in _told_apart(dotted).values()] == ["1/m", "2/m"]
     formats = {"A": ModelSpec(str(tmp_path / "age_gender_B.keras")), "B": ModelSpec(str(tmp_path / "age_gender_B.h5"))}
     assert [s.name for s in _told_apart(formats).values()] == ["age_gender_B.keras", "age_gender_B.h5"]
 

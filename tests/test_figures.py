@@ -340,6 +340,11 @@ def test_age_error_chart(age_error):
     for m in "AB":
         run_of = dict(zip(large[large["model"] == m]["age_lo"], large[large["model"] == m]["run"]))
         assert run_of[0] == run_of[5] != run_of[15]  # 0–4 and 5–9 joined, 15–19 not joined to them
+    # an empty stretch of ages (no 5–9 bin at all) breaks it too
+    empty = gap[gap["age_lo"] != 5].assign(n=40)
+    runs = dataset_with(figures.age_error_chart(empty, NAMES), "run")
+    a = runs[runs["model"] == "A"].set_index("age_lo")["run"]
+    assert a[0] != a[10] == a[15]
     # no CI columns: no error bars, and the subtitle promises none
     assert not any("y2" in n.get("encoding", {}) for n in walk(spec) if isinstance(n.get("encoding"), dict))
     assert "confidence intervals" not in texts(chart)
