@@ -495,8 +495,7 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
         layers.append(line.mark_line(strokeWidth=2).encode(detail="run:N").transform_filter("!datum.small"))
         layers.append(line.mark_line(strokeWidth=1.5, strokeOpacity=SMALL_OPACITY))
         if has_ci:
-            layers.append(alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
-                x=x, y=alt.Y(f"{metric}_lo:Q"), y2=f"{metric}_hi:Q", color=colour, opacity=opacity))
+            layers.append(_ci_rules(data, x, metric, colour, opacity))
         layers.append(
             alt.Chart(data).mark_point(filled=True, size=36).encode(
                 x=x, y=y, color=colour, shape=shape, opacity=opacity, tooltip=tooltip
@@ -510,6 +509,12 @@ def age_error_chart(age_error: pd.DataFrame, names: Mapping[str, str] | None = N
     if data["small"].any():
         notes.append(f"Faded: fewer than {SMALL_SLICE_N} images; the solid line joins only neighbouring bins with more.")
     return alt.vconcat(*panels, spacing=14).properties(title=_title("Age error by true age", *notes))
+
+
+def _ci_rules(data: pd.DataFrame, x, column: str, colour, opacity) -> alt.Chart:
+    """Error bars in each model's colour: a vertical rule from `<column>_lo` to `<column>_hi`."""
+    return alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
+        x=x, y=alt.Y(f"{column}_lo:Q"), y2=f"{column}_hi:Q", color=colour, opacity=opacity)
 
 
 # ------------------------------------------------------------------ gender calibration
@@ -551,8 +556,7 @@ def reliability_chart(
     chart_layers = [diagonal, line]
     notes = ["Dotted line: perfect calibration. ECE: expected calibration error (lower is better)."]
     if {"frac_female_lo", "frac_female_hi"} <= set(data.columns):
-        chart_layers.append(alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
-            x=x, y=alt.Y("frac_female_lo:Q"), y2="frac_female_hi:Q", color=colour, opacity=opacity))
+        chart_layers.append(_ci_rules(data, x, "frac_female", colour, opacity))
         notes.append("Error bars: 95% confidence intervals of the observed share (Wilson).")
     chart_layers.append(alt.Chart(data).mark_point(filled=True).encode(
         x=x, y=y, color=colour, shape=shape, size=size, opacity=opacity, tooltip=tooltip))

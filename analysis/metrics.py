@@ -539,10 +539,10 @@ def compare_table(
                 "small": len(group) < SMALL_SLICE_N,
             }
         )
-    table = pd.DataFrame(rows)
-    groups = (table["slice_by"] != "overall").to_numpy() if len(table) else np.zeros(0, bool)
+    table = pd.DataFrame(rows)  # never empty: check_predictions refuses an empty table
+    groups = (table["slice_by"] != "overall").to_numpy()
     for test in ("mcnemar", "wilcoxon"):
-        p_values = table[f"{test}_p"].to_numpy(dtype=float) if len(table) else np.zeros(0)
+        p_values = table[f"{test}_p"].to_numpy(dtype=float)
         q = p_values.copy()  # the overall row is the one planned test: its q is its p
         family = groups & np.isfinite(p_values)
         if family.any():

@@ -385,10 +385,7 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
         header = lines.index("\\toprule") + 1  # long headers on several lines: narrower columns
         cells = lines[header].removesuffix(" \\\\").split(" & ")
         lines[header] = " & ".join(_stacked(cell, "r" if right else "l") for cell, right in zip(cells, numeric)) + " \\\\"
-        body = "\n".join(lines) + "\n"
-        for symbol, command in _LATEX_SYMBOLS.items():
-            body = body.replace(symbol, command)
-        return _latex_safe(body.replace(_HYPHEN, "-{}"))
+        return _latex_safe("\n".join(lines) + "\n").replace(_HYPHEN, "-{}")
 
     if caption is None:
         return "% Needs \\usepackage{booktabs}.\n" + tabular(formatted)
@@ -399,7 +396,8 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
             title = _latex_text(caption) + (f" (part 1 of {len(parts)})" if len(parts) > 1 else "")
             title += f"\\label{{{label}}}" if label else ""
         else:
-            title = f"Continued{' from Table~' + chr(92) + 'ref{' + label + '}' if label else ''} (part {i + 1} of {len(parts)})."
+            source = f" from Table~\\ref{{{label}}}" if label else ""
+            title = f"Continued{source} (part {i + 1} of {len(parts)})."
         floats.append("\\begin{table}[htbp]\n\\centering\n" f"\\caption{{{title}}}\n"
                       "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%\n"
                       + tabular(part) + "}\n\\end{table}\n")
@@ -413,11 +411,18 @@ _LATEX_LETTERS = {chr(c) for c in range(0xC0, 0x100)} - set("ÐÞðþ×÷")
 
 
 def _latex_safe(text: str) -> str:
-    """Escaped LaTeX with only what pdflatex sets without extra packages: printable ASCII, line
-    breaks, accented Latin letters and typographic quotes/dashes; anything else (control
-    characters, CJK, symbols) becomes "?" rather than stopping the compile."""
-    return "".join(ch if " " <= ch <= "~" or ch == "\n" or ch in _LATEX_LETTERS else _LATEX_PUNCTUATION.get(ch, "?")
-                   for ch in text)
+    """Escaped LaTeX with only what pdflatex sets without extra packages: our symbols as commands
+    (_LATEX_SYMBOLS), printable ASCII, line breaks, accented Latin letters and typographic
+    quotes/dashes; anything else (control characters, CJK, other symbols) becomes "?" rather than
+    stopping the compile. The private-use _HYPHEN passes through, for the caller to replace."""
+    def safe(ch: str) -> str:
+        if ch in _LATEX_SYMBOLS:
+            return _LATEX_SYMBOLS[ch]
+        if " " <= ch <= "~" or ch in ("\n", _HYPHEN) or ch in _LATEX_LETTERS:
+            return ch
+        return _LATEX_PUNCTUATION.get(ch, "?")
+
+    return "".join(safe(ch) for ch in text)
 
 # A LaTeX header cell longer than this many characters is stacked on several lines.
 LATEX_HEADER_WIDTH = 14
@@ -461,10 +466,7 @@ _LATEX_ESCAPES = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$",
 def _latex_text(text: str) -> str:
     """Plain text (a caption) for LaTeX: special characters escaped, Unicode symbols as commands,
     Markdown's code backticks dropped."""
-    escaped = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
-    for symbol, command in _LATEX_SYMBOLS.items():
-        escaped = escaped.replace(symbol, command)
-    return _latex_safe(escaped)
+    return _latex_safe("".join(_LATEX_ESCAPES.get(ch, ch) for ch in text))
 
 
 # ---------------------------------------------------------------- figures
