@@ -378,14 +378,14 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
         for column, right in zip(part.columns, numeric):
             if right:  # an ASCII hyphen before a digit in a number is a minus sign ($-$ below)
                 part[column] = part[column].astype(str).str.replace(r"(?<![\w.])-(?=\d)", "−", regex=True)
-            else:  # in text (file names) a hyphen stays one: "--" would print as a dash
-                part[column] = part[column].astype(str).str.replace("-", _HYPHEN)
+            else:  # in text (file names) "--" would print as a dash, "``" as a quote mark: kept apart
+                part[column] = part[column].astype(str).str.replace(_LIGATURE, _BREAK, regex=True)
         body = part.to_latex(index=False, escape=True, column_format=columns)
         lines = body.splitlines()
         header = lines.index("\\toprule") + 1  # long headers on several lines: narrower columns
         cells = lines[header].removesuffix(" \\\\").split(" & ")
         lines[header] = " & ".join(_stacked(cell, "r" if right else "l") for cell, right in zip(cells, numeric)) + " \\\\"
-        return _latex_safe("\n".join(lines) + "\n").replace(_HYPHEN, "-{}")
+        return _latex_safe("\n".join(lines) + "\n").replace(_BREAK, "{}")
 
     if caption is None:
         return "% Needs \\usepackage{booktabs}.\n" + tabular(formatted)
@@ -404,7 +404,10 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
     return "% Needs \\usepackage{booktabs,graphicx}.\n" + "\n".join(floats)
 
 
-_HYPHEN = "\ue000"  # a text cell's hyphen while pandas escapes the table (a private-use character)
+# Between two characters of a text cell that pdflatex would set as one (-- ``  '' ,, !` ?`): an
+# empty group "{}" keeps them apart; a private-use character stands for it while pandas escapes.
+_LIGATURE = r"(?<=-)(?=-)|(?<=`)(?=`)|(?<=')(?=')|(?<=,)(?=,)|(?<=[!?])(?=`)"
+_BREAK = "\ue000"
 _LATEX_PUNCTUATION = {"’": "'", "‘": "`", "“": "``", "”": "''", "—": "---", "…": "\\ldots{}"}
 # Latin-1 letters pdflatex sets in its default (OT1) encoding; Ð Þ ð þ need T1, the rest are signs.
 _LATEX_LETTERS = {chr(c) for c in range(0xC0, 0x100)} - set("ÐÞðþ×÷")
@@ -414,11 +417,11 @@ def _latex_safe(text: str) -> str:
     """Escaped LaTeX with only what pdflatex sets without extra packages: our symbols as commands
     (_LATEX_SYMBOLS), printable ASCII, line breaks, accented Latin letters and typographic
     quotes/dashes; anything else (control characters, CJK, other symbols) becomes "?" rather than
-    stopping the compile. The private-use _HYPHEN passes through, for the caller to replace."""
+    stopping the compile. The private-use _BREAK passes through, for the caller to replace."""
     def safe(ch: str) -> str:
         if ch in _LATEX_SYMBOLS:
             return _LATEX_SYMBOLS[ch]
-        if " " <= ch <= "~" or ch in ("\n", _HYPHEN) or ch in _LATEX_LETTERS:
+        if " " <= ch <= "~" or ch in ("\n", _BREAK) or ch in _LATEX_LETTERS:
             return ch
         return _LATEX_PUNCTUATION.get(ch, "?")
 

@@ -120,20 +120,22 @@ def test_latex_tables_are_captioned_floats_that_fit_a_page():
 
 
 def test_latex_cells_keep_hyphens_in_names_and_never_stop_pdflatex():
-    """'photo -1.jpg' became 'photo $-$1.jpg', '--7.jpg' printed an en dash, and a file name with
-    ≤ or Chinese characters stopped pdflatex ("Unicode character not set up")."""
+    """'photo -1.jpg' became 'photo $-$1.jpg', '--7.jpg' printed an en dash, "a``b''.jpg" quote
+    marks, and a file name with ≤ or Chinese characters stopped pdflatex ("Unicode character not
+    set up")."""
     cells = pd.DataFrame({"File": ["photo -1.jpg", "--7.jpg", "≤10.jpg", "中文.jpg", "é_x&%.jpg"],
                           "Bias": ["-0.30", "[-1.0, +2.0]", "1e-05", "+1.2", "-3"]})
     latex = report.latex_table(cells, [False, True], "Worst ≤ 5 中", "tab:x")
     rows = latex.split("\\midrule\n")[1].split("\\bottomrule")[0].splitlines()
-    assert rows == ["photo -{}1.jpg & $-$0.30 \\\\", "-{}-{}7.jpg & [$-$1.0, +2.0] \\\\", "$\\leq$10.jpg & 1e-05 \\\\",
+    assert rows == ["photo -1.jpg & $-$0.30 \\\\", "-{}-7.jpg & [$-$1.0, +2.0] \\\\", "$\\leq$10.jpg & 1e-05 \\\\",
                     "??.jpg & +1.2 \\\\", "é\\_x\\&\\%.jpg & $-$3 \\\\"]
     assert "\\caption{Worst $\\leq$ 5 ?\\label{tab:x}}" in latex
     assert all(ord(ch) < 256 for ch in latex)
     # control characters and letters the default font encoding lacks; typographic punctuation mapped
-    odd = pd.DataFrame({"File": ["a\x01b\x7f\x9c.jpg", "Þór.jpg", "O’Brien—x….jpg", "Zoë.jpg"]})
+    odd = pd.DataFrame({"File": ["a\x01b\x7f\x9c.jpg", "Þór.jpg", "O’Brien—x….jpg", "Zoë.jpg", "a``b''c,,,d!`e?`---.jpg"]})
     rows = report.latex_table(odd, [False], "c", "l").split("\\midrule\n")[1].split("\\bottomrule")[0].splitlines()
-    assert rows == ["a?b??.jpg \\\\", "?ór.jpg \\\\", "O'Brien---x\\ldots{}.jpg \\\\", "Zoë.jpg \\\\"]
+    assert rows == ["a?b??.jpg \\\\", "?ór.jpg \\\\", "O'Brien---x\\ldots{}.jpg \\\\", "Zoë.jpg \\\\",
+                    "a`{}`b'{}'c,{},{},d!{}`e?{}`-{}-{}-.jpg \\\\"]
 
 
 def test_the_comparison_prints_as_a_gender_table_and_an_age_table(evaluation):
