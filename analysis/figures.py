@@ -637,6 +637,34 @@ def _phase_starts(histories: Mapping[str, pd.DataFrame], names) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "model_label", "epoch", "phase", "boundary"])
 
 
+# Pixels between two lines of phase labels, and the share of a panel's epochs one label spans.
+PHASE_LABEL_LINE = 12
+PHASE_LABEL_SPAN = 0.25
+
+
+def _phase_labels(starts: pd.DataFrame, low: float, high: float) -> pd.DataFrame:
+    """One label per phase start of the learning curves (two models starting a phase of the same
+    name at the same epoch share one): `near_end` when in the last fifth of the epochs (drawn left
+    of its line, there is too little room right of it), and the `level` (line) it is drawn on —
+    the first on which it does not overlap a label already placed, one label spanning
+    PHASE_LABEL_SPAN of the epochs (a word of ~9 characters on a 230-pixel panel)."""
+    labels = starts.drop_duplicates(["boundary", "phase"]).sort_values("boundary").reset_index(drop=True)
+    span = max(high - low, 1e-9)
+    labels["near_end"] = labels["boundary"] > high - 0.2 * span
+    # where each label reaches, as a share of the epochs: right of its line, or left near the end
+    left = (labels["boundary"] - low) / span - np.where(labels["near_end"], PHASE_LABEL_SPAN, 0)
+    placed: list[list[tuple[float, float]]] = []
+    levels = []
+    for start in left:
+        end = start + PHASE_LABEL_SPAN
+        level = next((i for i, line in enumerate(placed) if all(end <= a or start >= b for a, b in line)), len(placed))
+        if level == len(placed):
+            placed.append([])
+        placed[level].append((start, end))
+        levels.append(level)
+    return labels.assign(level=levels)
+
+
 def _epoch_ticks(epochs: pd.Series, most: int = 12) -> list[int]:
     """Whole-epoch tick values between the first and the last epoch: the multiples of the
     smallest step of 1, 2, 5, 10, 20, ... epochs that gives at most `most` ticks."""
@@ -662,9 +690,7 @@ def learning_curves_chart(
     data, keys = _with_model_labels(table, names)
     colour, dash, _ = _model_encodings(keys, names)
     starts = _phase_starts(histories, names)
-    if not starts.empty:  # the last fifth of the epochs: too little room right of the line for a label
-        low, high = float(data["epoch"].min()), float(data["epoch"].max())
-        starts["near_end"] = starts["boundary"] > high - 0.2 * (high - low)
+    labels = _phase_labels(starts, float(data["epoch"].min()), float(data["epoch"].max()))
     # Ticks at whole epochs, given explicitly on every layer: Vega ignores tickMinStep on a
     # short run (a 2-epoch run got ticks at 1.0, 1.5, 2.0) and the phase rules sit at half epochs.
     epoch_axis = alt.Axis(values=_epoch_ticks(data["epoch"]), format="d")
@@ -690,10 +716,14 @@ def learning_curves_chart(
             boundaries = alt.Chart(starts).encode(x=alt.X("boundary:Q", title="Epoch", axis=epoch_axis))
             layer.append(boundaries.mark_rule(strokeDash=[2, 3], color="grey").encode(
                 tooltip=["model_label:N", alt.Tooltip("phase:N", title="Phase starts")]))
-            # a label right of its line, or left of it near the panel's right edge (it ran over the frame)
-            for near_end, align, dx in ((False, "left", 3), (True, "right", -3)):
-                layer.append(boundaries.transform_filter(f"{'' if near_end else '!'}datum.near_end").mark_text(
-                    align=align, baseline="top", dx=dx, y=2, color="grey", fontSize=10).encode(text="phase:N"))
+            # a label right of its line, or left of it near the panel's right edge (it ran over the
+            # frame); labels that would overlap go on lines below each other
+            texts = alt.Chart(labels).encode(x=alt.X("boundary:Q", title="Epoch", axis=epoch_axis), text="phase:N")
+            for (level, near_end), _ in labels.groupby(["level", "near_end"]):
+                align, dx = ("right", -3) if near_end else ("left", 3)
+                layer.append(texts.transform_filter(f"datum.level == {level} && {'' if near_end else '!'}datum.near_end")
+                             .mark_text(align=align, baseline="top", dx=dx, y=2 + PHASE_LABEL_LINE * level,
+                                        color="grey", fontSize=10))
         panels.append(alt.layer(*layer).properties(width=230, height=190, title=panel))
     notes = ["Thick lines: validation; thin faded lines: training."]
     if not starts.empty:

@@ -394,16 +394,15 @@ def test_learning_curves_tolerate_column_names_and_phases():
     assert got["value"].tolist() == [9.5, 8.0, 7.5]
     assert table[(table["model"] == "B") & (table["panel"] == "Gender accuracy (%)")].empty  # B has no such column
     chart = figures.learning_curves_chart({"A": a, "B": b}, NAMES)
-    rules = [d for d in spec_datasets(chart) if "phase" in d and len(d) == 1]
-    assert rules and rules[0]["epoch"].iloc[0] == 2 and rules[0]["phase"].iloc[0] == "fine-tune"
+    rules = dataset_with(chart, "phase", "boundary")
+    assert rules["epoch"].tolist() == [2] and rules["phase"].tolist() == ["fine-tune"]
     # boundary 1.5 of epochs 0–3: in the last fifth? no (> 2.4 is); a phase label near the right edge
     # is drawn left of its line, where it does not run over the frame
-    assert not rules[0]["near_end"].iloc[0]
+    assert not dataset_with(chart, "near_end")["near_end"].iloc[0]
     c = b.assign(phase=["head", "head", "head", "clean"])
     spec = figures.learning_curves_chart({"B": c}).to_dict()
     labels = [n for n in walk(spec) if isinstance(n.get("mark"), dict) and n["mark"].get("type") == "text"]
-    by_align = {n["mark"]["align"]: n["transform"][0]["filter"] for n in labels}
-    assert by_align == {"left": "!datum.near_end", "right": "datum.near_end"}
+    assert {n["mark"]["align"]: n["transform"][0]["filter"] for n in labels} == {"right": "datum.level == 0 && datum.near_end"}
     clean = next(pd.DataFrame(v) for v in spec["datasets"].values() if "near_end" in pd.DataFrame(v))
     assert clean["phase"].tolist() == ["clean"] and clean["near_end"].tolist() == [True]
     axes = [n["encoding"]["y"]["axis"]["format"] for n in walk(spec) if isinstance(n.get("encoding"), dict)
@@ -411,6 +410,31 @@ def test_learning_curves_tolerate_column_names_and_phases():
     assert set(axes) == {".3~r"}  # loss and MAE: 16, not 16.00
     with pytest.raises(ValueError, match="no learning-curve columns"):
         figures.learning_curves_chart({"A": pd.DataFrame({"epoch": [0], "lr": [0.1]})})
+
+
+def test_phase_labels_of_two_models_do_not_overlap():
+    """A's and B's phase labels at nearby epochs were drawn on top of each other: each now goes on
+    the first line where it overlaps no other, and one phase two models start at the same epoch
+    is labelled once."""
+    def history(phases):
+        return pd.DataFrame({"epoch": np.arange(1, len(phases) + 1), "loss": 1.0, "val_loss": 1.0, "phase": phases})
+
+    a = history(["train"] * 33 + ["clean"] * 3)  # clean from epoch 34 of 36: near the end, left of its line
+    b = history(["heads"] * 8 + ["fine-tune"] * 13 + ["clean"] * 3)  # fine-tune at 9, clean at 22
+    chart = figures.learning_curves_chart({"A": a, "B": b})
+    labels = dataset_with(chart, "near_end", "level").set_index("phase")
+    # epochs 1–36: A's "clean" label spans 0.68–0.93 of the axis, B's 0.59–0.84, B's fine-tune 0.21–0.46
+    assert labels.loc["fine-tune", "level"] == 0 and not labels.loc["fine-tune", "near_end"]
+    assert labels.loc["clean"].sort_values("boundary")["level"].tolist() == [0, 1]
+    spec = chart.to_dict()
+    ys = {n["transform"][0]["filter"]: n["mark"]["y"] for n in walk(spec)
+          if isinstance(n.get("mark"), dict) and n["mark"].get("type") == "text"}
+    # B's two labels on the first line, A's "clean" (placed last, left of its line) below them
+    assert ys == {"datum.level == 0 && !datum.near_end": 2, "datum.level == 1 && datum.near_end": 2 + figures.PHASE_LABEL_LINE}
+    # the same phase at the same epoch for both models: one label, and the rules stay one per model
+    same = figures.learning_curves_chart({"A": a, "B": a.copy()})
+    assert dataset_with(same, "near_end", "level")["phase"].tolist() == ["clean"]
+    assert dataset_with(same, "phase", "boundary", "model_label")["model"].tolist() == ["A", "B"]
 
 
 def _x_tick_values(chart) -> list[list]:
@@ -440,7 +464,7 @@ def test_learning_curves_tick_whole_epochs_on_every_layer(n_epochs, expected):
     history = pd.DataFrame({"epoch": epochs, "loss": 1.0 / epochs, "val_loss": 1.1 / epochs,
                             "phase": ["heads"] + ["fine-tune"] * (n_epochs - 1)})
     ticks = _x_tick_values(figures.learning_curves_chart({"B": history}))
-    assert len(ticks) == 4  # the curves, the phase rule and its label (left or right of the rule)
+    assert len(ticks) == 3  # the curves, the phase rule and its label
     assert all(values == expected for values in ticks)
 
 
