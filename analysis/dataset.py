@@ -18,10 +18,12 @@ source that does not exist, is not a folder or zip, or holds no usable image at 
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -31,6 +33,7 @@ import time
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -98,10 +101,14 @@ class SampleResult:
     # their path inside the zip (see reported_path), not as a cache location the user never chose.
     extracted_to: str = ""
     age_band_edges: tuple[int, ...] = AGE_BAND_EDGES  # left edges of the bands in sample["age_band"]
+    # sample["path"] (resolved) -> the path as found under the source, for reported_path
+    found: dict[str, str] = field(default_factory=dict, repr=False)
 
     def reported_path(self, path) -> str:
-        """`path` as the user knows it: relative to the zip for a file extracted from one,
+        """`path` as the user knows it: relative to the zip for a file extracted from one; a
+        sample image's path as found under the folder given (not resolved: not a link's target);
         unchanged otherwise."""
+        path = self.found.get(str(path), path)
         if self.extracted_to and Path(path).is_absolute():
             try:
                 return Path(path).resolve().relative_to(self.extracted_to).as_posix()
@@ -250,14 +257,23 @@ def _decode_problem(exc: Exception) -> str:
     return f"not decodable: {type(exc).__name__}: {text}" if text else f"not decodable: {type(exc).__name__}"
 
 
+# The version of what read_image_rgb makes of a file's bytes: part of every cache key of decoded
+# pixels or of predictions on them, so a change in decoding is never served stale from a cache.
+# 2: a PNG's single transparent colour (tRNS) composited onto white, as alpha already was.
+DECODE_VERSION = 2
+
+
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    transparency = image.info.get("transparency")  # a PNG's one transparent colour (tRNS), or a palette's
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale (a 16-bit PNG opens as I;16 or I): 0–65535 → 0–255, as 8 bits = 16 bits / 257.
         # Not by the image's own range: stretching would change its brightness (PIL's convert clips).
         values = np.asarray(image, dtype=np.float64)
         gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        if isinstance(transparency, int):
+            gray[values == transparency] = 255  # transparent: white, as below
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "RGB", "L") and transparency is not None):
         # Composite onto white so transparent borders do not become black blocks.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -340,7 +356,9 @@ def load_sample(
         raise SampleError(f"{source_path} is neither a folder nor a zip file")
 
     rows = []
-    for path in sorted(root.rglob("*")):  # rglob does not enter linked folders: they are reported below
+    paths, unreadable = _walk(root)
+    skipped.extend(unreadable)
+    for path in paths:
         relative = path.relative_to(root).as_posix()
         if _is_ignored(relative):
             continue
@@ -354,7 +372,7 @@ def load_sample(
                                                    "code page, e.g. a zip unpacked on another system); rename it"))
             continue
         if path.is_symlink() and not path.exists():
-            skipped.append((str(path), "broken link: the file it points to does not exist"))
+            skipped.append((str(path), _broken_link(path)))
             continue
         if not path.is_file():  # a socket, a device, ...
             continue
@@ -366,11 +384,15 @@ def load_sample(
         except ValueError as exc:
             skipped.append((str(path), str(exc)))
             continue
-        size = path.stat().st_size
-        if size > MAX_IMAGE_FILE_BYTES:  # checked before reading: the file is read whole below
-            skipped.append((str(path), _file_too_large(size)))
+        try:
+            size = path.stat().st_size
+            if size > MAX_IMAGE_FILE_BYTES:  # checked before reading: the file is read whole below
+                skipped.append((str(path), _file_too_large(size)))
+                continue
+            data = path.read_bytes()
+        except OSError as exc:  # no permission, gone meanwhile, a disk error: that file only
+            skipped.append((str(path), f"{UNREADABLE_FILE}: {exc.strerror or exc}"))
             continue
-        data = path.read_bytes()
         problem = _check_image_header(data)
         if problem:
             skipped.append((str(path), problem))
@@ -385,6 +407,7 @@ def load_sample(
 
     sample = pd.DataFrame(rows, columns=[*SAMPLE_COLUMNS[:-1], "_found", "_relative"])
     sample, duplicates, duplicate_skips = _split_duplicates(sample, keep_duplicates)
+    found = dict(zip(sample["path"], sample["_found"]))
     sample = sample.drop(columns=["_found", "_relative"])
     skipped.extend(duplicate_skips)
     if sample.empty:
@@ -398,10 +421,38 @@ def load_sample(
         source=str(source_path),
         extracted_to=str(root.resolve()) if root != source_path else "",
         age_band_edges=tuple(age_band_edges),
+        found=found,
     )
     result.skipped = pd.DataFrame([(result.reported_path(path), reason) for path, reason in skipped],
                                   columns=["path", "reason"])
     return result
+
+
+def _walk(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every path under `root` (folders too, sorted; linked folders are listed, not entered: they
+    are reported by the caller), and the folders that cannot be read, as skips with a reason
+    (Path.rglob passes over them without a word)."""
+    paths: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
+
+    def failed(exc: OSError) -> None:
+        unreadable.append((str(exc.filename or root), f"folder cannot be read: {exc.strerror or exc}; its images are "
+                                                      "left out (check its permissions)"))
+
+    for folder, folders, files in os.walk(root, onerror=failed):
+        here = Path(folder)
+        paths.extend(here / name for name in (*folders, *files))
+    return sorted(paths), unreadable
+
+
+def _broken_link(path: Path) -> str:
+    """Why a link that leads to no file leads nowhere."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "link loop: the link leads (through other links) back to itself; remove it"
+    return "broken link: the file it points to does not exist"
 
 
 def _split_duplicates(sample: pd.DataFrame, keep_duplicates: bool):
@@ -510,6 +561,9 @@ def extract_zip_safely(
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise SampleError(f"{Path(zip_path).name} is not a readable zip archive: {exc}") from exc
+    except UnicodeDecodeError:  # zipfile decodes every name when it opens the archive
+        raise SampleError(f"{Path(zip_path).name} lists a file name marked as UTF-8 that is not UTF-8 (made by a tool "
+                          "that mislabels names?); unzip it yourself and give the folder, or zip it again") from None
     with archive:
         entries = [e for e in archive.infolist() if not e.is_dir() and not e.filename.endswith("\\")]
         if len(entries) > max_files:
@@ -526,9 +580,14 @@ def extract_zip_safely(
         # Unpacked into a folder of this process's own, then moved into place whole with its
         # marker: another process reading the same zip at the same time (the CLI beside the app)
         # never sees, or marks as finished, a half-written folder.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _prune_leftovers(target)
-        partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _prune_leftovers(target)
+            partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+        except OSError as exc:
+            raise SampleError(f"cannot unpack {Path(zip_path).name} into {target.parent}: {exc.strerror or exc} — that is "
+                              "the cache folder (FACECHECK_CACHE_DIR sets it); choose one you can write to, or unzip "
+                              "the sample yourself and give the folder") from None
         written, unpack_skips = 0, []
         try:
             for entry, relative in planned:
@@ -538,16 +597,20 @@ def extract_zip_safely(
                     written += _copy_bounded(archive, entry, destination, max_bytes - written)
                 except OSError as exc:  # e.g. a name this file system cannot hold: that entry only
                     unpack_skips.append((entry.filename, f"cannot be unpacked here: {exc.strerror or exc}"))
+                except _DAMAGED_ENTRY as exc:  # a bad checksum or compressed data: that entry only
+                    destination.unlink(missing_ok=True)
+                    unpack_skips.append((entry.filename, f"damaged in the zip: {type(exc).__name__}: {exc} — the rest "
+                                                         "is read; zip the sample again to get this file back"))
             (partial / done_marker.name).write_text(json.dumps({"version": EXTRACTION_VERSION, "unpack_skips": unpack_skips}))
-        except zipfile.BadZipFile as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise SampleError(f"{Path(zip_path).name} is corrupt: {exc}") from exc
         except Exception:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         _move_into_place(partial, target, planned)
     return target, skipped + unpack_skips
 
+
+# What reading one damaged entry raises: zipfile's bad CRC or header, the decompressors' own errors.
+_DAMAGED_ENTRY = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError)
 
 # Written into an extraction once every file is in it (with the entries that could not be unpacked).
 _DONE_MARKER = ".facecheck-extracted"

@@ -6,6 +6,7 @@ Each step is a plain function so the app can cache them separately; `evaluate` c
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -291,7 +292,9 @@ def evaluate(
         models[key], scores[key] = prepare_model(spec, sample.sample, seed=seed)
     run = predict_sample(sample.sample, models, batch_size=batch_size, use_cache=use_cache, progress=progress)
     if run.predictions.empty:
-        raise ValueError("no image of the sample could be decoded; see the skipped list")
+        failed = run.skipped
+        example = f" (e.g. {Path(failed['path'].iloc[0]).name}: {failed['reason'].iloc[0]})" if len(failed) else ""
+        raise ValueError(f"none of the {len(sample.sample)} images of the sample could be decoded{example}")
     tables = compute_tables(run.predictions, models.keys(), n_boot=n_boot, seed=seed)
     summary = metrics.summary(run.predictions, tuple(models), n_boot=n_boot, seed=seed, tables=tables)
     return Evaluation(sample, models, scores, run, tables, summary)

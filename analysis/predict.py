@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.dataset import UNREADABLE_FILE, default_cache_dir, read_image_rgb, resize_image
+from analysis.dataset import DECODE_VERSION, UNREADABLE_FILE, default_cache_dir, read_image_rgb, resize_image
 
 DEFAULT_BATCH_SIZE = 64
 Progress = Callable[[int, int], None]
@@ -186,7 +186,8 @@ def _predict_padded(loaded, batch: np.ndarray, batch_size: int):
 # ---------------------------------------------------------------- cache
 
 def _cache_path(cache_root: Path, loaded) -> Path:
-    return cache_root / f"{loaded.cache_key()}.npz"
+    """Per model and settings, and per way of decoding images (a change in it changes pixels)."""
+    return cache_root / f"{loaded.cache_key()}-d{DECODE_VERSION}.npz"
 
 
 def _read_cache(cache_root: Path, loaded) -> dict:
@@ -247,17 +248,19 @@ def calibration_batch(sample: pd.DataFrame, size: tuple[int, int], n: int = 64, 
     shorter = min(len(g) for g in by_gender)
     interleaved += [i for g in by_gender for i in g[shorter:]]
     order = interleaved[: n * 2]
-    images, ages, genders = [], [], []
+    images, ages, genders, failures = [], [], [], []
     for i in order:
         row = sample.iloc[i]
         try:
             images.append(resize_image(read_image_rgb(row["path"]), size))
-        except ValueError:
+        except ValueError as exc:
+            failures.append(f"{Path(row['path']).name}: {exc}")
             continue
         ages.append(row["age"])
         genders.append(row["gender"])
         if len(images) == n:
             break
     if not images:
-        raise ValueError("no decodable images to calibrate preprocessing on")
+        raise ValueError(f"none of the {len(failures)} images tried could be decoded to check the model on "
+                         f"(e.g. {failures[0]})" if failures else "no images to check the model on")
     return np.stack(images), np.asarray(ages, dtype=float), np.asarray(genders, dtype=int)

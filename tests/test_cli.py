@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,19 @@ def test_the_console_counts_what_was_evaluated_not_only_what_was_found(model_fil
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped[["path", "stage"]].values.tolist() == [[str(victim), "decoding"]]
     assert skipped["reason"].iloc[0].startswith("not decodable: OSError: image file is truncated")
+
+
+def test_a_sample_where_nothing_decodes_names_a_file_and_its_reason(model_files, synthetic_dir, tmp_path, capsys):
+    """With a preprocessing given (no check on labelled images first) it said "no image of the
+    sample could be decoded; see the skipped list", and wrote no skipped list."""
+    data = tmp_path / "cut"
+    data.mkdir()
+    for path in sorted(synthetic_dir.glob("*.jpg"))[:4]:
+        (data / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header passes
+    assert main(["evaluate", "--model-a", str(model_files[0]), "--preprocessing-a", "rgb_0_255", "--data", str(data),
+                 "--out", str(tmp_path / "report"), "--bootstrap", "50", "--no-gradcam"]) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"error: none of the 4 images of the sample could be decoded \(e\.g\. \S+\.jpg: not decodable: ", error)
 
 
 @pytest.mark.parametrize(

@@ -692,3 +692,128 @@ def test_a_link_to_a_path_that_is_not_utf8_is_skipped(tmp_path):
     result = load_sample(folder)
     assert list(result.sample["file_name"]) == ["20_0_0_20170101000000001.jpg"]
     assert result.skipped["reason"].iloc[0].startswith("unreadable name: the file it links to")
+
+
+# ------------------------------------------------ files, folders and zip entries that cannot be read
+
+
+def test_a_file_or_folder_that_cannot_be_read_is_skipped_and_the_rest_is_read(tmp_path, monkeypatch):
+    """One file without read permission stopped the whole sample with a bare PermissionError, and
+    a folder without it was passed over without a word. (Simulated: the tests may run as root,
+    who reads anything.)"""
+    import os
+
+    folder = tmp_path / "perm"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "locked" / "40_1_0_20170101000000003.jpg").write_bytes(_jpeg_bytes((10, 10, 10)))
+    good = folder / "20_0_0_20170101000000001.jpg"
+    good.write_bytes(_jpeg_bytes((200, 10, 10)))
+    denied = folder / "30_1_0_20170101000000002.jpg"
+    denied.write_bytes(_jpeg_bytes((10, 200, 10)))
+    read_bytes, scandir = Path.read_bytes, os.scandir
+
+    def refuse_file(self):
+        if self.name == denied.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    def refuse_folder(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_file)
+    monkeypatch.setattr(os, "scandir", refuse_folder)
+    result = load_sample(folder)
+    assert result.sample["file_name"].tolist() == [good.name]
+    reasons = dict(result.skipped.values)
+    assert reasons[str(denied)] == "cannot be read: Permission denied"
+    assert reasons[str(folder / "locked")].startswith("folder cannot be read: Permission denied; its images are left out")
+    assert len(reasons) == 2
+
+
+def test_a_link_loop_is_called_a_loop(tmp_path):
+    folder = tmp_path / "loop"
+    folder.mkdir()
+    (folder / "20_0_0_20170101000000001.jpg").write_bytes(_jpeg_bytes())
+    (folder / "30_0_0_20170101000000002.jpg").symlink_to(folder / "31_0_0_20170101000000003.jpg")
+    (folder / "31_0_0_20170101000000003.jpg").symlink_to(folder / "30_0_0_20170101000000002.jpg")
+    reasons = {Path(p).name: r for p, r in load_sample(folder).skipped.values}
+    assert reasons == {name: "link loop: the link leads (through other links) back to itself; remove it"
+                       for name in ("30_0_0_20170101000000002.jpg", "31_0_0_20170101000000003.jpg")}
+
+
+def _zip_of_faces(path: Path, n: int, method: int) -> list[str]:
+    names = [f"{20 + i}_{i % 2}_0_201701010000000{i:02d}.jpg" for i in range(n)]
+    with zipfile.ZipFile(path, "w", method) as archive:
+        for i, name in enumerate(names):
+            archive.writestr(f"UTKFace/{name}", _jpeg_bytes((10 * i, 100, 50), size=(64, 64)))
+    return names
+
+
+def _entry_data_offset(path: Path, name: str) -> int:
+    with zipfile.ZipFile(path) as archive:
+        entry = archive.getinfo(name)
+    return entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra)
+
+
+@pytest.mark.parametrize("method, damage", [(zipfile.ZIP_DEFLATED, "stream"), (zipfile.ZIP_STORED, "crc")])
+def test_a_damaged_zip_entry_is_skipped_and_the_rest_is_read(tmp_path, method, damage):
+    """One entry with damaged compressed data raised zlib.error out of load_sample (a traceback in
+    the CLI and the app); one with a bad checksum refused the whole zip."""
+    path = tmp_path / f"{damage}.zip"
+    names = _zip_of_faces(path, 6, method)
+    data = bytearray(path.read_bytes())
+    start = _entry_data_offset(path, f"UTKFace/{names[2]}")
+    if damage == "stream":
+        data[start:start + 8] = b"\xff" * 8  # not a valid deflate block
+    else:
+        data[start + 200] ^= 0xFF  # stored bytes changed: the CRC-32 no longer matches
+    path.write_bytes(bytes(data))
+    for _ in range(2):  # unpacked, then read back from the finished extraction: the same skip
+        result = load_sample(path, extract_to=tmp_path / "out")
+        assert sorted(result.sample["file_name"]) == sorted(names[:2] + names[3:])
+        reasons = dict(result.skipped.values)
+        assert list(reasons) == [f"UTKFace/{names[2]}"]
+        expected = "damaged in the zip: error: Error -3" if damage == "stream" else "damaged in the zip: BadZipFile: Bad CRC-32"
+        assert reasons[f"UTKFace/{names[2]}"].startswith(expected)
+        assert reasons[f"UTKFace/{names[2]}"].endswith("zip the sample again to get this file back")
+    assert not (tmp_path / "out" / "UTKFace" / names[2]).exists()  # no half-written file
+
+
+def test_a_zip_whose_names_claim_utf8_falsely_gets_a_clear_message(tmp_path):
+    path = tmp_path / "names.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("UTKFace/20_0_0_2017.jpg", _jpeg_bytes())
+        archive.writestr(zipfile.ZipInfo("UTKFace/Zoë.txt"), b"x")  # stored with the UTF-8 flag
+    path.write_bytes(path.read_bytes().replace("Zoë".encode(), b"Zo\xff\xfe"))  # the same length
+    with pytest.raises(SampleError, match="names.zip lists a file name marked as UTF-8 that is not UTF-8.*unzip it yourself"):
+        load_sample(path, extract_to=tmp_path / "out")
+
+
+def test_an_unusable_cache_folder_is_named_with_what_to_do(tmp_path, monkeypatch):
+    path = tmp_path / "faces.zip"
+    _zip_of_faces(path, 2, zipfile.ZIP_STORED)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FACECHECK_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(SampleError, match=r"cannot unpack faces.zip into .*a_file/cache/samples: Not a directory — that is "
+                                          r"the cache folder \(FACECHECK_CACHE_DIR sets it\)"):
+        load_sample(path)
+
+
+@pytest.mark.parametrize("mode, colour, transparent", [
+    ("RGB", (10, 20, 30), (10, 20, 30)), ("L", 18, 18), ("I;16", 4626, 4626),
+])
+def test_a_png_with_one_transparent_colour_is_put_on_white(tmp_path, mode, colour, transparent):
+    """RGBA, LA and palette transparency were composited onto white, but not a PNG whose one
+    transparent colour is given by its tRNS chunk (RGB, grey, 16-bit grey)."""
+    image = Image.new(mode, (6, 4), colour)
+    image.putpixel((5, 3), (200, 100, 0) if mode == "RGB" else 3000 if mode == "I;16" else 100)
+    path = tmp_path / "t.png"
+    image.save(path, transparency=transparent)
+    assert "transparency" in Image.open(path).info
+    pixels = read_image_rgb(path)
+    assert (pixels[:3] == 255).all() and (pixels[3, :5] == 255).all()  # the transparent colour: white
+    opaque = {"RGB": [200, 100, 0], "L": [100] * 3, "I;16": [round(3000 / 257)] * 3}[mode]
+    assert pixels[3, 5].tolist() == opaque  # every other colour as it was

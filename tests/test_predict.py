@@ -196,3 +196,35 @@ def test_files_skipped_from_a_zip_are_named_by_their_path_in_the_zip(sample, tmp
     # a folder's skipped files keep their full path
     assert result.reported_path(str(tmp_path / "elsewhere" / "x.jpg")) == str(tmp_path / "elsewhere" / "x.jpg")
     assert load_sample(tmp_path / "unpacked").extracted_to == ""
+
+
+def test_files_skipped_from_a_folder_are_named_as_found_at_every_stage(sample, tmp_path, monkeypatch):
+    """A folder given as a relative path had its reading skips reported as "faces/notes.txt" but
+    its decoding failures by their resolved absolute path (a link's target, even)."""
+    from analysis.evaluation import Evaluation
+
+    first, second = (Path(p) for p in sample["path"].iloc[:2])
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / first.name).write_bytes(first.read_bytes())
+    (tmp_path / "faces" / "notes.txt").write_text("x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / second.name).write_bytes(second.read_bytes()[: second.stat().st_size // 3])  # decodes only in part
+    (tmp_path / "faces" / second.name).symlink_to(elsewhere / second.name)
+    monkeypatch.chdir(tmp_path)
+    result = load_sample("faces")
+    run = predict_sample(result.sample, {"A": PixelModel()}, batch_size=8, cache_dir=tmp_path / "cache")
+    skipped = Evaluation(sample=result, models={}, preprocessing_scores={}, run=run).skipped
+    assert dict(zip(skipped["path"], skipped["stage"])) == {"faces/notes.txt": "reading", f"faces/{second.name}": "decoding"}
+
+
+def test_when_nothing_decodes_the_check_on_labelled_images_names_a_file_and_its_reason(sample, tmp_path):
+    """It said "no decodable images to calibrate preprocessing on": no file, no reason."""
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    for path in map(Path, sample["path"].iloc[:3]):
+        (folder / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header passes
+    result = load_sample(folder)
+    with pytest.raises(ValueError, match=r"none of the 3 images tried could be decoded to check the model on "
+                                         r"\(e\.g\. \d+_\d_\d_\w+\.jpg\S*: not decodable: "):
+        calibration_batch(result.sample, (20, 20))

@@ -1327,3 +1327,37 @@ def test_evaluating_a_model_on_its_own_training_images_is_pointed_out(trained, s
     assert "Held-out check: the training split of model A (split_A.csv) lists none of these images (by content or photo name)." in printed
     assert json.loads((tmp_path / "report2" / "summary.json").read_text())["training_overlap"] == {
         "A": {"split_file": "split_A.csv", "n_train": 0, "n_val": 0, "n_evaluated": 5}}
+
+
+def test_decoded_image_cache_is_reused_bounded_and_never_stops_training(synthetic_dir, tmp_path, monkeypatch):
+    """Each seed or split left its own decoded arrays forever (340 MB each for Model B), and a cache
+    folder that could not be made stopped training with a traceback."""
+    import time
+
+    from analysis.dataset import load_sample
+    from training import data
+
+    sample = load_sample(synthetic_dir).sample.iloc[:12]
+    monkeypatch.setenv("FACECHECK_CACHE_DIR", str(tmp_path / "cache"))
+    images, problems = data.decode_images(sample["path"], (16, 16), sample["image_id"])
+    (cached,) = (tmp_path / "cache" / "training").glob("images-*.npy")
+    assert problems == {} and np.array_equal(np.load(cached), images)
+    old = time.time() - 100
+    os.utime(cached, (old, old))
+    again, _ = data.decode_images(sample["path"], (16, 16), sample["image_id"])  # read back, marked as used now
+    assert np.array_equal(again, images) and cached.stat().st_mtime > old + 50
+    # three more sets of images; a budget of two arrays keeps the two most recently used
+    size = cached.stat().st_size
+    monkeypatch.setattr(data, "TRAINING_CACHE_BYTES", 2 * size)
+    for start in (1, 2, 3):
+        part = sample.iloc[start:start + 11]
+        data.decode_images(part["path"], (16, 16), part["image_id"])
+        time.sleep(0.01)
+    left = sorted((tmp_path / "cache" / "training").glob("images-*.npy"), key=lambda f: f.stat().st_mtime)
+    assert len(left) == 2 and cached not in left
+    # a cache folder that cannot be made: decoded all the same, nothing cached
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FACECHECK_CACHE_DIR", str(blocker / "cache"))
+    images2, problems2 = data.decode_images(sample["path"], (16, 16), sample["image_id"])
+    assert problems2 == {} and np.array_equal(images2, images)

@@ -220,7 +220,7 @@ def _run_training(args, extract_to) -> int:
         raise Interrupted("\ninterrupted before training: nothing written") from None
     print(f"Data: {args.data} — {split.describe()}.")
     if len(split.skipped):
-        print(f"  {len(split.skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in reason_counts(split.skipped).items()))
+        print(f"  {len(split.skipped)} file{'' if len(split.skipped) == 1 else 's'} skipped: " + ", ".join(f"{n} {r}" for r, n in reason_counts(split.skipped).items()))
     for warning in _data_warnings(split, args.data):
         print(f"  warning: {warning}")
     for config in configs:

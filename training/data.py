@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.constants import DEFAULT_SEED
-from analysis.dataset import default_cache_dir, load_image, load_sample, photo_key  # noqa: F401 (photo_key: part of this module's API)
+from analysis.dataset import DECODE_VERSION, default_cache_dir, load_image, load_sample, photo_key  # noqa: F401 (photo_key: part of this module's API)
 
 # Below this many images a train/validation split leaves too little on either side to learn
 # or to measure anything.
@@ -165,11 +165,12 @@ def decode_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool =
     cache_path = None
     if cache and image_ids is not None:
         digest = hashlib.sha1("\n".join(map(str, image_ids)).encode()).hexdigest()[:20]
-        cache_path = default_cache_dir() / "training" / f"images-{height}x{width}-{digest}.npy"
+        cache_path = default_cache_dir() / "training" / f"images-{height}x{width}-{digest}-d{DECODE_VERSION}.npy"
         if cache_path.is_file():
             try:
                 images = np.load(cache_path, mmap_mode=None, allow_pickle=False)
                 if images.shape == (len(paths), height, width, 3) and images.dtype == np.uint8:
+                    os.utime(cache_path)  # used now: pruned last (see _prune_cache)
                     return images, {}
             except (OSError, ValueError):
                 pass  # a damaged cache file is rebuilt below
@@ -189,16 +190,38 @@ def decode_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool =
             else:
                 images[i] = pixels
     if cache_path is not None and not problems:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_path.with_name(f".{cache_path.stem}.{os.getpid()}.partial.npy")
         try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(partial, images)
             os.replace(partial, cache_path)
+            _prune_cache(cache_path)
         except OSError:
-            pass  # caching is an optimisation; training goes on
+            pass  # caching is an optimisation (the folder may not even be one): training goes on
         finally:  # also after Ctrl-C: no half-written cache file is left behind
-            partial.unlink(missing_ok=True)
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
     return images, problems
+
+
+# The decoded-image cache keeps at most this many bytes: each seed, validation share and image
+# size makes its own arrays (Model B's 5000 faces at 150 px: 340 MB), and none is ever reused
+# once the settings change.
+TRAINING_CACHE_BYTES = 2 * 2**30
+
+
+def _prune_cache(kept: Path) -> None:
+    """Delete the least recently used cached arrays beside `kept` (never it) until the folder
+    holds at most TRAINING_CACHE_BYTES of them."""
+    total, budget = 0, TRAINING_CACHE_BYTES
+    for cached in sorted(kept.parent.glob("images-*.npy"), key=lambda f: f.stat().st_mtime, reverse=True):
+        size = cached.stat().st_size
+        if cached == kept or total + size <= budget:
+            total += size
+        else:
+            cached.unlink(missing_ok=True)
 
 
 def targets(table: pd.DataFrame) -> dict[str, np.ndarray]:
