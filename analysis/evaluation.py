@@ -6,7 +6,6 @@ Each step is a plain function so the app can cache them separately; `evaluate` c
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -292,9 +291,7 @@ def evaluate(
         models[key], scores[key] = prepare_model(spec, sample.sample, seed=seed)
     run = predict_sample(sample.sample, models, batch_size=batch_size, use_cache=use_cache, progress=progress)
     if run.predictions.empty:
-        failed = run.skipped
-        example = f" (e.g. {Path(failed['path'].iloc[0]).name}: {failed['reason'].iloc[0]})" if len(failed) else ""
-        raise ValueError(f"none of the {len(sample.sample)} images of the sample could be decoded{example}")
+        raise ValueError(run.nothing_decoded(len(sample.sample)))
     tables = compute_tables(run.predictions, models.keys(), n_boot=n_boot, seed=seed)
     summary = metrics.summary(run.predictions, tuple(models), n_boot=n_boot, seed=seed, tables=tables)
     return Evaluation(sample, models, scores, run, tables, summary)

@@ -37,6 +37,12 @@ class PredictionRun:
     cached: dict[str, int] = field(default_factory=dict)  # model key -> images served from cache
     seconds: float = 0.0
 
+    def nothing_decoded(self, n_images: int) -> str:
+        """The message when none of the sample's `n_images` decoded, with one file and its reason."""
+        example = (f" (e.g. {Path(self.skipped['path'].iloc[0]).name}: {self.skipped['reason'].iloc[0]})"
+                   if len(self.skipped) else "")
+        return f"none of the {n_images:,} images of the sample could be decoded{example}"
+
 
 def predict_sample(
     sample: pd.DataFrame,

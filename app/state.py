@@ -589,9 +589,8 @@ def evaluate_current(progress_area) -> Current:
     finally:
         progress_area.empty()
     if run.predictions.empty:
-        failed = run.skipped  # decoding failures: the sidebar lists only the files skipped when reading
-        example = f" (e.g. {Path(failed['path'].iloc[0]).name}: {failed['reason'].iloc[0]})" if len(failed) else ""
-        current.problems.append(f"None of the {len(sample.sample):,} images of the sample could be decoded{example}.")
+        text = run.nothing_decoded(len(sample.sample))  # the sidebar lists only the files skipped when reading
+        current.problems.append(text[0].upper() + text[1:] + ".")
         return current
     computed = metric_tables(key, tuple(models), current.n_boot, current.seed, run.predictions)
     current.evaluation = Evaluation(sample, models, scores, run, computed["tables"], computed["summary"])
