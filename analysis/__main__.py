@@ -261,7 +261,7 @@ def run(argv=None) -> int:
 
     from analysis.dataset import SampleError, load_sample
     from analysis.evaluation import evaluate
-    from analysis.report import check_output_folder, write_bundle
+    from analysis.report import check_output_folder, report_notes, write_bundle
 
     check_output_folder(args.out, overwrite=args.overwrite)
     edges = args.age_bands
@@ -298,6 +298,9 @@ def run(argv=None) -> int:
         print(Path(args.out).resolve())
     else:
         print(format_summary(evaluation))
+        for note in report_notes(args.out):  # e.g. a model without Grad-CAM: not only in the README
+            if note.startswith("Grad-CAM") and "not requested" not in note:
+                print(f"note: {note}")
         print(f"\nWrote {len(written)} files to {Path(args.out).resolve()}")
     return 0
 

@@ -773,7 +773,9 @@ def gradcam_grid(
     """A grid image: one row per face, columns = the face then one Grad-CAM overlay per model.
 
     images: uint8 RGB, shape (n, h, w, 3) (any h, w; shown at `cell` × `cell` pixels).
-    heatmaps: model key -> array (n, h', w') in [0, 1] (resized to the cell).
+    heatmaps: model key -> array (n, h', w') in [0, 1] (resized to the cell); an all-NaN map (no
+    Grad-CAM for that face) shows the face in grey, marked "no Grad-CAM", and an all-zero one is
+    marked "no evidence found".
     row_labels: n captions (e.g. "true 34 y, female · A 52 y · B 41 y"), drawn under each row.
     column_titles: model key -> column heading (default "Grad-CAM <key>").
     overlay(image, heatmap) -> uint8 RGB; defaults to `analysis.gradcam.overlay`.
@@ -815,14 +817,26 @@ def gradcam_grid(
     for i in range(n):
         top = title_h + header_h + i * (cell + caption_h + pad)
         face = np.asarray(Image.fromarray(images[i].astype(np.uint8)).resize((cell, cell), Image.BILINEAR))
-        tiles = [face]
+        tiles, marks = [face], {}
         for key in keys:
+            raw = np.asarray(heatmaps[key][i], dtype=np.float32)
+            if not np.isfinite(raw).any():  # no map for this face (analysis.gradcam.undefined_maps)
+                marks[len(tiles)] = "no Grad-CAM"
+                tiles.append(np.asarray(Image.fromarray(face).convert("L").convert("RGB")))
+                continue
+            if not (raw > 0).any():  # a map, but no positive evidence anywhere (analysis.gradcam.empty_maps)
+                marks[len(tiles)] = "no evidence found"
             heat = np.asarray(
-                Image.fromarray(np.clip(heatmaps[key][i], 0, 1).astype(np.float32), mode="F").resize((cell, cell), Image.BILINEAR)
+                Image.fromarray(np.clip(raw, 0, 1), mode="F").resize((cell, cell), Image.BILINEAR)
             )
             tiles.append(np.asarray(overlay(face, heat), dtype=np.uint8))
         for j, tile in enumerate(tiles):
-            canvas.paste(Image.fromarray(tile), (pad + j * (cell + pad), top))
+            left = pad + j * (cell + pad)
+            canvas.paste(Image.fromarray(tile), (left, top))
+            if j in marks:  # said on the tile: a grey face or a uniform colour would pass for a map
+                draw.rectangle((left, top, left + cell - 1, top + line_h + 2 * scale), fill="white")
+                draw.text((left + 3 * scale, top + scale), _fit(draw, marks[j], small_font, cell - 6 * scale),
+                          fill="black", font=small_font)
         for j, line in enumerate(str(row_labels[i]).split("\n")):
             position = (pad, top + cell + 3 * scale + j * line_h)
             draw.text(position, _fit(draw, line, small_font, width - 2 * pad), fill="black", font=small_font)

@@ -56,6 +56,8 @@ import pandas as pd
 import tensorflow as tf
 from PIL import Image
 
+from analysis.mapping import PASS_THROUGH_LAYERS
+
 TARGETS: tuple[str, ...] = ("gender_female", "gender_male", "age_older", "age_younger")
 HEADS: tuple[str, ...] = ("age", "gender")
 METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
@@ -122,19 +124,24 @@ class _Site:
     route: tuple  # nodes from the outer graph down to the node that produces the map
     shape: tuple  # (h, w, c) without the batch axis; None where unknown
     feeds: frozenset  # indices of the model's flattened outputs this map influences
+    aligned: bool = True  # False after a cropping layer: the map covers only part of the image
 
 
 # Layers whose output map does not cover the image the way their input did: padding adds rows and
 # columns of no image pixels (MobileNetV2's block_13_pad, EfficientNet's *_dwconv_pad), cropping
-# removes some. Stretched over the face, such a map would put every cell in the wrong place.
-_SHIFTING_LAYERS = (keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
+# removes some. Stretched over the face, such a map would put every cell in the wrong place. A
+# padding layer's own map is left out (the next, valid convolution takes the border off again);
+# after a crop every map covers only part of the face, so none is offered.
+_SHIFTING_LAYERS = (keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.CenterCrop)
+_CROPPING_LAYERS = (keras.layers.Cropping2D, keras.layers.CenterCrop)
 
 
-def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: list) -> list[_Site]:
+def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: list, in_cropped: list | None = None) -> list[_Site]:
     """All spatial feature maps in `graph` (recursing into nested models), in run order.
 
     `in_learned[i]`: whether graph input i already went through a learned layer.
     `out_feeds[j]`: which model outputs graph output j feeds.
+    `in_cropped[i]`: whether graph input i already went through a cropping layer.
     """
     nodes = _nodes_in_run_order(graph)
 
@@ -147,22 +154,27 @@ def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: l
         for tensor in node.input_tensors:
             feeds.setdefault(id(tensor), set()).update(node_feeds)
 
-    # Forward pass: has a learned layer been applied yet? Emit the spatial maps after one.
+    # Forward pass: has a learned layer been applied yet? Emit the spatial maps after one; those
+    # after a crop as not aligned with the image.
     learned = {id(t): flag for t, flag in zip(graph.inputs, in_learned)}
+    cropped = {id(t): flag for t, flag in zip(graph.inputs, in_cropped or [False] * len(graph.inputs))}
     sites: list[_Site] = []
     for node in nodes:
         operation = node.operation
         inputs_learned = any(learned.get(id(t), False) for t in node.input_tensors)
+        inputs_cropped = any(cropped.get(id(t), False) for t in node.input_tensors)
         inner = _graph_of(operation) if isinstance(operation, keras.Model) else None
         if inner is not None:
             inner_in = [inputs_learned] * len(inner.inputs)
             inner_out = [feeds.get(id(t), set()) for t in node.outputs]
-            sites.extend(
-                _walk_sites(inner, f"{prefix}{operation.name}{PATH_SEP}", route + (node,), inner_in, inner_out)
-            )
+            inner_sites = _walk_sites(inner, f"{prefix}{operation.name}{PATH_SEP}", route + (node,), inner_in, inner_out,
+                                      [inputs_cropped] * len(inner.inputs))
+            sites.extend(inner_sites)
             now_learned = inputs_learned or bool(operation.weights)
+            now_cropped = inputs_cropped or any(not site.aligned for site in inner_sites) or _crops(inner)
         else:
             now_learned = inputs_learned or _has_learned_weights(operation)
+            now_cropped = inputs_cropped or isinstance(operation, _CROPPING_LAYERS)
             if (len(node.outputs) == 1 and _is_spatial(node.outputs[0].shape) and now_learned
                     and not isinstance(operation, _SHIFTING_LAYERS)):
                 sites.append(
@@ -171,11 +183,22 @@ def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: l
                         route=route + (node,),
                         shape=tuple(node.outputs[0].shape[1:]),
                         feeds=frozenset(feeds.get(id(node.outputs[0]), set())),
+                        aligned=not now_cropped,
                     )
                 )
         for tensor in node.outputs:
             learned[id(tensor)] = now_learned
+            cropped[id(tensor)] = now_cropped
     return sites
+
+
+def _crops(graph) -> bool:
+    """Whether a (nested) graph applies a cropping layer anywhere."""
+    for node in _nodes_in_run_order(graph):
+        inner = _graph_of(node.operation) if isinstance(node.operation, keras.Model) else None
+        if isinstance(node.operation, _CROPPING_LAYERS) or (inner is not None and _crops(inner)):
+            return True
+    return False
 
 
 def _top_graph(keras_model):
@@ -231,15 +254,15 @@ def candidate_layers(loaded, target: str | None = None) -> list[str]:
     """Names of the layers Grad-CAM can explain, from the input side to the heads.
 
     Every layer with a spatial output (4-D, height and width > 1) that comes after a learned layer
-    and feeds the gender or age head (only the `target`'s head when given), except padding and
-    cropping layers (their maps are offset from the image). Layers inside a
+    and feeds the gender or age head (only the `target`'s head when given), except padding layers
+    and every layer from a crop on (their maps are offset from the image). Layers inside a
     nested backbone are named by path: "backbone/block_16_project". The last one is the default;
     earlier ones give finer but less semantic maps.
     """
     if target is not None:
         _check_target(target)
     heads = {_head_output(loaded, target)} if target else {loaded.mapping.gender_output, loaded.mapping.age_output}
-    return [site.path for site in _sites(loaded) if site.feeds & heads]
+    return [site.path for site in _sites(loaded) if site.feeds & heads and site.aligned]
 
 
 # The default layer is the last map at least this many cells high and wide (when there is one):
@@ -266,10 +289,15 @@ def default_layer(loaded, target: str | None = None) -> str:
         wanted = [both, {loaded.mapping.gender_output}, {loaded.mapping.age_output}]
     sites = _sites(loaded)
     for heads in wanted:
-        feeding = [site for site in sites if heads <= site.feeds]
+        feeding = [site for site in sites if heads <= site.feeds and site.aligned]
         if feeding:
             large = [site for site in feeding if _side(site) >= MIN_DEFAULT_SIDE]
             return (large or feeding)[-1].path
+    if any(not site.aligned for site in sites):
+        raise ValueError(
+            f"every feature map of model {loaded.name!r} comes after a cropping layer: each covers only part of "
+            "the face, so a heatmap stretched over the face would put the evidence in the wrong place; no Grad-CAM"
+        )
     raise ValueError(
         f"model {loaded.name!r} has no spatial feature map (a layer with a 4-D output whose height and "
         "width are > 1, after a learned layer) feeding its "
@@ -298,6 +326,11 @@ def _resolve_site(loaded, layer: str, target: str) -> _Site:
         raise ValueError(
             f"layer {layer!r} is not a spatial feature map of model {loaded.name!r}; "
             f"choose one from candidate_layers() (last ones: {shown})"
+        )
+    if not site.aligned:
+        raise ValueError(
+            f"layer {site.path!r} of model {loaded.name!r} comes after a cropping layer: its map covers only part of "
+            "the face and would be drawn in the wrong place; choose one from candidate_layers()"
         )
     if _head_output(loaded, target) not in site.feeds:
         raise ValueError(
@@ -386,12 +419,18 @@ def _can_recompute_pre_activation(operation, wanted: tuple[str, ...]) -> bool:
 
 
 def _producer(graph, index: int):
-    """The top-level node that produces the model's flattened output `index`."""
+    """The top-level node that computes the model's flattened output `index`, looking through
+    layers that only pass it on (a Reshape or Flatten after a head's sigmoid), or None."""
     tensor = graph.outputs[index]
-    for node in _nodes_in_run_order(graph):
-        if any(out is tensor for out in node.outputs):
-            return node if len(node.outputs) == 1 else None
-    return None
+    nodes = _nodes_in_run_order(graph)
+    while True:
+        node = next((n for n in nodes if any(out is tensor for out in n.outputs)), None)
+        if node is None or len(node.outputs) != 1:
+            return None
+        if type(node.operation).__name__ in PASS_THROUGH_LAYERS and len(node.input_tensors) == 1:
+            tensor = node.input_tensors[0]
+            continue
+        return node
 
 
 def _target_score(outputs: list, pre_activation: dict, mapping, target: str):
@@ -455,7 +494,7 @@ def _channel_weights(grads, feature, method: str):
     g3 = g2 * grads
     global_sum = tf.reduce_sum(feature, axis=(1, 2), keepdims=True)
     denominator = 2.0 * g2 + g3 * global_sum
-    denominator = denominator + tf.cast(g2 == 0.0, denominator.dtype)
+    denominator = tf.where(denominator == 0.0, tf.ones_like(denominator), denominator)  # as the authors' code
     alphas = g2 / denominator
     alpha_sum = tf.reduce_sum(alphas, axis=(1, 2), keepdims=True)
     alphas = alphas / (alpha_sum + tf.cast(alpha_sum == 0.0, alpha_sum.dtype))
@@ -508,12 +547,17 @@ class _CamProgram:
         if grads is None:
             raise ValueError(f"the {target} score does not depend on layer {self.site.path!r}")
         grads = tf.cast(grads, tf.float32)
+        # Per image: a map exists only where the gradient is finite and not zero everywhere (a
+        # saturated sigmoid, dead units: the score does not change with this layer at all).
+        finite = tf.math.is_finite(grads) & tf.math.is_finite(feature)
+        defined = tf.reduce_all(finite, axis=(1, 2, 3)) & tf.reduce_any(grads != 0.0, axis=(1, 2, 3))
+        grads, feature = tf.where(finite, grads, 0.0), tf.where(finite, feature, 0.0)
         weights = _channel_weights(grads, feature, method)
         cams = tf.nn.relu(tf.reduce_sum(feature * weights, axis=-1))  # (n, h', w')
         if resize:
             # Bilinear with half-pixel centres: feature cell i covers input pixels [i*s, (i+1)*s).
             cams = tf.image.resize(cams[..., None], self.input_size, method="bilinear")[..., 0]
-        return _normalise(cams)
+        return tf.where(defined[:, None, None], _normalise(cams), tf.constant(np.nan, tf.float32))
 
     def __call__(self, x: np.ndarray, target: str, method: str, resize: bool) -> np.ndarray:
         key = (target, method, resize)
@@ -577,7 +621,8 @@ def gradcam(
     target: one of TARGETS. layer: a name from candidate_layers(loaded); default_layer() if None.
     method: "gradcam" or "gradcam++". resize=False returns the maps at the feature map's size.
     Returns float32 (n, h, w) in [0, 1], 1 = strongest evidence in that image; all zeros when the
-    layer holds no positive evidence for the target.
+    layer holds no positive evidence for the target; all NaN for an image whose map does not
+    exist (see undefined_maps): the gradient there is not finite, or zero everywhere.
     """
     _check_target(target)
     if method not in METHODS:
@@ -657,6 +702,24 @@ def _resize_heatmap(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+def undefined_maps(heatmaps) -> np.ndarray:
+    """Per heatmap of gradcam(), True where it does not exist (all NaN): the target's gradient at
+    the layer was not finite, or zero everywhere — the score does not change with that layer on
+    that image (a saturated output, dead units), so there is no evidence to show, not even "none"."""
+    heatmaps = np.asarray(heatmaps, dtype=np.float32)
+    return ~np.isfinite(heatmaps).reshape(len(heatmaps), -1).any(axis=1)
+
+
+def empty_maps(heatmaps) -> np.ndarray:
+    """Per heatmap of gradcam(), True where it exists but is zero everywhere: the layer holds no
+    positive evidence for the target on that face (drawn as the colour map's low end throughout)."""
+    heatmaps = np.asarray(heatmaps, dtype=np.float32).reshape(len(heatmaps), -1)
+    return np.isfinite(heatmaps).any(axis=1) & ~(np.nan_to_num(heatmaps) > 0).any(axis=1)
+
+
+UNDEFINED_MAP = "no Grad-CAM: zero or non-finite gradient"
+
+
 def own_answer_targets(rows: pd.DataFrame, key: str, head: str) -> np.ndarray:
     """Per row of a Predictions table, the target that explains model `key`'s own answer:
     "age" → "age_older" where it estimated at least the true age, else "age_younger";
@@ -697,6 +760,10 @@ def overlay(image_uint8_rgb, heatmap, alpha: float = 0.45, colormap: str = "jet"
         raise ValueError(f"expected one heatmap (h, w), got shape {heatmap.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not np.isfinite(heatmap).any():  # no map (see undefined_maps): the face in grey, no colours
+        grey = np.round(image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+        return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    heatmap = np.nan_to_num(heatmap, nan=0.0)
     if heatmap.shape != image.shape[:2]:
         heatmap = _resize_heatmap(heatmap, image.shape[0], image.shape[1])
     colours = apply_colormap(heatmap, colormap).astype(np.float32)

@@ -554,12 +554,15 @@ class GradcamGrid:
     caption: str
 
 
-def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> list[GradcamGrid]:
+def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender"), notes: list[str] | None = None) -> list[GradcamGrid]:
     """Per model and error kind: its `n` worst faces with every model's Grad-CAM overlay.
 
     Each overlay explains that model's *own* prediction: "age_older" where it guessed too old,
     "age_younger" where too young, its predicted gender for gender errors. Needs TensorFlow;
-    raises whatever analysis.gradcam raises (write_bundle turns that into a README note).
+    raises whatever analysis.gradcam raises (write_bundle turns that into a README note), except a
+    model's own Grad-CAM failure (no convolutional layer, ...): its column then shows grey faces
+    marked "no Grad-CAM", as does a face whose map does not exist (gradcam.undefined_maps), and
+    `notes` gets a line saying why.
     """
     from analysis import gradcam as gc  # imports TensorFlow: only when grids are wanted
 
@@ -568,6 +571,8 @@ def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> li
     overlay = functools.partial(gc.overlay, colormap=GRADCAM_COLORMAP)
     colour_bar = gc.colorbar(12, 256, GRADCAM_COLORMAP, vertical=False)
     titles = {k: f"{k}: Grad-CAM, own prediction" for k in keys}
+    failures: dict[str, str] = {}  # model key -> why it has no Grad-CAM at all
+    undefined: dict[str, int] = {}  # model key -> faces without a map
     grids = []
     for owner in keys:
         for kind in kinds:
@@ -576,28 +581,48 @@ def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender")) -> li
                 continue
             rows = worst.head(n).reset_index(drop=True)
             faces = np.stack([load_image(p, (GRADCAM_CELL, GRADCAM_CELL)) for p in rows["path"]])
-            heatmaps = {k: _heatmaps(gc, evaluation.models[k], rows, k, kind) for k in keys}
+            heatmaps = {k: _heatmaps(gc, evaluation.models[k], rows, k, kind, failures) for k in keys}
             labels = [_grid_label(row, keys) for _, row in rows.iterrows()]
+            for k in keys:
+                if k not in failures:
+                    undefined[k] = undefined.get(k, 0) + int(gc.undefined_maps(heatmaps[k]).sum())
             what = "age errors" if kind == "age" else "gender errors"
             title = f"Worst {what} of model {figures.model_label(owner, names)}: where each model looked"
             image = figures.gradcam_grid(faces, heatmaps, labels, titles, title, overlay=overlay, colour_bar=colour_bar,
                                          cell=GRADCAM_CELL, scale=GRADCAM_SCALE)
             caption = f"Model {owner}'s {len(rows)} worst {what}: face, then each model's Grad-CAM for its own prediction"
             grids.append(GradcamGrid(f"worst_{kind}_{owner}", image, caption))
+    if notes is not None:
+        notes += [f"Grad-CAM of model {k}: none ({why})." for k, why in failures.items()]
+        notes += [f"Grad-CAM of model {k}: {count} face(s) of the grids have no map ({gc.UNDEFINED_MAP}: its answer "
+                  "does not change with the layer there, e.g. a saturated output); they are shown grey." for k, count in
+                  undefined.items() if count]
     return grids
 
 
-def _heatmaps(gc, loaded, rows: pd.DataFrame, key: str, kind: str) -> np.ndarray:
-    """(n, h, w) heatmaps in [0, 1] of `loaded` for its own prediction on each row's face."""
+def _heatmaps(gc, loaded, rows: pd.DataFrame, key: str, kind: str, failures: dict[str, str]) -> np.ndarray:
+    """(n, h, w) heatmaps in [0, 1] of `loaded` for its own prediction on each row's face; all NaN
+    (no map) when the model has no Grad-CAM, whose reason goes into `failures[key]`."""
     images = np.stack([load_image(p, loaded.input_size) for p in rows["path"]])
     targets = gc.own_answer_targets(rows, key, "age" if kind == "age" else "gender")
-    return np.stack(gc.by_target(targets, lambda target, chosen: gc.gradcam(loaded, images[chosen], target)))
+    if key not in failures:
+        try:
+            return np.stack(gc.by_target(targets, lambda target, chosen: gc.gradcam(loaded, images[chosen], target)))
+        except ValueError as exc:  # this model's layers: the other model's column still stands
+            failures[key] = str(exc)
+    return np.full((len(rows), *(int(s) for s in loaded.input_size)), np.nan, dtype=np.float32)
+
+
+def _whole_years(age: float) -> str:
+    """An age rounded to whole years: "0", not "-0", for a prediction just below zero."""
+    text = f"{age:.0f}"
+    return "0" if text == "-0" else text
 
 
 def _grid_label(row: pd.Series, keys) -> str:
     gender = GENDERS[int(row["gender"])] if int(row["gender"]) in (0, 1) else str(row["gender"])
     parts = [
-        f"{k}: {row[f'age_pred_{k}']:.0f} y, P(female) {row[f'p_female_{k}']:.2f}"
+        f"{k}: {_whole_years(row[f'age_pred_{k}'])} y, P(female) {row[f'p_female_{k}']:.2f}"
         for k in keys if f"age_pred_{k}" in row
     ]  # fmt: skip
     doubt = ("\nlabel likely wrong: every model gives the other gender "
@@ -679,6 +704,11 @@ def write_bundle(
             out.rmdir()
         raise
     return _move_into_place(staging, out)
+
+
+def report_notes(out_dir) -> list[str]:
+    """The notes of the report bundle written to `out_dir` (as in its README.md)."""
+    return json.loads((Path(out_dir) / BUNDLE_MARKER).read_text())["report"]["notes"]
 
 
 def bundle_zip_bytes(evaluation, **kwargs) -> bytes:
@@ -779,7 +809,7 @@ def _write_figures(report_figs: list[ReportFigure], folder: Path, progress, tota
 def _write_gradcam(evaluation, folder: Path, n: int, notes: list[str]) -> list[tuple[str, str]]:
     """Grad-CAM grids; an error here becomes a note (the rest of the report stands without them)."""
     try:
-        grids = gradcam_grids(evaluation, n=n)
+        grids = gradcam_grids(evaluation, n=n, notes=notes)
     except Exception as exc:
         notes.append(f"Grad-CAM grids were skipped: {type(exc).__name__}: {exc}")
         return []

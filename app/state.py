@@ -519,14 +519,18 @@ def gallery_rows(run_key: str, kind: str, model: str, slice_label: str, min_erro
 @st.cache_data(max_entries=64, show_spinner=False)
 def gradcam_overlays(
     model_key: str, target: str, layer: str, image_ids: tuple[str, ...], _loaded, _paths: tuple[str, ...]
-) -> list[np.ndarray]:
-    """Grad-CAM overlays (uint8 RGB, CARD_IMAGE_SIZE square), one per image, for one model/head/layer."""
+) -> list[tuple[np.ndarray, str]]:
+    """Grad-CAM overlays (uint8 RGB, CARD_IMAGE_SIZE square), one per image, for one model/head/layer,
+    each with what it shows: "map", "no evidence" (gradcam.empty_maps) or "none" (no map, a grey
+    face: gradcam.undefined_maps)."""
     from analysis import gradcam
 
     images = np.stack([load_image(path, _loaded.input_size) for path in _paths])
     heatmaps = gradcam.gradcam(_loaded, images, target, layer=layer)
     size = (CARD_IMAGE_SIZE, CARD_IMAGE_SIZE)
-    return [gradcam.overlay(load_image(path, size), heatmap) for path, heatmap in zip(_paths, heatmaps)]
+    states = np.where(gradcam.undefined_maps(heatmaps), "none", np.where(gradcam.empty_maps(heatmaps), "no evidence", "map"))
+    return [(gradcam.overlay(load_image(path, size), heatmap), str(shown))
+            for path, heatmap, shown in zip(_paths, heatmaps, states)]
 
 
 @st.cache_data(max_entries=256, show_spinner=False)

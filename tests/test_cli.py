@@ -159,6 +159,22 @@ def test_a_sample_where_nothing_decodes_names_a_file_and_its_reason(model_files,
     assert re.search(r"error: none of the 4 images of the sample could be decoded \(e\.g\. \S+\.jpg: not decodable: ", error)
 
 
+def test_a_model_without_gradcam_is_said_on_the_console_and_the_others_grids_stay(model_files, synthetic_dir, tmp_path, capsys):
+    import keras
+
+    inputs = keras.Input((24, 24, 3))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    dense_only = keras.Model(inputs, [keras.layers.Dense(1, name="age")(x),
+                                      keras.layers.Dense(1, activation="sigmoid", name="gender")(x)])
+    dense_only.save(tmp_path / "dense_only.keras")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model-a", str(model_files[0]), "--model-b", str(tmp_path / "dense_only.keras"),
+                 "--data", str(synthetic_dir), "--out", str(out), "--bootstrap", "20", "--gradcam-n", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"note: Grad-CAM of model B: none \(model .* has no spatial feature map", printed)
+    assert (out / "gradcam" / "worst_age_A.png").is_file()
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -536,6 +536,24 @@ def test_gradcam_grid_layout():
         figures.gradcam_grid(images, heat, ["a", "b", "c"], overlay=overlay, scale=0)
 
 
+def test_gradcam_grid_marks_faces_without_a_map_or_without_evidence():
+    """A face without a map (all NaN) was drawn through overlay() like one with no evidence; now
+    it is the face in grey, and both are said on the tile."""
+    face = np.zeros((1, 64, 64, 3), np.uint8)
+    face[..., 0] = 200  # a red face: grey only if drawn without colour
+    heat = {"A": np.full((1, 8, 8), np.nan, np.float32), "B": np.zeros((1, 8, 8), np.float32),
+            "C": np.random.default_rng(0).random((1, 8, 8))}
+    grid = np.asarray(figures.gradcam_grid(face, heat, ["x"], cell=64))
+    top, tile = 26, lambda j: grid[top:top + 64, 8 + j * 72: 8 + j * 72 + 64]
+    below_mark = slice(24, 64)  # under the white label box
+    a = tile(1)[below_mark]
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all() and a[..., 0].max() > 40  # grey face
+    assert (tile(1)[2, 40] == 255).all() and (tile(2)[2, 40] == 255).all()  # the label box on A and B
+    assert not (tile(3)[2, 40] == 255).all()  # C has a map with evidence: no label
+    red = tile(0)[below_mark]
+    assert (red[..., 0] == 200).all() and (red[..., 1] == 0).all()
+
+
 def test_gradcam_grid_rejects_mismatched_inputs():
     images = np.zeros((2, 10, 10, 3), np.uint8)
     with pytest.raises(ValueError, match="one label per image"):

@@ -366,6 +366,73 @@ def test_padding_and_cropping_maps_are_not_offered(tmp_path):
         G.gradcam(loaded, np.zeros((1, SIZE, SIZE, 3), np.uint8), "gender_female", layer="pad")
 
 
+def test_maps_after_a_crop_are_not_offered_and_a_model_cropped_first_has_none(tmp_path):
+    """A map after a Cropping2D or CenterCrop covers only part of the face: stretched over all of
+    it, a model looking at the top-left quadrant lit up the mouth and chin."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Cropping2D(((0, 16), (0, 16)), name="crop")(x)  # the top-left quadrant only
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c2")(x)
+    loaded = save_and_load(keras.Model(inputs, heads(x), name="cropped"), tmp_path, "cropped")
+    assert G.candidate_layers(loaded) == ["c1"] and G.default_layer(loaded) == "c1"
+    with pytest.raises(ValueError, match="'c2' of model .* comes after a cropping layer"):
+        G.gradcam(loaded, np.zeros((1, SIZE, SIZE, 3), np.uint8), "gender_female", layer="c2")
+    inputs = keras.Input((SIZE + 8, SIZE + 8, 3))
+    x = keras.layers.CenterCrop(SIZE, SIZE, name="centre")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(x)
+    loaded = save_and_load(keras.Model(inputs, heads(x), name="centred"), tmp_path, "centred")
+    assert G.candidate_layers(loaded) == []
+    with pytest.raises(ValueError, match="every feature map of model .* comes after a cropping layer"):
+        G.default_layer(loaded)
+
+
+def test_a_saturated_head_behind_a_reshape_is_still_explained_through_its_logit(tmp_path, faces):
+    """A Reshape after the sigmoid hid the head's Dense: P(female) of exactly 0 or 1 has no
+    gradient, so every map was zero."""
+    images, gender, _ = faces
+    calm = save_and_load(fixed_weight_model(gender_scale=4.0), tmp_path, "calm")
+    base = fixed_weight_model(gender_scale=4000.0)
+    age, gender_p = base.outputs
+    gender_p = keras.layers.Reshape((1,), name="gender_out")(gender_p)
+    reshaped = save_and_load(keras.Model(base.inputs, [age, gender_p]), tmp_path, "reshaped")
+    _, p_female = reshaped.predict_batch(images)
+    assert set(np.round(p_female, 6)) <= {0.0, 1.0}
+    expected = G.gradcam(calm, images[gender == 1], "gender_female")
+    np.testing.assert_allclose(G.gradcam(reshaped, images[gender == 1], "gender_female"), expected, atol=1e-4)
+
+
+def test_a_map_that_does_not_exist_is_said_to_be_missing_not_drawn_as_none(tmp_path):
+    """NaN gradients (a square root of a pooled dead map) gave all-NaN maps drawn like "no
+    evidence", and a zero gradient (a dead layer after the chosen one) an all-zero map: both are
+    now NaN, found by undefined_maps, and drawn as a grey face."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 255, name="scale")(inputs)
+    c1 = keras.layers.Conv2D(1, 1, activation="relu", name="c1")
+    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(c1(x))
+    rooted = keras.ops.sqrt(pooled)  # d sqrt / dx is infinite at 0: a dark face's map is NaN
+    model = keras.Model(inputs, [keras.layers.Dense(1, name="age")(rooted),
+                                 keras.layers.Dense(1, activation="sigmoid", name="gender")(rooted)])
+    c1.set_weights([np.full((1, 1, 3, 1), 1 / 3, np.float32), np.array([-0.5], np.float32)])
+    loaded = save_and_load(model, tmp_path, "rooted")
+    bright, dark = np.full((SIZE, SIZE, 3), 220, np.uint8), np.full((SIZE, SIZE, 3), 30, np.uint8)
+    maps = G.gradcam(loaded, np.stack([bright, dark, bright]), "age_older")
+    assert G.undefined_maps(maps).tolist() == [False, True, False]
+    assert np.isfinite(maps[0]).all() and np.isnan(maps[1]).all()
+    grey = G.overlay(dark, maps[1])
+    assert (grey == 30).all()  # the face itself, no colour: nothing is shown as evidence
+
+    # a dead layer after the chosen one: no gradient reaches c1 at all, on any face
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inputs)
+    dead = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c2",
+                               bias_initializer=keras.initializers.Constant(-1e4))(x)
+    loaded = save_and_load(keras.Model(inputs, heads(dead), name="dead"), tmp_path, "dead")
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    assert G.undefined_maps(G.gradcam(loaded, images, "gender_female", layer="c1")).all()
+    at_c2 = G.gradcam(loaded, images, "gender_female", layer="c2")  # its map exists and is zero: no evidence
+    assert not G.undefined_maps(at_c2).any() and G.empty_maps(at_c2).all()
+
+
 def nested_model(sequential: bool = False):
     """Rescaling -> backbone (one layer holding c1, pool, c2) -> GAP -> heads."""
     if sequential:

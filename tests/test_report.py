@@ -445,6 +445,33 @@ def test_gradcam_failure_is_noted_not_fatal(tmp_path, evaluation, monkeypatch):
     assert any("Grad-CAM" in note for note in notes)
 
 
+def test_one_models_gradcam_failure_leaves_the_others_grids(tmp_path, evaluation, monkeypatch):
+    """A model without a convolutional layer removed every grid, the other model's too; and faces
+    whose map does not exist were drawn as if the model saw nothing there."""
+    from analysis import gradcam as gc
+
+    real = gc.gradcam
+
+    def patched(loaded, images, target, **kwargs):
+        if loaded is evaluation.models["B"]:
+            raise ValueError("model 'B' has no spatial feature map")
+        maps = real(loaded, images, target, **kwargs)
+        maps[0] = np.nan  # the first face of each call: no map
+        return maps
+
+    monkeypatch.setattr(report, "report_figures", _two_figures)
+    monkeypatch.setattr(gc, "gradcam", patched)
+    out = tmp_path / "report"
+    report.write_bundle(evaluation, out, gradcam=True, gradcam_n=3)
+    assert {p.name for p in (out / "gradcam").iterdir()} == {"worst_age_A.png", "worst_age_B.png",
+                                                               "worst_gender_A.png", "worst_gender_B.png"}
+    readme = (out / "README.md").read_text()
+    assert "Grad-CAM of model B: none (model 'B' has no spatial feature map)." in readme
+    found = re.search(r"Grad-CAM of model A: (\d+) face\(s\) of the grids have no map \(no Grad-CAM: zero or "
+                      r"non-finite gradient", readme)
+    assert found and int(found.group(1)) >= 4  # the first face of every one of A's gradcam() calls, in 4 grids
+
+
 def test_leftover_staging_folder_does_not_block_a_new_export(tmp_path, evaluation, monkeypatch):
     monkeypatch.setattr(report, "report_figures", _two_figures)
     out = tmp_path / "report"

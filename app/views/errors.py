@@ -124,6 +124,10 @@ def render_gallery(current, rows, choice: GradcamChoice | None) -> None:
                     overlays[slot] = gradcam.by_target(targets, compute)
             except ValueError as exc:
                 st.warning(f"No Grad-CAM for model {slot}: {exc}")
+                continue
+            if missing := sum(shown == "none" for _, shown in overlays[slot]):
+                st.warning(f"Model {slot}: {gradcam.UNDEFINED_MAP} on {missing} of these {len(rows)} faces (its answer "
+                           "does not change with this layer there, e.g. a saturated output); they are shown grey.")
     for start in range(0, len(rows), CARDS_PER_ROW):
         columns = st.columns(CARDS_PER_ROW)
         for column, (i, row) in zip(columns, rows.iloc[start : start + CARDS_PER_ROW].iterrows()):
@@ -131,10 +135,15 @@ def render_gallery(current, rows, choice: GradcamChoice | None) -> None:
                 render_card(row, list(evaluation.models), {slot: maps[i] for slot, maps in overlays.items()})
 
 
+# A card's caption under each model's overlay, by what it shows (state.gradcam_overlays).
+_CAM_CAPTIONS = {"map": "{slot}: Grad-CAM", "no evidence": "{slot}: Grad-CAM, no evidence found",
+                 "none": "{slot}: no Grad-CAM"}
+
+
 def render_card(row, slots: list[str], overlays: dict) -> None:
     with st.container(border=True):
-        images = [state.face_thumbnail(row["path"])] + list(overlays.values())
-        captions = ["face"] + [f"{slot}: Grad-CAM" for slot in overlays]
+        images = [state.face_thumbnail(row["path"])] + [image for image, _ in overlays.values()]
+        captions = ["face"] + [_CAM_CAPTIONS[shown].format(slot=slot) for slot, (_, shown) in overlays.items()]
         st.image(images, caption=captions, width=CARD_IMAGE_WIDTH)
         truth = f"**True:** {int(row['age'])} y · {gallery.gender_name(row['gender'])} · {gallery.ethnicity_name(row['ethnicity'])}"
         answers = [truth]
