@@ -9,6 +9,7 @@ shuffles, batches, converts to float and prefetches; augmentation lives inside t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -170,7 +171,8 @@ def decode_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool =
             try:
                 images = np.load(cache_path, mmap_mode=None, allow_pickle=False)
                 if images.shape == (len(paths), height, width, 3) and images.dtype == np.uint8:
-                    os.utime(cache_path)  # used now: pruned last (see _prune_cache)
+                    with contextlib.suppress(OSError):  # a read-only cache still serves
+                        os.utime(cache_path)  # used now: pruned last (see _prune_cache)
                     return images, {}
             except (OSError, ValueError):
                 pass  # a damaged cache file is rebuilt below
@@ -199,10 +201,8 @@ def decode_images(paths, size: tuple[int, int], image_ids=None, *, cache: bool =
         except OSError:
             pass  # caching is an optimisation (the folder may not even be one): training goes on
         finally:  # also after Ctrl-C: no half-written cache file is left behind
-            try:
+            with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
-            except OSError:
-                pass
     return images, problems
 
 
