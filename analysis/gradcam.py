@@ -45,6 +45,7 @@ onto a face with a colour map, ``colorbar`` draws the matching scale.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import weakref
@@ -70,7 +71,8 @@ PATH_SEP = "/"
 # Layer lists and compiled gradient programs, keyed weakly by the Keras model so that dropping a
 # model frees its traces; the lock makes them safe for a threaded app server.
 _CACHE_LOCK = threading.Lock()
-_SITE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # keras.Model -> list[_Site]
+# keras.Model -> {None: its sites as declared, (h, w): as measured at that input size}
+_SITE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROGRAM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # keras.Model -> {key: _CamProgram}
 
 
@@ -216,10 +218,59 @@ def _top_graph(keras_model):
 
 
 def _sites(loaded) -> list[_Site]:
-    """Spatial feature maps of a LoadedModel, cached per Keras model."""
-    keras_model = loaded.keras_model
+    """Spatial feature maps of a LoadedModel at its input size, cached per Keras model and size.
+
+    A model that takes any size (or a backbone built without an input shape, nested in a model
+    that has one) does not say how large its maps are: they are measured on one blank image at
+    `loaded.input_size`, so that a map of 1×1 cells is not offered and the default layer is
+    chosen by its real size."""
+    sites = _static_sites(loaded.keras_model)
+    if all(d is not None for site in sites for d in site.shape[:2]):
+        return sites
+    size = tuple(int(d) for d in loaded.input_size)
     with _CACHE_LOCK:
-        cached = _SITE_CACHE.get(keras_model)
+        cached = _SITE_CACHE.get(loaded.keras_model, {}).get(size)
+    if cached is None:
+        shapes = _measured_shapes(loaded)
+        measured = [dataclasses.replace(site, shape=shapes.get(id(site.route[-1]), site.shape)) for site in sites]
+        cached = [site for site in measured if _is_spatial((None, *site.shape))]
+        with _CACHE_LOCK:
+            _SITE_CACHE.setdefault(loaded.keras_model, {})[size] = cached
+    return cached
+
+
+def _measured_shapes(loaded) -> dict[int, tuple]:
+    """{id(node): (h, w, c) of its output} for every node of the model and its nested models, from
+    one forward pass of a blank image at the model's input size."""
+    shapes: dict[int, tuple] = {}
+
+    def run(graph, inputs: list) -> list:
+        tensors = {id(x): tf.cast(y, x.dtype) for x, y in zip(graph.inputs, inputs)}
+        for node in _nodes_in_run_order(graph):
+            if any(id(x) not in tensors for x in node.input_tensors):
+                continue
+            args, kwargs = node.arguments.fill_in(tensors)
+            inner = _graph_of(node.operation) if isinstance(node.operation, keras.Model) else None
+            if inner is not None:
+                outputs = run(inner, keras.tree.flatten(args[0]))
+            else:
+                outputs = keras.tree.flatten(_call_for_inference(node.operation, args, kwargs))
+            if len(outputs) == 1:
+                shapes[id(node)] = tuple(outputs[0].shape[1:])
+            for x, y in zip(node.outputs, outputs):
+                tensors[id(x)] = y
+        return [tensors[id(x)] for x in graph.outputs]
+
+    height, width = (int(d) for d in loaded.input_size)
+    run(_top_graph(loaded.keras_model), [tf.convert_to_tensor(loaded.prepare(np.zeros((1, height, width, 3), np.uint8)))])
+    return shapes
+
+
+def _static_sites(keras_model) -> list[_Site]:
+    """Spatial feature maps of a Keras model with the shapes its graph declares (None where it
+    takes any size), cached per model."""
+    with _CACHE_LOCK:
+        cached = _SITE_CACHE.get(keras_model, {}).get(None)
     if cached is not None:
         return cached
     graph = _top_graph(keras_model)
@@ -236,7 +287,7 @@ def _sites(loaded) -> list[_Site]:
         first.setdefault(site.path, site)
     sites = list(first.values())
     with _CACHE_LOCK:
-        _SITE_CACHE[keras_model] = sites
+        _SITE_CACHE.setdefault(keras_model, {})[None] = sites
     return sites
 
 

@@ -433,6 +433,37 @@ def test_a_map_that_does_not_exist_is_said_to_be_missing_not_drawn_as_none(tmp_p
     assert not G.undefined_maps(at_c2).any() and G.empty_maps(at_c2).all()
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_model_of_any_input_size_gets_layers_by_their_real_size(tmp_path, nested):
+    """With (None, None, 3) inputs, or a backbone built without an input shape and nested in a
+    model that has one (keras.applications' default), no map had a known size: a 1×1 map was
+    offered and a 2×2 one chosen by default."""
+    def trunk(x):
+        for i, width in enumerate((4, 4, 4, 4, 4, 4)):  # 32 px: 32, 16, 8, 4, 2, 1
+            x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=f"c{i}")(x)
+            if i < 5:
+                x = keras.layers.MaxPooling2D(name=f"p{i}")(x)
+        return x
+
+    if nested:
+        inner_in = keras.Input((None, None, 3))
+        backbone = keras.Model(inner_in, trunk(inner_in), name="backbone")
+        inputs = keras.Input((SIZE, SIZE, 3))
+        model = keras.Model(inputs, heads(backbone(inputs)))
+        loaded = save_and_load(model, tmp_path, "nested_any")
+        prefix = "backbone/"
+    else:
+        inputs = keras.Input((None, None, 3))
+        loaded = save_and_load(keras.Model(inputs, heads(trunk(inputs))), tmp_path, "any", input_size=(SIZE, SIZE))
+        prefix = ""
+    assert tuple(loaded.input_size) == (SIZE, SIZE)
+    # in run order; p4 and c5 (1×1) are not offered
+    assert G.candidate_layers(loaded) == [prefix + n for n in ("c0", "p0", "c1", "p1", "c2", "p2", "c3", "p3", "c4")]
+    assert G.default_layer(loaded) == f"{prefix}c3"  # 4×4; c4 and p3 are 2×2, c5 1×1
+    maps = G.gradcam(loaded, np.zeros((2, SIZE, SIZE, 3), np.uint8), "gender_female", resize=False)
+    assert maps.shape == (2, 4, 4)
+
+
 def nested_model(sequential: bool = False):
     """Rescaling -> backbone (one layer holding c1, pool, c2) -> GAP -> heads."""
     if sequential:
