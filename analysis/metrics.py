@@ -706,6 +706,66 @@ def expected_calibration_error(y_true, p, n_bins: int = 10) -> float:
     return float(np.sum(n[filled] / y_true.size * np.abs(frac[filled] - mean_p[filled])))
 
 
+def ece_interval(y_true, p, n_bins: int = 10, n_boot: int = 1000, seed: int = DEFAULT_SEED,
+                 confidence: float = 0.95) -> tuple[float, float]:
+    """A conservative `confidence` interval for the population ECE (the binned quantity
+    sum_b |E[(y - p) 1{p in b}]|) that expected_calibration_error estimates.
+
+    Why not the bootstrap: resampling inflates a calibrated model's ECE (|.| of noise is positive),
+    so plain, bias-corrected and BCa bootstrap intervals held the true ECE in 0-54% of simulations
+    of a calibrated model (and Kumar et al.'s debiased l2 estimate's in 74-85%). No library ships an
+    honest one, hence this. With T_b = sum over bin b of (y - p) / n, so that ECE = sum_b |T_b|,
+    and theta_b its expectation:
+    - lower end: ECE - ECE_true = sum_b (|T_b| - |theta_b|) <= sum_b sign(T_b)(T_b - theta_b), whose
+      upper quantile is bootstrapped. Bins whose T_b is not clearly away from 0 (|T_b| <= sqrt(ln n)
+      standard errors) enter as |T*_b - T_b| instead, with labels drawn from the predicted
+      probabilities (consistency resampling) and their spread raised to the observed one when
+      larger: a near-empty end bin with no woman in it would otherwise look noiseless;
+    - upper end: ECE_true - ECE <= sum_b sign(theta_b)(theta_b - T_b), a mean of n terms whose
+      variance is at most mean((y - p)^2) / n, the Brier score over n (normal quantile).
+    Each end fails with probability at most (1 - confidence) / 2, up to the bootstrap and normal
+    approximations: in simulations (500 each, n = 200-5000, calibrated, over-, under-confident and
+    shifted models) it held the true ECE in 96-100% of runs, and in 94% where every bin is clearly
+    off and its outcomes rare (P(female) 0.05 or 0.95, each 0.1 off, n = 400), where the bounds are
+    no longer loose. An interval starting at 0 means the model is compatible with perfect
+    calibration. Returns (lo, hi), clipped to [0, 1].
+    """
+    from scipy import stats
+
+    ece = expected_calibration_error(y_true, p, n_bins)  # also checks the inputs
+    y_true, p = np.asarray(y_true, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    n = y_true.size
+    z = stats.norm.ppf(1 - (1 - confidence) / 2)
+    hi = float(min(1.0, ece + z * np.sqrt(np.mean((y_true - p) ** 2) / n)))
+    if n < 2:
+        return 0.0, hi
+    n_boot = _check_positive_int("n_boot", n_boot)
+    bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p)
+    d = y_true - p
+    t = np.bincount(bins, weights=d, minlength=n_bins) / n
+    se = np.sqrt(np.maximum(np.bincount(bins, weights=d**2, minlength=n_bins) / n - t**2, 0.0) / n)
+    se_null = np.sqrt(np.bincount(bins, weights=p * (1 - p), minlength=n_bins)) / n  # of sum(y* - p) / n
+    clear = np.abs(t) > np.sqrt(np.log(n)) * se
+    with np.errstate(divide="ignore", invalid="ignore"):
+        floor = np.where(se_null > 0, np.maximum(1.0, se / se_null), np.nan)
+    rng = np.random.default_rng(seed)
+    excess = []
+    for start in range(0, n_boot, max(1, 2_000_000 // n)):  # resamples in chunks of ~2 M draws: bounded memory
+        idx = rng.integers(0, n, size=(min(n_boot - start, max(1, 2_000_000 // n)), n))
+        rows = np.repeat(np.arange(len(idx)), n) * n_bins
+
+        def per_bin(weights: np.ndarray) -> np.ndarray:  # (resamples, n_bins): each resample's bin sums / n
+            return np.bincount(rows + bins[idx].ravel(), weights=weights.ravel(),
+                               minlength=len(idx) * n_bins).reshape(len(idx), n_bins) / n
+
+        plain = per_bin(d[idx]) - t  # T*_b - T_b
+        drawn = per_bin((rng.random(idx.shape) < p[idx]) - p[idx])  # labels drawn from p: sum(y* - p) / n
+        consistent = np.where(np.isfinite(floor), drawn * np.nan_to_num(floor), plain)  # p all 0 or 1: plain
+        excess.append(np.where(clear, np.sign(t) * plain, np.abs(consistent)).sum(axis=1))
+    lo = max(0.0, ece - float(np.quantile(np.concatenate(excess), 1 - (1 - confidence) / 2)))
+    return lo, hi
+
+
 # ---------------------------------------------------------------- age error by true age
 
 
@@ -891,8 +951,9 @@ def summary(
     tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> dict:
     """Headline numbers for summary.json: per model overall gender_acc, age_mae, age_bias with
-    [lo, hi] CIs and the gender ECE; the label check (label_check); with two models also the
-    overall paired comparison (b - a), with the ECE difference (no interval: see the comment below).
+    [lo, hi] CIs and the gender ECE with its conservative interval (ece_interval); the label check
+    (label_check); with two models also the overall paired comparison (b - a), with the ECE
+    difference (no interval: see the comment below).
 
     Values are plain Python floats/ints (NaN -> None); the CIs equal the overall rows of
     slice_table / compare_table with the same seed. `tables` = the "slices" (and "comparison")
@@ -918,7 +979,9 @@ def summary(
         for metric in GAP_METRICS:
             entry[metric] = _plain(row[metric])
             entry[f"{metric}_ci"] = [_plain(row[f"{metric}_lo"]), _plain(row[f"{metric}_hi"])]
-        entry["gender_ece"] = expected_calibration_error(gender, _numeric(preds, f"p_female_{m}"))
+        p_female = _numeric(preds, f"p_female_{m}")
+        entry["gender_ece"] = expected_calibration_error(gender, p_female)
+        entry["gender_ece_ci"] = list(ece_interval(gender, p_female, n_boot=n_boot, seed=seed, confidence=confidence))
         out["models"][m] = entry
     out["label_check"] = label_check(preds, models)
     if len(models) == 2:
@@ -931,8 +994,9 @@ def summary(
         out["comparison"] = {"a": a, "b": b} | {
             key: _plain(value) for key, value in row.items() if key not in SLICE_ID_COLUMNS
         }
-        # No interval: bootstrap intervals of ECE (per model, or of the paired difference, percentile or
-        # basic) held the true value in only 57-92% of simulations, as resampling inflates a calibrated
-        # model's ECE more than a miscalibrated one's.
+        # No interval: bootstrap intervals of the paired difference held it in only 57-94% of
+        # simulations, and an honest one built like ece_interval's (2.3-3.3 times wider) never told
+        # two models apart at n <= 1000 unless their ECEs differed by well over 0.03: compare the
+        # two models' own intervals instead.
         out["comparison"]["gender_ece_delta"] = out["models"][b]["gender_ece"] - out["models"][a]["gender_ece"]
     return out

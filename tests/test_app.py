@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -151,6 +152,10 @@ def test_demo_opens_on_the_overview_and_says_it_is_a_demo():
     assert "Worst slices" in markdown and "Calibration" in markdown
     assert "300 images read · 0 skipped" in texts(at.sidebar.caption)
     assert model_name(at, "A") == "demo A" and model_name(at, "B") == "demo B"
+    # each model's ECE with its interval around it
+    found = re.findall(r"ECE ([AB]): (\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]", texts(at.caption))
+    assert [k for k, *_ in found] == ["A", "B"]
+    assert all(float(lo) <= float(value) < float(hi) for _, value, lo, hi in found)
 
 
 @pytest.mark.parametrize(

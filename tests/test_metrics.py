@@ -635,6 +635,56 @@ def test_worst_errors_rejects_bad_requests(preds):
         metrics.worst_errors(preds.drop(columns=["age_pred_B", "p_female_B"]), "disagreement")
 
 
+# ---------------------------------------------------------------- ECE interval
+
+
+def _two_bin_sample(n: int, miscalibration: float, rng):
+    """P(female) 0.05 or 0.95 (half each), true share of women 0.05 + m and 0.95 - m: the population
+    ECE is exactly m (each bin holds half the images and is off by m)."""
+    p = np.where(rng.random(n) < 0.5, 0.05, 0.95)
+    y = (rng.random(n) < np.where(p < 0.5, 0.05 + miscalibration, 0.95 - miscalibration)).astype(int)
+    return y, p
+
+
+@pytest.mark.parametrize("miscalibration", [0.0, 0.1])
+def test_ece_interval_holds_the_true_ece(miscalibration):
+    """Bootstrap intervals of ECE held a calibrated model's true ECE (0) in 0-54% of simulations:
+    resampling inflates |.| of noise. This interval must hold it, calibrated or not, and find the
+    miscalibration when there is one."""
+    rng = np.random.default_rng(7)
+    held, above_zero, reps = 0, 0, 60
+    for rep in range(reps):
+        y, p = _two_bin_sample(400, miscalibration, rng)
+        lo, hi = metrics.ece_interval(y, p, n_boot=300, seed=rep)
+        held += lo <= miscalibration <= hi
+        above_zero += lo > 0
+    assert held >= 0.85 * reps  # 94-99% over 300 runs; a bootstrap interval holds 0 in ~0-54% (below)
+    if miscalibration:
+        assert above_zero == reps  # ECE 0.1 at n = 400 is found every time
+    else:
+        assert above_zero <= 0.1 * reps
+    # what it replaces: a percentile bootstrap of a calibrated model's ECE never reaches down to 0
+    y, p = _two_bin_sample(400, 0.0, np.random.default_rng(1))
+    idx = np.random.default_rng(2).integers(0, 400, (300, 400))
+    boot = [metrics.expected_calibration_error(y[i], p[i]) for i in idx]
+    assert miscalibration or np.quantile(boot, 0.025) > 0
+
+
+def test_ece_interval_upper_end_is_the_brier_bound_and_inputs_are_checked():
+    from sklearn.metrics import brier_score_loss
+
+    rng = np.random.default_rng(3)
+    p = rng.random(500)
+    y = (rng.random(500) < p**1.5).astype(int)
+    ece = metrics.expected_calibration_error(y, p)
+    lo, hi = metrics.ece_interval(y, p, n_boot=200)
+    assert hi == pytest.approx(ece + stats.norm.ppf(0.975) * math.sqrt(brier_score_loss(y, p) / 500))
+    assert 0 <= lo < ece < hi
+    assert metrics.ece_interval(y, p, n_boot=200) == (lo, hi)  # seeded
+    with pytest.raises(ValueError, match="probabilities"):
+        metrics.ece_interval(y, p + 1)
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -652,7 +702,10 @@ def test_summary_is_json_and_matches_the_tables(preds):
         )
     delta = result["comparison"]["gender_ece_delta"]
     assert delta == pytest.approx(result["models"]["B"]["gender_ece"] - result["models"]["A"]["gender_ece"])
-    assert "gender_ece_delta_ci" not in result["comparison"]  # no reliable interval for ECE (see metrics.summary)
+    assert "gender_ece_delta_ci" not in result["comparison"]  # no useful honest interval (see metrics.summary)
+    for m in "AB":
+        assert result["models"][m]["gender_ece_ci"] == pytest.approx(list(metrics.ece_interval(
+            preds["gender"], preds[f"p_female_{m}"], n_boot=200, seed=1)))
     comparison = metrics.compare_table(preds, n_boot=200, seed=1, slices=("overall",)).iloc[0]
     assert result["comparison"]["mcnemar_p"] == pytest.approx(comparison["mcnemar_p"])
     assert result["comparison"]["age_mae_delta_lo"] == pytest.approx(comparison["age_mae_delta_lo"])
