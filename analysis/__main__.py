@@ -139,7 +139,8 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str | None = 
         + (f"; default ./{default_out}" if default_out else ""),
     )
     group.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
-    group.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the age CIs (default 1000; gender accuracy CIs are Wilson intervals)")
+    group.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the age CIs and the lower end of the ECE interval (default 1000; 0: none; "
+                            "gender accuracy CIs are Wilson intervals)")
     group.add_argument("--seed", type=_at_least(0), default=DEFAULT_SEED, help="seed for bootstrap and calibration (default 0)")
     group.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     group.add_argument(

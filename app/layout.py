@@ -53,7 +53,7 @@ def render_setup_caption(current: state.Current) -> None:
     st.caption(
         f"{len(evaluation.predictions):,} images evaluated"
         + skipped
-        + f" · {models} · 95% CIs: Wilson for accuracy, {current.n_boot:,} bootstrap resamples for age"
+        + f" · {models} · 95% CIs: Wilson for accuracy, {current.n_boot:,} bootstrap resamples for age and ECE"
     )
 
 

@@ -146,6 +146,17 @@ def test_the_console_counts_what_was_evaluated_not_only_what_was_found(model_fil
     assert skipped["reason"].iloc[0].startswith("not decodable: OSError: image file is truncated")
 
 
+def test_no_bootstrap_still_writes_the_report(model_files, synthetic_dir, tmp_path):
+    """--bootstrap 0 (no resampled CIs) stopped with "n_boot must be a positive integer" once the
+    ECE interval came: its lower end needs resamples, its upper end does not."""
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model-a", str(model_files[0]), "--data", str(synthetic_dir), "--out", str(out),
+                 "--bootstrap", "0", "--no-gradcam"]) == 0
+    model = json.loads((out / "summary.json").read_text())["models"]["A"]
+    assert model["gender_ece_ci"][0] is None and model["gender_ece_ci"][1] > model["gender_ece"]
+    assert model["age_mae_ci"] == [None, None]
+
+
 def test_a_sample_where_nothing_decodes_names_a_file_and_its_reason(model_files, synthetic_dir, tmp_path, capsys):
     """With a preprocessing given (no check on labelled images first) it said "no image of the
     sample could be decoded; see the skipped list", and wrote no skipped list."""

@@ -658,11 +658,11 @@ def test_ece_interval_holds_the_true_ece(miscalibration):
         lo, hi = metrics.ece_interval(y, p, n_boot=300, seed=rep)
         held += lo <= miscalibration <= hi
         above_zero += lo > 0
-    assert held >= 0.85 * reps  # 94-99% over 300 runs; a bootstrap interval holds 0 in ~0-54% (below)
+    assert held >= 0.9 * reps  # 95-97% over 600 runs; a bootstrap interval holds 0 in ~0-54% (below)
     if miscalibration:
         assert above_zero == reps  # ECE 0.1 at n = 400 is found every time
     else:
-        assert above_zero <= 0.1 * reps
+        assert above_zero <= 0.05 * reps
     # what it replaces: a percentile bootstrap of a calibrated model's ECE never reaches down to 0
     y, p = _two_bin_sample(400, 0.0, np.random.default_rng(1))
     idx = np.random.default_rng(2).integers(0, 400, (300, 400))
@@ -670,7 +670,22 @@ def test_ece_interval_holds_the_true_ece(miscalibration):
     assert miscalibration or np.quantile(boot, 0.025) > 0
 
 
-def test_ece_interval_upper_end_is_the_brier_bound_and_inputs_are_checked():
+def test_ece_interval_of_a_calibrated_model_with_few_women_in_its_end_bins_reaches_zero():
+    """A review found a calibrated model's interval above 0 in 7% of runs at n = 100 (nominal at
+    most 2.5%): an end bin with few or no women looked noiseless to its own spread."""
+    rng = np.random.default_rng(5)
+    above_zero, reps = 0, 200
+    for rep in range(reps):
+        p = np.where(rng.random(100) < 0.5, rng.beta(0.3, 3, 100), rng.beta(3, 0.3, 100))
+        y = (rng.random(100) < p).astype(int)
+        above_zero += metrics.ece_interval(y, p, n_boot=300, seed=rep)[0] > 0
+    assert above_zero <= 0.025 * reps  # 0 of 600 in a longer run
+    # one probability for every image and no woman among 300: the ECE is not known exactly
+    lo, hi = metrics.ece_interval(np.zeros(300, int), np.full(300, 0.02), n_boot=300)
+    assert lo <= 0.01 and hi >= 0.02 + 0.01  # a true share of 0.01 gives such a sample 5% of the time
+
+
+def test_ece_interval_upper_end_is_at_least_the_brier_bound_and_inputs_are_checked():
     from sklearn.metrics import brier_score_loss
 
     rng = np.random.default_rng(3)
@@ -678,9 +693,12 @@ def test_ece_interval_upper_end_is_the_brier_bound_and_inputs_are_checked():
     y = (rng.random(500) < p**1.5).astype(int)
     ece = metrics.expected_calibration_error(y, p)
     lo, hi = metrics.ece_interval(y, p, n_boot=200)
-    assert hi == pytest.approx(ece + stats.norm.ppf(0.975) * math.sqrt(brier_score_loss(y, p) / 500))
+    noise = max(brier_score_loss(y, p), float(np.mean(p * (1 - p))))
+    assert hi >= ece + stats.norm.ppf(0.975) * math.sqrt(noise / 500) - 1e-12
     assert 0 <= lo < ece < hi
     assert metrics.ece_interval(y, p, n_boot=200) == (lo, hi)  # seeded
+    no_lo, brier_hi = metrics.ece_interval(y, p, n_boot=0)  # --bootstrap 0: no lower end, as for the other CIs
+    assert math.isnan(no_lo) and brier_hi == pytest.approx(ece + stats.norm.ppf(0.975) * math.sqrt(noise / 500))
     with pytest.raises(ValueError, match="probabilities"):
         metrics.ece_interval(y, p + 1)
 
