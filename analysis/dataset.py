@@ -18,6 +18,7 @@ source that does not exist, is not a folder or zip, or holds no usable image at 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -362,48 +363,12 @@ def load_sample(
         relative = path.relative_to(root).as_posix()
         if _is_ignored(relative):
             continue
-        if path.is_dir():
-            if path.is_symlink():
-                skipped.append((_printable(str(path)), "linked folder: not followed (a link can lead outside the sample or "
-                                                       "into a loop); give that folder itself, or copy its images in"))
-            continue
-        if not _is_utf8(relative):  # pandas (and every table and CSV after it) cannot hold the name
-            skipped.append((_printable(str(path)), "unreadable name: not valid UTF-8 (a name from another language's "
-                                                   "code page, e.g. a zip unpacked on another system); rename it"))
-            continue
-        if path.is_symlink() and not path.exists():
-            skipped.append((str(path), _broken_link(path)))
-            continue
-        if not path.is_file():  # a socket, a device, ...
-            continue
-        if not path.name.lower().endswith(IMAGE_EXTENSIONS):
-            skipped.append((str(path), _unsupported_extension(path.name)))
-            continue
         try:
-            age, gender, ethnicity = parse_utkface_name(path.name)
-        except ValueError as exc:
-            skipped.append((str(path), str(exc)))
-            continue
-        try:
-            size = path.stat().st_size
-            if size > MAX_IMAGE_FILE_BYTES:  # checked before reading: the file is read whole below
-                skipped.append((str(path), _file_too_large(size)))
-                continue
-            data = path.read_bytes()
-        except OSError as exc:  # no permission, gone meanwhile, a disk error: that file only
-            skipped.append((str(path), f"{UNREADABLE_FILE}: {exc.strerror or exc}"))
-            continue
-        problem = _check_image_header(data)
-        if problem:
-            skipped.append((str(path), problem))
-            continue
-        image_id = hashlib.sha1(data).hexdigest()
-        resolved = str(path.resolve())
-        if not _is_utf8(resolved):  # a link to a file whose own path is not UTF-8
-            skipped.append((str(path), "unreadable name: the file it links to has a path that is not valid UTF-8; "
-                                       "rename it or copy it in"))
-            continue
-        rows.append((image_id, resolved, path.name, age, gender, ethnicity, str(path), relative))
+            row = _read_entry(path, relative)
+        except OSError as exc:  # e.g. a link into a folder this user may not enter: is_file() raises
+            row = (str(path), f"{UNREADABLE_FILE}: {exc.strerror or exc}")
+        if row is not None:
+            (skipped if len(row) == 2 else rows).append(row)
 
     sample = pd.DataFrame(rows, columns=[*SAMPLE_COLUMNS[:-1], "_found", "_relative"])
     sample, duplicates, duplicate_skips = _split_duplicates(sample, keep_duplicates)
@@ -428,6 +393,46 @@ def load_sample(
     return result
 
 
+def _read_entry(path: Path, relative: str):
+    """One path found under a sample folder: None (not a file to consider: a folder, a socket),
+    a (path, reason) skip, or the sample row (image_id, resolved path, file name, age, gender,
+    ethnicity, path as found, relative path). Raises OSError when the file system refuses."""
+    if path.is_dir():
+        if path.is_symlink():
+            return (_printable(str(path)), "linked folder: not followed (a link can lead outside the sample or "
+                                           "into a loop); give that folder itself, or copy its images in")
+        return None
+    if not _is_utf8(relative):  # pandas (and every table and CSV after it) cannot hold the name
+        return (_printable(str(path)), "unreadable name: not valid UTF-8 (a name from another language's "
+                                       "code page, e.g. a zip unpacked on another system); rename it")
+    if path.is_symlink() and not path.exists():
+        return (str(path), _broken_link(path))
+    if not path.is_file():  # a socket, a device, ...
+        return None
+    if not path.name.lower().endswith(IMAGE_EXTENSIONS):
+        return (str(path), _unsupported_extension(path.name))
+    try:
+        age, gender, ethnicity = parse_utkface_name(path.name)
+    except ValueError as exc:
+        return (str(path), str(exc))
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_FILE_BYTES:  # checked before reading: the file is read whole below
+            return (str(path), _file_too_large(size))
+        data = path.read_bytes()
+    except OSError as exc:  # no permission, gone meanwhile, a disk error: that file only
+        return (str(path), f"{UNREADABLE_FILE}: {exc.strerror or exc}")
+    problem = _check_image_header(data)
+    if problem:
+        return (str(path), problem)
+    image_id = hashlib.sha1(data).hexdigest()
+    resolved = str(path.resolve())
+    if not _is_utf8(resolved):  # a link to a file whose own path is not UTF-8
+        return (str(path), "unreadable name: the file it links to has a path that is not valid UTF-8; "
+                           "rename it or copy it in")
+    return (image_id, resolved, path.name, age, gender, ethnicity, str(path), relative)
+
+
 def _walk(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     """Every path under `root` (folders too, sorted; linked folders are listed, not entered: they
     are reported by the caller), and the folders that cannot be read, as skips with a reason
@@ -440,6 +445,7 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
                                                       "left out (check its permissions)"))
 
     for folder, folders, files in os.walk(root, onerror=failed):
+        folders[:] = [f for f in folders if not _is_ignored(f)]  # not entered: .Trashes, __MACOSX, ...
         here = Path(folder)
         paths.extend(here / name for name in (*folders, *files))
     return sorted(paths), unreadable
@@ -595,12 +601,14 @@ def extract_zip_safely(
                 try:
                     destination.parent.mkdir(parents=True, exist_ok=True)
                     written += _copy_bounded(archive, entry, destination, max_bytes - written)
-                except OSError as exc:  # e.g. a name this file system cannot hold: that entry only
-                    unpack_skips.append((entry.filename, f"cannot be unpacked here: {exc.strerror or exc}"))
-                except _DAMAGED_ENTRY as exc:  # a bad checksum or compressed data: that entry only
+                except _DamagedEntry as exc:  # a bad checksum or compressed data: that entry only
                     destination.unlink(missing_ok=True)
-                    unpack_skips.append((entry.filename, f"damaged in the zip: {type(exc).__name__}: {exc} — the rest "
+                    unpack_skips.append((entry.filename, f"damaged in the zip: {exc} — the rest "
                                                          "is read; zip the sample again to get this file back"))
+                except OSError as exc:  # e.g. a name this file system cannot hold: that entry only
+                    with contextlib.suppress(OSError):
+                        destination.unlink(missing_ok=True)
+                    unpack_skips.append((entry.filename, f"cannot be unpacked here: {exc.strerror or exc}"))
             (partial / done_marker.name).write_text(json.dumps({"version": EXTRACTION_VERSION, "unpack_skips": unpack_skips}))
         except Exception:
             shutil.rmtree(partial, ignore_errors=True)
@@ -758,10 +766,22 @@ def _safe_member_path(entry: zipfile.ZipInfo) -> str | None:
     return "/".join(parts)
 
 
+class _DamagedEntry(Exception):
+    """A zip entry's data cannot be read back (bad checksum, damaged compressed stream)."""
+
+
 def _copy_bounded(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, destination: Path, budget: int) -> int:
+    """Unpack one entry, at most `budget` bytes; a failure to read the entry (as opposed to
+    writing it) raises _DamagedEntry."""
     copied = 0
     with archive.open(entry) as source, open(destination, "wb") as sink:
-        while chunk := source.read(1 << 20):
+        while True:
+            try:
+                chunk = source.read(1 << 20)
+            except (*_DAMAGED_ENTRY, OSError) as exc:  # bz2 says OSError("Invalid data stream")
+                raise _DamagedEntry(f"{type(exc).__name__}: {exc}") from exc
+            if not chunk:
+                break
             copied += len(chunk)
             if copied > budget:
                 raise SampleError(
