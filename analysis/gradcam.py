@@ -176,7 +176,7 @@ def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: l
             now_cropped = inputs_cropped or any(not site.aligned for site in inner_sites) or _crops(inner)
         else:
             now_learned = inputs_learned or _has_learned_weights(operation)
-            now_cropped = inputs_cropped or isinstance(operation, _CROPPING_LAYERS)
+            now_cropped = inputs_cropped or (isinstance(operation, _CROPPING_LAYERS) and not _keeps_size(node))
             if (len(node.outputs) == 1 and _is_spatial(node.outputs[0].shape) and now_learned
                     and not isinstance(operation, _SHIFTING_LAYERS)):
                 sites.append(
@@ -195,12 +195,19 @@ def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: l
 
 
 def _crops(graph) -> bool:
-    """Whether a (nested) graph applies a cropping layer anywhere."""
+    """Whether a (nested) graph applies a cropping layer that removes pixels anywhere."""
     for node in _nodes_in_run_order(graph):
         inner = _graph_of(node.operation) if isinstance(node.operation, keras.Model) else None
-        if isinstance(node.operation, _CROPPING_LAYERS) or (inner is not None and _crops(inner)):
+        if (isinstance(node.operation, _CROPPING_LAYERS) and not _keeps_size(node)) or (inner is not None and _crops(inner)):
             return True
     return False
+
+
+def _keeps_size(node) -> bool:
+    """A cropping node whose output is as high and wide as its input (CenterCrop to the input's
+    own size, Cropping2D(0)): it removes nothing. Unknown sizes count as cropping."""
+    before, after = tuple(node.input_tensors[0].shape[1:3]), tuple(node.outputs[0].shape[1:3])
+    return None not in before and before == after
 
 
 def _top_graph(keras_model):
@@ -232,19 +239,21 @@ def _sites(loaded) -> list[_Site]:
         cached = _SITE_CACHE.get(loaded.keras_model, {}).get(size)
     if cached is None:
         shapes = _measured_shapes(loaded)
-        measured = [dataclasses.replace(site, shape=shapes.get(id(site.route[-1]), site.shape)) for site in sites]
+        measured = [dataclasses.replace(site, shape=shapes.get(tuple(map(id, site.route)), site.shape)) for site in sites]
         cached = [site for site in measured if _is_spatial((None, *site.shape))]
         with _CACHE_LOCK:
             _SITE_CACHE.setdefault(loaded.keras_model, {})[size] = cached
     return cached
 
 
-def _measured_shapes(loaded) -> dict[int, tuple]:
-    """{id(node): (h, w, c) of its output} for every node of the model and its nested models, from
-    one forward pass of a blank image at the model's input size."""
-    shapes: dict[int, tuple] = {}
+def _measured_shapes(loaded) -> dict[tuple, tuple]:
+    """{route (ids of the nodes from the outer graph down, as _Site.route): (h, w, c) of its
+    output} for every node of the model and its nested models, from one forward pass of a blank
+    image at the model's input size. By route, not node: a backbone called twice (at two scales)
+    has the same inner nodes on both calls."""
+    shapes: dict[tuple, tuple] = {}
 
-    def run(graph, inputs: list) -> list:
+    def run(graph, inputs: list, route: tuple = ()) -> list:
         tensors = {id(x): tf.cast(y, x.dtype) for x, y in zip(graph.inputs, inputs)}
         for node in _nodes_in_run_order(graph):
             if any(id(x) not in tensors for x in node.input_tensors):
@@ -252,11 +261,11 @@ def _measured_shapes(loaded) -> dict[int, tuple]:
             args, kwargs = node.arguments.fill_in(tensors)
             inner = _graph_of(node.operation) if isinstance(node.operation, keras.Model) else None
             if inner is not None:
-                outputs = run(inner, keras.tree.flatten(args[0]))
+                outputs = run(inner, keras.tree.flatten(args[0]), route + (id(node),))
             else:
                 outputs = keras.tree.flatten(_call_for_inference(node.operation, args, kwargs))
             if len(outputs) == 1:
-                shapes[id(node)] = tuple(outputs[0].shape[1:])
+                shapes[route + (id(node),)] = tuple(outputs[0].shape[1:])
             for x, y in zip(node.outputs, outputs):
                 tensors[id(x)] = y
         return [tensors[id(x)] for x in graph.outputs]

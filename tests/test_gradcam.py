@@ -386,6 +386,37 @@ def test_maps_after_a_crop_are_not_offered_and_a_model_cropped_first_has_none(tm
         G.default_layer(loaded)
 
 
+def test_a_crop_that_removes_nothing_keeps_every_map(tmp_path):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.CenterCrop(SIZE, SIZE, name="centre")(inputs)  # to the input's own size
+    x = keras.layers.Cropping2D(0, name="nothing")(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(x)
+    loaded = save_and_load(keras.Model(inputs, heads(x), name="uncropped"), tmp_path, "uncropped")
+    assert G.candidate_layers(loaded) == ["c1"]
+
+
+def test_a_backbone_of_any_size_called_at_two_scales_offers_the_maps_it_draws(tmp_path):
+    """Measured by inner node, the second call's map sizes were taken for the first's: a layer
+    listed as 4x4 drew a 2x2 map."""
+    inner_in = keras.Input((None, None, 3))
+    x = inner_in
+    for i in range(4):  # full scale 32, 16, 8, 4; half scale 16, 8, 4, 2
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name=f"c{i}")(x)
+        x = keras.layers.MaxPooling2D(name=f"p{i}")(x) if i < 3 else x
+    backbone = keras.Model(inner_in, x, name="bb")
+    inputs = keras.Input((SIZE, SIZE, 3))
+    full = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
+    half = keras.layers.GlobalAveragePooling2D()(backbone(keras.layers.AveragePooling2D(2)(inputs)))
+    pooled = keras.layers.Concatenate()([full, half])
+    model = keras.Model(inputs, [keras.layers.Dense(1, name="age")(pooled),
+                                 keras.layers.Dense(1, activation="sigmoid", name="gender")(pooled)])
+    loaded = save_and_load(model, tmp_path, "two_scales")
+    listed = {site.path: site.shape[:2] for site in G._sites(loaded)}
+    for layer in G.candidate_layers(loaded):
+        drawn = G.gradcam(loaded, np.zeros((1, SIZE, SIZE, 3), np.uint8), "gender_female", layer=layer, resize=False)
+        assert drawn.shape[1:] == listed[layer], layer
+
+
 def test_a_saturated_head_behind_a_reshape_is_still_explained_through_its_logit(tmp_path, faces):
     """A Reshape after the sigmoid hid the head's Dense: P(female) of exactly 0 or 1 has no
     gradient, so every map was zero."""
@@ -457,7 +488,7 @@ def test_a_model_of_any_input_size_gets_layers_by_their_real_size(tmp_path, nest
         loaded = save_and_load(keras.Model(inputs, heads(trunk(inputs))), tmp_path, "any", input_size=(SIZE, SIZE))
         prefix = ""
     assert tuple(loaded.input_size) == (SIZE, SIZE)
-    # in run order; p4 and c5 (1×1) are not offered
+    # in run order; p4 and c5 (1x1) are not offered
     assert G.candidate_layers(loaded) == [prefix + n for n in ("c0", "p0", "c1", "p1", "c2", "p2", "c3", "p3", "c4")]
     assert G.default_layer(loaded) == f"{prefix}c3"  # 4×4; c4 and p3 are 2×2, c5 1×1
     maps = G.gradcam(loaded, np.zeros((2, SIZE, SIZE, 3), np.uint8), "gender_female", resize=False)
