@@ -274,7 +274,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         if isinstance(transparency, int):
             gray[values == transparency] = 255  # transparent: white, as below
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "RGB", "L") and transparency is not None):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "RGB", "L", "1") and transparency is not None):
         # Composite onto white so transparent borders do not become black blocks.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

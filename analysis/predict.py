@@ -41,7 +41,8 @@ class PredictionRun:
         """The message when none of the sample's `n_images` decoded, with one file and its reason."""
         example = (f" (e.g. {Path(self.skipped['path'].iloc[0]).name}: {self.skipped['reason'].iloc[0]})"
                    if len(self.skipped) else "")
-        return f"none of the {n_images:,} images of the sample could be decoded{example}"
+        images = "the image" if n_images == 1 else f"the {n_images:,} images"
+        return f"none of {images} of the sample could be decoded{example}"
 
 
 def predict_sample(

@@ -406,7 +406,8 @@ def latex_table(formatted: pd.DataFrame, numeric: list[bool] | None = None, capt
 
 # Between two characters of a text cell that pdflatex would set as one (-- ``  '' ,, !` ?`): an
 # empty group "{}" keeps them apart; a private-use character stands for it while pandas escapes.
-_LIGATURE = r"(?<=-)(?=-)|(?<=`)(?=`)|(?<=')(?=')|(?<=,)(?=,)|(?<=[!?])(?=`)"
+# Typographic characters count as what they become (– is --, ‘ is `, ’ is '): "a-–b" is not an em dash.
+_LIGATURE = r"(?<=[-–—])(?=[-–—])|(?<=[`‘“])(?=[`‘“])|(?<=['’”])(?=['’”])|(?<=,)(?=,)|(?<=[!?])(?=[`‘“])"
 _BREAK = "\ue000"
 _LATEX_PUNCTUATION = {"’": "'", "‘": "`", "“": "``", "”": "''", "—": "---", "…": "\\ldots{}"}
 # Latin-1 letters pdflatex sets in its default (OT1) encoding; Ð Þ ð þ need T1, the rest are signs.

@@ -818,17 +818,17 @@ def test_an_unusable_cache_folder_is_named_with_what_to_do(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("mode, colour, transparent", [
-    ("RGB", (10, 20, 30), (10, 20, 30)), ("L", 18, 18), ("I;16", 4626, 4626),
+    ("RGB", (10, 20, 30), (10, 20, 30)), ("L", 18, 18), ("I;16", 4626, 4626), ("1", 0, 0),
 ])
 def test_a_png_with_one_transparent_colour_is_put_on_white(tmp_path, mode, colour, transparent):
     """RGBA, LA and palette transparency were composited onto white, but not a PNG whose one
     transparent colour is given by its tRNS chunk (RGB, grey, 16-bit grey)."""
     image = Image.new(mode, (6, 4), colour)
-    image.putpixel((5, 3), (200, 100, 0) if mode == "RGB" else 3000 if mode == "I;16" else 100)
+    image.putpixel((5, 3), {"RGB": (200, 100, 0), "I;16": 3000, "L": 100, "1": 1}[mode])
     path = tmp_path / "t.png"
     image.save(path, transparency=transparent)
     assert "transparency" in Image.open(path).info
     pixels = read_image_rgb(path)
     assert (pixels[:3] == 255).all() and (pixels[3, :5] == 255).all()  # the transparent colour: white
-    opaque = {"RGB": [200, 100, 0], "L": [100] * 3, "I;16": [round(3000 / 257)] * 3}[mode]
+    opaque = {"RGB": [200, 100, 0], "L": [100] * 3, "I;16": [round(3000 / 257)] * 3, "1": [255] * 3}[mode]
     assert pixels[3, 5].tolist() == opaque  # every other colour as it was

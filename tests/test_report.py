@@ -132,10 +132,11 @@ def test_latex_cells_keep_hyphens_in_names_and_never_stop_pdflatex():
     assert "\\caption{Worst $\\leq$ 5 ?\\label{tab:x}}" in latex
     assert all(ord(ch) < 256 for ch in latex)
     # control characters and letters the default font encoding lacks; typographic punctuation mapped
-    odd = pd.DataFrame({"File": ["a\x01b\x7f\x9c.jpg", "Þór.jpg", "O’Brien—x….jpg", "Zoë.jpg", "a``b''c,,,d!`e?`---.jpg"]})
+    odd = pd.DataFrame({"File": ["a\x01b\x7f\x9c.jpg", "Þór.jpg", "O’Brien—x….jpg", "Zoë.jpg", "a``b''c,,,d!`e?`---.jpg",
+                                 "a-–b e!‘f i'’j.jpg"]})
     rows = report.latex_table(odd, [False], "c", "l").split("\\midrule\n")[1].split("\\bottomrule")[0].splitlines()
     assert rows == ["a?b??.jpg \\\\", "?ór.jpg \\\\", "O'Brien---x\\ldots{}.jpg \\\\", "Zoë.jpg \\\\",
-                    "a`{}`b'{}'c,{},{},d!{}`e?{}`-{}-{}-.jpg \\\\"]
+                    "a`{}`b'{}'c,{},{},d!{}`e?{}`-{}-{}-.jpg \\\\", "a-{}--b e!{}`f i'{}'j.jpg \\\\"]
 
 
 def test_the_comparison_prints_as_a_gender_table_and_an_age_table(evaluation):

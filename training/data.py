@@ -213,15 +213,16 @@ TRAINING_CACHE_BYTES = 2 * 2**30
 
 
 def _prune_cache(kept: Path) -> None:
-    """Delete the least recently used cached arrays beside `kept` (never it) until the folder
-    holds at most TRAINING_CACHE_BYTES of them."""
-    total, budget = 0, TRAINING_CACHE_BYTES
+    """Delete the least recently used cached arrays beside `kept` (never it, even when it alone
+    is larger) until the folder holds at most TRAINING_CACHE_BYTES of them."""
+    total, full = 0, False
     for cached in sorted(kept.parent.glob("images-*.npy"), key=lambda f: f.stat().st_mtime, reverse=True):
         size = cached.stat().st_size
-        if cached == kept or total + size <= budget:
-            total += size
-        else:
+        full = full or (cached != kept and total + size > TRAINING_CACHE_BYTES)
+        if full and cached != kept:  # this one and every older one: least recently used first
             cached.unlink(missing_ok=True)
+        else:
+            total += size
 
 
 def targets(table: pd.DataFrame) -> dict[str, np.ndarray]:
