@@ -646,12 +646,17 @@ def _reliability_bins(y_true: np.ndarray, p: np.ndarray, n_bins: int):
     that ECE weights by.
     """
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.searchsorted(edges[1:-1], p)
+    bins = _bin_index(p, n_bins)
     n = np.bincount(bins, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = np.bincount(bins, weights=p, minlength=n_bins) / n
         frac = np.bincount(bins, weights=y_true, minlength=n_bins) / n
     return edges, n, mean_p, frac
+
+
+def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each probability's equal-width bin, 0..n_bins-1 (bins (lo, hi], 0 in the first)."""
+    return np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p)
 
 
 def calibration_table(preds: pd.DataFrame, model: str = "A", n_bins: int = 10, confidence: float = 0.95) -> pd.DataFrame:
@@ -745,7 +750,7 @@ def ece_interval(y_true, p, n_bins: int = 10, n_boot: int = 1000, seed: int = DE
     if int(n_boot) == 0:  # no resamples asked for (--bootstrap 0): no lower end, as for the other CIs
         return float("nan"), hi
     n_boot = _check_positive_int("n_boot", n_boot)
-    bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p)
+    bins = _bin_index(p, n_bins)
     d = y_true - p
     t = np.bincount(bins, weights=d, minlength=n_bins) / n
     se = np.sqrt(np.maximum(np.bincount(bins, weights=d**2, minlength=n_bins) / n - t**2, 0.0) / n)
@@ -757,8 +762,9 @@ def ece_interval(y_true, p, n_bins: int = 10, n_boot: int = 1000, seed: int = DE
         floor = np.where(se_null > 0, np.maximum(1.0, se / se_null), np.nan)
     rng = np.random.default_rng(seed)
     excess, shortfall = [], []
-    for start in range(0, n_boot, max(1, 2_000_000 // n)):  # resamples in chunks of ~2 M draws: bounded memory
-        idx = rng.integers(0, n, size=(min(n_boot - start, max(1, 2_000_000 // n)), n))
+    block = max(1, _BOOTSTRAP_BLOCK // n)  # resamples per chunk: bounded memory
+    for start in range(0, n_boot, block):
+        idx = rng.integers(0, n, size=(min(n_boot - start, block), n))
         rows = np.repeat(np.arange(len(idx)), n) * n_bins
 
         def per_bin(weights: np.ndarray) -> np.ndarray:  # (resamples, n_bins): each resample's bin sums / n
