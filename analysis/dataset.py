@@ -774,7 +774,11 @@ def _copy_bounded(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, destination:
     """Unpack one entry, at most `budget` bytes; a failure to read the entry (as opposed to
     writing it) raises _DamagedEntry."""
     copied = 0
-    with archive.open(entry) as source, open(destination, "wb") as sink:
+    try:
+        source = archive.open(entry)  # a damaged local header: BadZipFile here already
+    except _DAMAGED_ENTRY as exc:
+        raise _DamagedEntry(f"{type(exc).__name__}: {exc}") from exc
+    with source, open(destination, "wb") as sink:
         while True:
             try:
                 chunk = source.read(1 << 20)

@@ -771,7 +771,7 @@ def _entry_data_offset(path: Path, name: str) -> int:
 
 
 @pytest.mark.parametrize("method, damage", [(zipfile.ZIP_DEFLATED, "stream"), (zipfile.ZIP_STORED, "crc"),
-                                            (zipfile.ZIP_BZIP2, "stream")])
+                                            (zipfile.ZIP_BZIP2, "stream"), (zipfile.ZIP_STORED, "header")])
 def test_a_damaged_zip_entry_is_skipped_and_the_rest_is_read(tmp_path, method, damage):
     """One entry with damaged compressed data raised zlib.error out of load_sample (a traceback in
     the CLI and the app); one with a bad checksum refused the whole zip."""
@@ -781,6 +781,9 @@ def test_a_damaged_zip_entry_is_skipped_and_the_rest_is_read(tmp_path, method, d
     start = _entry_data_offset(path, f"UTKFace/{names[2]}")
     if damage == "stream":
         data[start:start + 8] = b"\xff" * 8  # not a valid deflate block
+    elif damage == "header":  # the entry's local header signature: a raw BadZipFile escaped (was "corrupt" once)
+        header = start - 30 - len(f"UTKFace/{names[2]}")
+        data[header:header + 4] = b"XXXX"
     else:
         data[start + 200] ^= 0xFF  # stored bytes changed: the CRC-32 no longer matches
     path.write_bytes(bytes(data))
@@ -789,8 +792,10 @@ def test_a_damaged_zip_entry_is_skipped_and_the_rest_is_read(tmp_path, method, d
         assert sorted(result.sample["file_name"]) == sorted(names[:2] + names[3:])
         reasons = dict(result.skipped.values)
         assert list(reasons) == [f"UTKFace/{names[2]}"]
-        expected = {zipfile.ZIP_DEFLATED: "damaged in the zip: error: Error -3", zipfile.ZIP_STORED: "damaged in the zip: "
-                    "BadZipFile: Bad CRC-32", zipfile.ZIP_BZIP2: "damaged in the zip: OSError: Invalid data stream"}[method]
+        expected = {(zipfile.ZIP_DEFLATED, "stream"): "damaged in the zip: error: Error -3",
+                    (zipfile.ZIP_STORED, "crc"): "damaged in the zip: BadZipFile: Bad CRC-32",
+                    (zipfile.ZIP_BZIP2, "stream"): "damaged in the zip: OSError: Invalid data stream",
+                    (zipfile.ZIP_STORED, "header"): "damaged in the zip: BadZipFile: Bad magic number"}[method, damage]
         assert reasons[f"UTKFace/{names[2]}"].startswith(expected)
         assert reasons[f"UTKFace/{names[2]}"].endswith("zip the sample again to get this file back")
     assert not (tmp_path / "out" / "UTKFace" / names[2]).exists()  # no half-written file (counted twice before)
