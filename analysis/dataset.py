@@ -365,8 +365,8 @@ def load_sample(
             continue
         try:
             row = _read_entry(path, relative)
-        except OSError as exc:  # e.g. a link into a folder this user may not enter: is_file() raises
-            row = (str(path), f"{UNREADABLE_FILE}: {exc.strerror or exc}")
+        except OSError as exc:  # no permission (also on a link into a folder this user may not enter:
+            row = (str(path), f"{UNREADABLE_FILE}: {exc.strerror or exc}")  # is_file() raises), a disk error
         if row is not None:
             (skipped if len(row) == 2 else rows).append(row)
 
@@ -415,13 +415,10 @@ def _read_entry(path: Path, relative: str):
         age, gender, ethnicity = parse_utkface_name(path.name)
     except ValueError as exc:
         return (str(path), str(exc))
-    try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_FILE_BYTES:  # checked before reading: the file is read whole below
-            return (str(path), _file_too_large(size))
-        data = path.read_bytes()
-    except OSError as exc:  # no permission, gone meanwhile, a disk error: that file only
-        return (str(path), f"{UNREADABLE_FILE}: {exc.strerror or exc}")
+    size = path.stat().st_size
+    if size > MAX_IMAGE_FILE_BYTES:  # checked before reading: the file is read whole below
+        return (str(path), _file_too_large(size))
+    data = path.read_bytes()
     problem = _check_image_header(data)
     if problem:
         return (str(path), problem)

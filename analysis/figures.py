@@ -713,12 +713,13 @@ def learning_curves_chart(
         )
         layer = [lines]
         if not starts.empty:
-            boundaries = alt.Chart(starts).encode(x=alt.X("boundary:Q", title="Epoch", axis=epoch_axis))
+            boundary_x = alt.X("boundary:Q", title="Epoch", axis=epoch_axis)
+            boundaries = alt.Chart(starts).encode(x=boundary_x)
             layer.append(boundaries.mark_rule(strokeDash=[2, 3], color="grey").encode(
                 tooltip=["model_label:N", alt.Tooltip("phase:N", title="Phase starts")]))
             # a label right of its line, or left of it near the panel's right edge (it ran over the
             # frame); labels that would overlap go on lines below each other
-            texts = alt.Chart(labels).encode(x=alt.X("boundary:Q", title="Epoch", axis=epoch_axis), text="phase:N")
+            texts = alt.Chart(labels).encode(x=boundary_x, text="phase:N")
             for (level, near_end), _ in labels.groupby(["level", "near_end"]):
                 align, dx = ("right", -3) if near_end else ("left", 3)
                 layer.append(texts.transform_filter(f"datum.level == {level} && {'' if near_end else '!'}datum.near_end")

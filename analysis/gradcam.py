@@ -169,14 +169,13 @@ def _walk_sites(graph, prefix: str, route: tuple, in_learned: list, out_feeds: l
         if inner is not None:
             inner_in = [inputs_learned] * len(inner.inputs)
             inner_out = [feeds.get(id(t), set()) for t in node.outputs]
-            inner_sites = _walk_sites(inner, f"{prefix}{operation.name}{PATH_SEP}", route + (node,), inner_in, inner_out,
-                                      [inputs_cropped] * len(inner.inputs))
-            sites.extend(inner_sites)
+            sites.extend(_walk_sites(inner, f"{prefix}{operation.name}{PATH_SEP}", route + (node,), inner_in, inner_out,
+                                     [inputs_cropped] * len(inner.inputs)))
             now_learned = inputs_learned or bool(operation.weights)
-            now_cropped = inputs_cropped or any(not site.aligned for site in inner_sites) or _crops(inner)
+            now_cropped = inputs_cropped or _crops(inner)
         else:
             now_learned = inputs_learned or _has_learned_weights(operation)
-            now_cropped = inputs_cropped or (isinstance(operation, _CROPPING_LAYERS) and not _keeps_size(node))
+            now_cropped = inputs_cropped or _removes_pixels(node)
             if (len(node.outputs) == 1 and _is_spatial(node.outputs[0].shape) and now_learned
                     and not isinstance(operation, _SHIFTING_LAYERS)):
                 sites.append(
@@ -198,16 +197,18 @@ def _crops(graph) -> bool:
     """Whether a (nested) graph applies a cropping layer that removes pixels anywhere."""
     for node in _nodes_in_run_order(graph):
         inner = _graph_of(node.operation) if isinstance(node.operation, keras.Model) else None
-        if (isinstance(node.operation, _CROPPING_LAYERS) and not _keeps_size(node)) or (inner is not None and _crops(inner)):
+        if _removes_pixels(node) or (inner is not None and _crops(inner)):
             return True
     return False
 
 
-def _keeps_size(node) -> bool:
-    """A cropping node whose output is as high and wide as its input (CenterCrop to the input's
-    own size, Cropping2D(0)): it removes nothing. Unknown sizes count as cropping."""
+def _removes_pixels(node) -> bool:
+    """A cropping node whose output is smaller than its input (not CenterCrop to the input's own
+    size, nor Cropping2D(0)). Unknown sizes count as cropping."""
+    if not isinstance(node.operation, _CROPPING_LAYERS):
+        return False
     before, after = tuple(node.input_tensors[0].shape[1:3]), tuple(node.outputs[0].shape[1:3])
-    return None not in before and before == after
+    return None in before or before != after
 
 
 def _top_graph(keras_model):
@@ -778,6 +779,8 @@ def empty_maps(heatmaps) -> np.ndarray:
 
 
 UNDEFINED_MAP = "no Grad-CAM: zero or non-finite gradient"
+# What that means, for a user: said by the report's notes and the app's Errors page.
+UNDEFINED_MAP_WHY = "the answer does not change with the layer there, e.g. a saturated output"
 
 
 def own_answer_targets(rows: pd.DataFrame, key: str, head: str) -> np.ndarray:

@@ -595,9 +595,8 @@ def gradcam_grids(evaluation, n: int = GRADCAM_N, kinds=("age", "gender"), notes
             grids.append(GradcamGrid(f"worst_{kind}_{owner}", image, caption))
     if notes is not None:
         notes += [f"Grad-CAM of model {k}: none ({why})." for k, why in failures.items()]
-        notes += [f"Grad-CAM of model {k}: {count} face(s) of the grids have no map ({gc.UNDEFINED_MAP}: its answer "
-                  "does not change with the layer there, e.g. a saturated output); they are shown grey." for k, count in
-                  undefined.items() if count]
+        notes += [f"Grad-CAM of model {k}: {count} face(s) of the grids have no map ({gc.UNDEFINED_MAP}: "
+                  f"{gc.UNDEFINED_MAP_WHY}); they are shown grey." for k, count in undefined.items() if count]
     return grids
 
 

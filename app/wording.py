@@ -24,14 +24,14 @@ def years(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f} years"
 
 
-def _known(lo: float | None, hi: float | None) -> bool:
+def known(lo: float | None, hi: float | None) -> bool:
     """Both ends of an interval present (not None, not NaN)."""
     return not (lo is None or hi is None or any(isinstance(v, float) and math.isnan(v) for v in (lo, hi)))
 
 
 def ci_text(lo: float | None, hi: float | None, kind: str = "years") -> str:
     """ "95% CI 91.0%–94.2%" or "95% CI 5.80–6.90 years"; "" when the CI is missing."""
-    if not _known(lo, hi):
+    if not known(lo, hi):
         return ""
     if kind == "percent":
         return f"95% CI {percent(lo)}–{percent(hi)}"
@@ -50,7 +50,7 @@ def age_comparison(comparison_row, a: str = "A", b: str = "B") -> str:
     size = abs(delta)
     numbers = f"MAE {a} {mae_a:.2f}, {b} {mae_b:.2f} years"
     interval = ""
-    if _known(lo, hi):
+    if known(lo, hi):
         interval = f"; 95% CI of {b} − {a}: {lo:+.2f} to {hi:+.2f} years"
     if size == 0:
         return f"{a} and {b} are equally good on age ({numbers}), {p_text(p)}."
@@ -73,7 +73,7 @@ def gender_comparison(comparison_row, a: str = "A", b: str = "B") -> str:
     if only_a is not None and only_b is not None:
         numbers += f"; only {a} right on {int(only_a)} image{'' if int(only_a) == 1 else 's'}, only {b} on {int(only_b)}"
     lo, hi = comparison_row.get("gender_acc_delta_lo"), comparison_row.get("gender_acc_delta_hi")
-    has_ci = _known(lo, hi)
+    has_ci = known(lo, hi)
     if has_ci:
         numbers += f"; 95% CI of {b} − {a}: {lo * 100:+.1f} to {hi * 100:+.1f} points"
     if points == 0:

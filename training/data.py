@@ -216,8 +216,9 @@ def _prune_cache(kept: Path) -> None:
     """Delete the least recently used cached arrays beside `kept` (never it, even when it alone
     is larger) until the folder holds at most TRAINING_CACHE_BYTES of them."""
     total, full = 0, False
-    for cached in sorted(kept.parent.glob("images-*.npy"), key=lambda f: f.stat().st_mtime, reverse=True):
-        size = cached.stat().st_size
+    by_use = sorted(((f, f.stat()) for f in kept.parent.glob("images-*.npy")), key=lambda fs: fs[1].st_mtime, reverse=True)
+    for cached, info in by_use:
+        size = info.st_size
         full = full or (cached != kept and total + size > TRAINING_CACHE_BYTES)
         if full and cached != kept:  # this one and every older one: least recently used first
             cached.unlink(missing_ok=True)

@@ -126,8 +126,8 @@ def render_gallery(current, rows, choice: GradcamChoice | None) -> None:
                 st.warning(f"No Grad-CAM for model {slot}: {exc}")
                 continue
             if missing := sum(shown == "none" for _, shown in overlays[slot]):
-                st.warning(f"Model {slot}: {gradcam.UNDEFINED_MAP} on {missing} of these {len(rows)} faces (its answer "
-                           "does not change with this layer there, e.g. a saturated output); they are shown grey.")
+                st.warning(f"Model {slot}: {gradcam.UNDEFINED_MAP} on {missing} of these {len(rows)} faces "
+                           f"({gradcam.UNDEFINED_MAP_WHY}); they are shown grey.")
     for start in range(0, len(rows), CARDS_PER_ROW):
         columns = st.columns(CARDS_PER_ROW)
         for column, (i, row) in zip(columns, rows.iloc[start : start + CARDS_PER_ROW].iterrows()):

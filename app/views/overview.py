@@ -96,7 +96,7 @@ def render_calibration(current) -> None:
     intervals = {slot: entry.get("gender_ece_ci") for slot, entry in evaluation.summary["models"].items()}
     st.caption(
         " · ".join(f"ECE {slot}: {value:.3f}" + (f" [{intervals[slot][0]:.3f}, {intervals[slot][1]:.3f}]"
-                                                 if intervals[slot] and None not in intervals[slot] else "")
+                                                 if intervals[slot] and wording.known(*intervals[slot]) else "")
                    for slot, value in ece.items())
         + " — the average gap between predicted P(female) and the observed share of women (lower is better), with a "
         "conservative 95% interval: one starting at 0 is compatible with perfect calibration."
